@@ -1,0 +1,452 @@
+"""Train sdfast's built-in toy Stable Diffusion (``sdfast/data/models/tiny``) on a CPU.
+
+The model has Stable Diffusion's component classes — ``CLIPTextModel`` + ``CLIPTokenizer``,
+``UNet2DConditionModel`` with cross-attention, ``AutoencoderKL`` with a VAE scale factor of 8 —
+only tiny, and is trained on the synthetic world of :mod:`sdfast.toy` (flat shapes on flat
+backgrounds, 64x64 images, 4x8x8 latents). Stages:
+
+  tokenizer  BPE tokenizer learned from every toy caption (scripts/make_tokenizer.py)
+  vae        AutoencoderKL: reconstruction (MSE + L1) + small KL
+  scale      latent scaling factor = 1 / std of the sampled latents (SD 1.5 uses 0.18215)
+  unet       text encoder + U-Net jointly: epsilon-prediction DDPM loss (scaled_linear betas
+             0.00085..0.012, 1000 steps, as SD 1.5) with caption dropout for classifier-free guidance
+  export     fp16 safetensors diffusers folder (StableDiffusionPipeline layout), written atomically
+
+Everything is seeded from ``--seed``; checkpoints go to ``--work`` (atomically) and ``--resume``
+continues from the latest one. Runs on one CPU thread by default.
+
+    python scripts/train_toy.py --work /tmp/toy-train --out sdfast/data/models/tiny [--resume]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sdfast import toy  # noqa: E402
+
+SIZE = 64
+
+
+# ----------------------------------------------------------------------------------------------
+# model definitions
+
+
+def vae_config() -> dict:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=SIZE,
+        scaling_factor=1.0,  # replaced by the measured value in the "scale" stage
+    )
+
+
+def unet_config(args) -> dict:
+    return dict(
+        sample_size=SIZE // 8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=tuple(args.unet_channels),
+        layers_per_block=args.unet_layers,
+        cross_attention_dim=args.text_hidden,
+        attention_head_dim=4,  # diffusers' legacy name: number of heads
+        norm_num_groups=32,
+    )
+
+
+def text_config(tokenizer, args) -> dict:
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=args.text_hidden,
+        intermediate_size=4 * args.text_hidden,
+        projection_dim=args.text_hidden,
+        num_hidden_layers=args.text_layers,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_vae(cfg=None):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**(cfg or vae_config()))
+
+
+def build_unet(args):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**unet_config(args))
+
+
+def build_text(tokenizer, args):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(**text_config(tokenizer, args)))
+
+
+def sd15_scheduler_config() -> dict:
+    return dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        clip_sample=False,
+        trained_betas=None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def log(args, msg: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    tqdm.write(line)
+    with open(args.work / "train.log", "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
+def load_dataset(args):
+    images, captions, labels = toy.sample_dataset(args.n_images, seed=args.seed, size=SIZE)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return x, captions, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# stages
+
+
+def stage_tokenizer(args) -> Path:
+    tok_dir = args.work / "tokenizer"
+    if (tok_dir / "vocab.json").exists() and args.resume:
+        return tok_dir
+    corpus = args.work / "captions.txt"
+    corpus.write_text("\n".join(toy.all_captions()) + "\n", encoding="utf-8")
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "make_tokenizer.py"), "--out", str(tok_dir),
+         "--merges", str(args.merges), "--corpus", str(corpus),
+         "--model-max-length", str(args.max_length)],
+        check=True,
+    )
+    return tok_dir
+
+
+def stage_vae(args, x: torch.Tensor):
+    ckpt_path = args.work / "vae.pt"
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed * 1000 + 1)
+    step = 0
+    if args.resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False)
+        vae.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        gen.set_state(ck["gen"])
+        step = ck["step"]
+        if step >= args.vae_steps:
+            log(args, f"vae: done at step {step} (loss {ck.get('loss', float('nan')):.5f})")
+            return vae.eval()
+    log(args, f"vae: {sum(p.numel() for p in vae.parameters()) / 1e6:.3f} M params, from step {step}")
+    vae.train()
+    t0 = time.time()
+    ema_loss = None
+    bar = tqdm(total=args.vae_steps, initial=step, desc="vae", dynamic_ncols=True)
+    while step < args.vae_steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.vae_steps, args.vae_lr, 100)
+        idx = torch.randint(0, x.shape[0], (args.vae_batch,), generator=gen)
+        batch = x[idx]
+        post = vae.encode(batch).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        rec_loss = F.mse_loss(rec, batch) + 0.1 * F.l1_loss(rec, batch)
+        kl = post.kl().mean() / batch[0].numel()
+        loss = rec_loss + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema_loss:.5f}", rec=f"{rec_loss.item():.5f}", kl=f"{kl.item():.3f}")
+        if step % args.ckpt_every == 0 or step == args.vae_steps:
+            atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                         "step": step, "loss": ema_loss}, ckpt_path)
+        if step % 200 == 0 or step == args.vae_steps:
+            log(args, f"vae step {step}: loss {ema_loss:.5f} rec {rec_loss.item():.5f} kl {kl.item():.4f} "
+                      f"({(time.time() - t0) / 60:.1f} min this run)")
+    bar.close()
+    log(args, f"vae: finished in {(time.time() - t0) / 60:.1f} min, loss {ema_loss:.5f}")
+    return vae.eval()
+
+
+@torch.no_grad()
+def stage_scale(args, vae, x: torch.Tensor):
+    """Latent posteriors for the whole dataset + the scaling factor (1 / std of sampled latents)."""
+    path = args.work / "latents.pt"
+    if args.resume and path.exists():
+        ck = torch.load(path, weights_only=False)
+        return ck["mean"], ck["std"], ck["scale"]
+    means, stds = [], []
+    for i in tqdm(range(0, x.shape[0], 256), desc="encode", dynamic_ncols=True):
+        post = vae.encode(x[i : i + 256]).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    mean, std = torch.cat(means), torch.cat(stds)
+    gen = torch.Generator().manual_seed(args.seed * 1000 + 2)
+    sample = mean + std * torch.randn(mean.shape, generator=gen)
+    scale = float(1.0 / sample.std())
+    # reconstruction check on a few images
+    rec = vae.decode(mean[:256]).sample.clamp(-1, 1)
+    mse = F.mse_loss(rec, x[:256]).item()
+    imgs = ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    acc = np.mean([toy.classify(im) == toy.classify(ref) for im, ref in
+                   zip(imgs, ((x[:256] + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())])
+    log(args, f"scale: latent std {sample.std().item():.4f} mean {sample.mean().item():.4f} -> "
+              f"scaling_factor {scale:.5f}; recon mse {mse:.5f}, classify agreement {acc:.3f}")
+    atomic_save({"mean": mean, "std": std, "scale": scale}, path)
+    return mean, std, scale
+
+
+def stage_unet(args, tokenizer, lat_mean, lat_std, scale, captions):
+    from diffusers import DDPMScheduler
+
+    ckpt_path = args.work / "unet.pt"
+    text = build_text(tokenizer, args)
+    unet = build_unet(args)
+    params = list(text.parameters()) + list(unet.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(args.seed * 1000 + 3)
+    step = 0
+    if args.resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False)
+        text.load_state_dict(ck["text"])
+        unet.load_state_dict(ck["unet"])
+        for e, v in zip(ema, ck["ema"], strict=True):
+            e.copy_(v)
+        opt.load_state_dict(ck["opt"])
+        gen.set_state(ck["gen"])
+        step = ck["step"]
+    log(args, f"text encoder {sum(p.numel() for p in text.parameters()) / 1e6:.3f} M params, "
+              f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.3f} M params, from step {step}")
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                          beta_schedule="scaled_linear")
+    alphas_cumprod = sched.alphas_cumprod.float()
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                      return_tensors="pt").input_ids[0]
+
+    text.train()
+    unet.train()
+    start = step
+    t0 = time.time()
+    ema_loss = None
+    bar = tqdm(total=args.unet_steps, initial=step, desc="unet+text", dynamic_ncols=True)
+    while step < args.unet_steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.unet_steps, args.lr, 200)
+        b = args.batch
+        idx = torch.randint(0, lat_mean.shape[0], (b,), generator=gen)
+        z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scale
+        tok = ids[idx].clone()
+        drop = torch.rand(b, generator=gen) < args.cond_drop
+        tok[drop] = empty
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, 1000, (b,), generator=gen)
+        ac = alphas_cumprod[t].view(b, 1, 1, 1)
+        zt = ac.sqrt() * z0 + (1 - ac).sqrt() * noise
+        cond = text(tok)[0]
+        pred = unet(zt, t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params, strict=True):
+                e.lerp_(p.detach(), 1 - decay)
+        step += 1
+        ema_loss = loss.item() if ema_loss is None else 0.99 * ema_loss + 0.01 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema_loss:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+        if step % args.ckpt_every == 0 or step == args.unet_steps:
+            atomic_save({"text": text.state_dict(), "unet": unet.state_dict(), "ema": ema,
+                         "opt": opt.state_dict(), "gen": gen.get_state(), "step": step,
+                         "loss": ema_loss}, ckpt_path)
+        if step % 250 == 0 or step == args.unet_steps:
+            log(args, f"unet step {step}: loss {ema_loss:.4f} ({(time.time() - t0) / 60:.1f} min this run, "
+                      f"{(time.time() - t0) / max(1, step - start):.3f} s/it)")
+    bar.close()
+    log(args, f"unet+text: finished in {(time.time() - t0) / 60:.1f} min, loss {ema_loss}")
+    # load the EMA weights for export
+    with torch.no_grad():
+        for e, p in zip(ema, params, strict=True):
+            p.copy_(e)
+    return text.eval(), unet.eval()
+
+
+def export(args, tok_dir: Path, vae, text, unet, scale: float) -> None:
+    from diffusers import PNDMScheduler
+    from transformers import CLIPTokenizer
+
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        vae.register_to_config(scaling_factor=scale)
+        vae.half().save_pretrained(tmp / "vae", safe_serialization=True)
+        unet.half().save_pretrained(tmp / "unet", safe_serialization=True)
+        text.half().save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        # the CLIP-format files themselves (vocab.json + merges.txt), which any CLIP BPE reader takes
+        shutil.copytree(tok_dir, tmp / "tokenizer")
+        CLIPTokenizer.from_pretrained(tmp / "tokenizer")  # sanity check that it loads
+        # SD 1.5's scheduler_config.json verbatim (clip_sample is a DDIM key PNDM ignores).
+        sched = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", **sd15_scheduler_config()}
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n",
+                                                                 encoding="utf-8")
+        PNDMScheduler.from_pretrained(tmp / "scheduler")  # sanity check that it loads
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": __import__("diffusers").__version__,
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "scheduler": ["diffusers", "PNDMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        (tmp / "TRAINING.md").write_text(
+            "Toy Stable Diffusion trained by scripts/train_toy.py on the synthetic world of sdfast/toy.py.\n\n"
+            f"Command: python scripts/train_toy.py {' '.join(sys.argv[1:])}\n", encoding="utf-8")
+        for p in [tmp, *tmp.rglob("*")]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    log(args, f"export: wrote {out} ({size / 1e6:.2f} MB)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/toy-train"), help="checkpoints and log")
+    ap.add_argument("--out", type=Path, default=ROOT / "sdfast" / "data" / "models" / "tiny")
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--n-images", type=int, default=8192)
+    ap.add_argument("--merges", type=int, default=400)
+    ap.add_argument("--max-length", type=int, default=16, help="tokenizer model_max_length")
+    ap.add_argument("--vae-steps", type=int, default=1500)
+    ap.add_argument("--vae-batch", type=int, default=16)
+    ap.add_argument("--vae-lr", type=float, default=1e-3)
+    ap.add_argument("--vae-kl", type=float, default=1e-3, help="weight of KL per pixel-channel")
+    ap.add_argument("--unet-steps", type=int, default=6000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--cond-drop", type=float, default=0.12, help="caption dropout probability")
+    ap.add_argument("--unet-channels", type=int, nargs=2, default=(64, 128))
+    ap.add_argument("--unet-layers", type=int, default=1)
+    ap.add_argument("--text-hidden", type=int, default=64)
+    ap.add_argument("--text-layers", type=int, default=3)
+    ap.add_argument("--ckpt-every", type=int, default=250)
+    ap.add_argument("--stop-after", choices=["vae", "scale", "unet"], help="stop after this stage")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.work.mkdir(parents=True, exist_ok=True)
+    log(args, f"start: {' '.join(sys.argv[1:])}")
+
+    from transformers import CLIPTokenizer
+
+    tok_dir = stage_tokenizer(args)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    x, captions, _ = load_dataset(args)
+
+    t = time.time()
+    vae = stage_vae(args, x)
+    log(args, f"time vae stage: {(time.time() - t) / 60:.1f} min")
+    if args.stop_after == "vae":
+        return
+    lat_mean, lat_std, scale = stage_scale(args, vae, x)
+    if args.stop_after == "scale":
+        return
+    t = time.time()
+    text, unet = stage_unet(args, tokenizer, lat_mean, lat_std, scale, captions)
+    log(args, f"time unet stage: {(time.time() - t) / 60:.1f} min")
+    if args.stop_after == "unet":
+        return
+    export(args, tok_dir, vae, text, unet, scale)
+
+
+if __name__ == "__main__":
+    main()

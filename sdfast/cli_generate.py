@@ -1,0 +1,124 @@
+"""``sdfast generate``: one prompt (or several) to a PNG, with optional step frames and animation."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .errors import InvalidArgument
+
+DESCRIPTION = """Generate an image from a prompt.
+
+The PNG's text chunks record prompt, negative prompt, seed, steps, guidance, scheduler, size,
+model and backend, so `sdfast generate` can reproduce it. With several --prompt values (or a
+batch), images are written as OUT-0.png, OUT-1.png, ...
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from .schedulers import SCHEDULERS
+
+    p = sub.add_parser("generate", help="generate an image from a prompt", description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt", nargs="+", help="the prompt; several prompts make a batch")
+    add_model_arguments(p)
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from (default: empty)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's native size)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's native size)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--guidance-scale", type=float, default=7.5,
+                   help="classifier-free guidance g in u + g(t - u); <= 1 turns guidance off (default 7.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    p.add_argument("--scheduler", default="lms", choices=list(SCHEDULERS), help="sampling algorithm (default lms)")
+    p.add_argument("--init-image", default=None, metavar="PNG", help="img2img: start from this image")
+    p.add_argument("--strength", type=float, default=0.8,
+                   help="img2img: how much of the init image to repaint, in (0, 1] (default 0.8)")
+    p.add_argument("--save-steps", default=None, metavar="DIR", help="write one decoded frame per step into DIR")
+    p.add_argument("--animation", default=None, metavar="OUT.gif|OUT.mp4", help="write the denoising as an animation")
+    p.add_argument("--out", default="out.png", help="output PNG (default out.png)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    from .engines import BACKENDS
+    from .models import builtin_models
+
+    names = ", ".join(builtin_models())
+    p.add_argument("--model", default="tiny", help=f"diffusers model folder, hub id, or built-in ({names}); default tiny")
+    p.add_argument("--backend", default="torch", choices=list(BACKENDS), help="engine backend (default torch)")
+    p.add_argument("--engines", default=None, metavar="DIR", help="artifact folder from `sdfast export` (non-torch backends)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="compute precision (default fp32; bf16 is fast on CPUs with AMX/AVX512-BF16)")
+
+
+def _out_paths(out: str, n: int) -> list[Path]:
+    path = Path(out)
+    if path.suffix.lower() != ".png":
+        raise InvalidArgument(f"out: {out!r} must end in .png")
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(n)]
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import __version__
+    from .media import check_animation_path, save_animation, save_png
+    from .request import Request
+    from .runtime import load
+
+    outs = _out_paths(args.out, len(args.prompt))
+    if args.animation:
+        check_animation_path(args.animation)
+    if args.save_steps and Path(args.save_steps).exists() and not Path(args.save_steps).is_dir():
+        raise InvalidArgument(f"save-steps: {args.save_steps!r} exists and is not a folder; pass a folder path")
+    pipe = load(args.model, backend=args.backend, device=args.device, dtype=args.dtype, engines=args.engines)
+    # Every rule is checked here, before the run writes anything.
+    req = Request.build(pipe.info, args.prompt if len(args.prompt) > 1 else args.prompt[0], args.negative_prompt,
+                        args.height, args.width, args.steps, args.guidance_scale, args.seed, args.scheduler,
+                        args.init_image, args.strength)
+
+    frames: list = []
+    want_frames = bool(args.save_steps or args.animation)
+
+    def on_step(i, t, latents):
+        # One decoded frame per step (first image of the batch), like the classic walk-through.
+        frames.append(pipe.to_pil(pipe.decode(latents[:1]))[0])
+
+    out = pipe.run(req, callback=on_step if want_frames else None, progress=not args.quiet)
+
+    meta = {
+        "prompt": req.prompts[0] if req.batch == 1 else req.prompts,
+        "negative_prompt": req.negative_prompts[0] if req.batch == 1 else req.negative_prompts,
+        "seed": req.seed, "steps": req.steps, "guidance_scale": req.guidance_scale,
+        "scheduler": req.scheduler, "height": req.height, "width": req.width,
+        "model": pipe.info.name, "backend": pipe.backend, "dtype": pipe.precision.value,
+        "sdfast_version": __version__,
+    }
+    if req.image is not None:
+        meta.update(init_image=str(args.init_image), strength=req.strength)
+    if args.save_steps:
+        _write_frames(frames, Path(args.save_steps))
+    if args.animation:
+        save_animation(frames + [out.images[0]], args.animation)
+    for k, (img, path) in enumerate(zip(out.images, outs, strict=True)):
+        m = dict(meta, prompt=req.prompts[k], negative_prompt=req.negative_prompts[k], batch_index=k) \
+            if req.batch > 1 else meta
+        save_png(img, path, m)
+    if not args.quiet:
+        t = out.timings
+        print(f"wrote {', '.join(map(str, outs))} ({t['total']:.2f} s; U-Net {t.get('unet', 0):.2f} s "
+              f"over {int(t['steps'])} steps)")
+    return 0
+
+
+def _write_frames(frames: list, folder: Path) -> None:
+    """Frames are kept in memory during the run and written only after it succeeded, each one
+    atomically; nothing else in ``folder`` is touched (it may be a folder the user cares about)."""
+    from .media import atomic_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, im in enumerate(frames):
+        with atomic_path(folder / f"step-{k:04d}.png") as tmp:
+            im.save(tmp, format="PNG")

@@ -1,0 +1,53 @@
+"""The eager PyTorch backend: the reference every other backend is held to.
+
+It runs the same fixed-I/O wrappers that export traces (``models.component_modules``), so an
+exported graph and the eager engine compute the same function by construction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..components import SPECS, ComponentSpec, Precision
+from ..errors import InvalidArgument
+from ..models import ModelInfo, component_modules, load_torch_modules
+
+
+class TorchEngine:
+    """Calls a module with the spec's inputs; float inputs are cast to the engine's precision
+    and float outputs come back as float32, so the loop's math is precision-independent."""
+
+    def __init__(self, spec: ComponentSpec, module: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+        self.spec = spec
+        self.module = module
+        self.device = device
+        self.dtype = dtype
+
+    @torch.inference_mode()
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        args = []
+        for t in self.spec.inputs:
+            x = inputs[t.name].to(self.device)
+            args.append(x.to(self.dtype) if t.kind == "float" else x)
+        out = self.module(*args)
+        outs = out if isinstance(out, tuple) else (out,)
+        return {t.name: o.float() for t, o in zip(self.spec.outputs, outs, strict=True)}
+
+
+def check_dtype_supported(device: torch.device, precision: Precision) -> None:
+    if device.type == "cpu" and precision is Precision.FP16:
+        return  # slow but correct; useful for checking fp16 numerics without a GPU
+    if device.type == "cuda" and precision is Precision.BF16 and not torch.cuda.is_bf16_supported():
+        raise InvalidArgument("dtype: this GPU has no bf16 support; use dtype='fp16'")
+
+
+def load(info: ModelInfo, device: torch.device, precision: Precision, engines: str | None = None,
+         modules: dict[str, torch.nn.Module] | None = None) -> dict[str, TorchEngine]:
+    if engines is not None:
+        raise InvalidArgument("engines: the torch backend runs the model folder directly; drop --engines")
+    check_dtype_supported(device, precision)
+    mods = modules or load_torch_modules(info, dtype=precision.torch_dtype, device=device)
+    return {
+        name: TorchEngine(SPECS[name], module, device, precision.torch_dtype)
+        for name, module in component_modules(mods).items()
+    }

@@ -1,0 +1,380 @@
+"""Find and describe a Stable Diffusion model folder; load its torch modules.
+
+``resolve_model`` turns what a user typed (a folder, a hub id, a built-in name) into a checked
+diffusers-layout folder, and ``ModelInfo`` reads the sizes every other module needs from its
+configs (never from literals). Loading the torch modules imports diffusers, so it lives behind
+``load_torch_modules``: running exported engines never pays for that import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InvalidArgument, MissingFile
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).parent / "data"
+TOKENIZER_DIR = DATA_DIR / "tokenizer"
+#: The trained toy model shipped in the package (issue 5); "tiny" falls back to the random one.
+PACKAGED_TINY = DATA_DIR / "models" / "tiny"
+
+#: diffusers' AutoencoderKL class default, used only for old folders whose vae config lacks the key.
+DIFFUSERS_DEFAULT_SCALING_FACTOR = 0.18215
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+#: (component folder, config file) that every SD 1.x/2.x folder has.
+REQUIRED_CONFIGS = (
+    ("text_encoder", "config.json"),
+    ("unet", "config.json"),
+    ("vae", "config.json"),
+    ("scheduler", "scheduler_config.json"),
+)
+REQUIRED_TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SDFAST_CACHE", Path.home() / ".cache" / "sdfast"))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InvalidArgument(f"model: {path} is not valid JSON ({e}); restore the file from the model release") from e
+
+
+def check_model_folder(path: Path) -> None:
+    """Raise MissingFile naming the first missing file of a diffusers SD folder."""
+    for sub, cfg in REQUIRED_CONFIGS:
+        if not (path / sub / cfg).is_file():
+            raise MissingFile(
+                f"model: {path} lacks {sub}/{cfg}; a Stable Diffusion folder needs "
+                "text_encoder/, tokenizer/, unet/, vae/ and scheduler/ (diffusers layout)"
+            )
+    for sub in ("text_encoder", "unet", "vae"):
+        if not any(p.suffix in WEIGHT_SUFFIXES for p in (path / sub).iterdir()):
+            raise MissingFile(
+                f"model: {path / sub} has no weights file (*.safetensors or *.bin); "
+                "download the complete model folder"
+            )
+    for name in REQUIRED_TOKENIZER_FILES:
+        if not (path / "tokenizer" / name).is_file():
+            raise MissingFile(f"model: {path} lacks tokenizer/{name}; copy the tokenizer folder of the model release")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Everything the runtime needs to know about a model, read from its configs."""
+
+    path: Path
+    name: str
+    text_encoder_config: dict[str, Any] = field(repr=False)
+    unet_config: dict[str, Any] = field(repr=False)
+    vae_config: dict[str, Any] = field(repr=False)
+    scheduler_config: dict[str, Any] = field(repr=False)
+    tokenizer_config: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def from_folder(cls, path: Path, name: str | None = None) -> ModelInfo:
+        path = Path(path)
+        check_model_folder(path)
+        tok_cfg_path = path / "tokenizer" / "tokenizer_config.json"
+        return cls(
+            path=path,
+            name=name or path.name,
+            text_encoder_config=_read_json(path / "text_encoder" / "config.json"),
+            unet_config=_read_json(path / "unet" / "config.json"),
+            vae_config=_read_json(path / "vae" / "config.json"),
+            scheduler_config=_read_json(path / "scheduler" / "scheduler_config.json"),
+            tokenizer_config=_read_json(tok_cfg_path) if tok_cfg_path.is_file() else {},
+        )
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet_config["in_channels"])
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae_config.get("scaling_factor", DIFFUSERS_DEFAULT_SCALING_FACTOR))
+
+    @property
+    def native_size(self) -> int:
+        """Default image side: the U-Net's sample size times the VAE factor (512 for SD 1.5)."""
+        return int(self.unet_config["sample_size"]) * self.vae_scale_factor
+
+    @property
+    def max_tokens(self) -> int:
+        configured = self.tokenizer_config.get("model_max_length")
+        positions = int(self.text_encoder_config["max_position_embeddings"])
+        # Some releases store a huge sentinel for model_max_length; the text encoder bounds it.
+        return min(int(configured), positions) if configured else positions
+
+    @property
+    def text_hidden_size(self) -> int:
+        return int(self.text_encoder_config["hidden_size"])
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 over every config and weight file of the folder (names and bytes)."""
+        h = hashlib.sha256()
+        for f in sorted(p for p in self.path.rglob("*") if p.is_file()):
+            rel = f.relative_to(self.path).as_posix()
+            if rel.startswith(".") or "/." in rel:
+                continue
+            h.update(rel.encode() + b"\0")
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        return h.hexdigest()
+
+
+# -- built-in models -----------------------------------------------------------------------
+
+def tiny_random_configs(vocab_size: int, max_tokens: int) -> dict[str, dict[str, Any]]:
+    """A few-hundred-kB SD: real component classes, 64×64 images, VAE factor 8 like SD."""
+    return {
+        "text_encoder": dict(
+            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
+            vocab_size=vocab_size, max_position_embeddings=max_tokens, projection_dim=32,
+            bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+        ),
+        "unet": dict(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+            attention_head_dim=8, norm_num_groups=8,
+        ),
+        "vae": dict(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+            block_out_channels=(8, 16, 16, 16), norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            sample_size=64,
+        ),
+    }
+
+
+#: SD 1.5's scheduler/scheduler_config.json, which every built-in model uses.
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "trained_betas": None,
+}
+
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def write_model_folder(dest: Path, text_encoder, unet, vae, tokenizer_dir: Path,
+                       scheduler_config: dict[str, Any]) -> Path:
+    """Save modules as a diffusers folder, atomically: a crash leaves no half folder at ``dest``."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
+        (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def build_tiny_random(dest: Path, seed: int = 0) -> Path:
+    """Make the random tiny model folder from a fixed seed (same weights on every machine)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab = _read_json(TOKENIZER_DIR / "vocab.json")
+    max_tokens = int(_read_json(TOKENIZER_DIR / "tokenizer_config.json")["model_max_length"])
+    cfg = tiny_random_configs(len(vocab), max_tokens)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])).eval()
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(**cfg["unet"]).eval()
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL(**cfg["vae"]).eval()
+    return write_model_folder(dest, text_encoder, unet, vae, TOKENIZER_DIR, SD15_SCHEDULER_CONFIG)
+
+
+def _tiny_random_folder() -> Path:
+    # The folder name carries a hash of what builds it, so a changed recipe never reuses old weights.
+    recipe = json.dumps([tiny_random_configs(0, 0), SD15_SCHEDULER_CONFIG, torch.__version__], sort_keys=True)
+    recipe += (TOKENIZER_DIR / "vocab.json").read_text(encoding="utf-8")
+    key = hashlib.sha256(recipe.encode()).hexdigest()[:12]
+    dest = cache_dir() / "models" / f"tiny-random-{key}"
+    if not (dest / "model_index.json").is_file():
+        log.info("building the tiny random model in %s", dest)
+        build_tiny_random(dest)
+    return dest
+
+
+def builtin_models() -> dict[str, str]:
+    """Built-in model names and what they are (for --help and `sdfast info`)."""
+    return {
+        "tiny": "trained toy SD (coloured shapes, 64x64), shipped in the package"
+        if (PACKAGED_TINY / "model_index.json").is_file()
+        else "alias of tiny-random (the trained toy model is not installed)",
+        "tiny-random": "SD component classes at toy size with random weights (tests)",
+    }
+
+
+def resolve_model(model: str | os.PathLike) -> ModelInfo:
+    """A folder path, a built-in name, or a hub id → a checked ModelInfo."""
+    text = os.fspath(model)
+    if text == "tiny":
+        if (PACKAGED_TINY / "model_index.json").is_file():
+            return ModelInfo.from_folder(PACKAGED_TINY, name="tiny")
+        return ModelInfo.from_folder(_tiny_random_folder(), name="tiny")
+    if text == "tiny-random":
+        return ModelInfo.from_folder(_tiny_random_folder(), name="tiny-random")
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise MissingFile(f"model: {path} is a file; pass the model *folder* (the one holding model_index.json)")
+        return ModelInfo.from_folder(path)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        return ModelInfo.from_folder(_download(text), name=text)
+    raise MissingFile(
+        f"model: no folder at {text!r}; pass a diffusers model folder, a hub id such as "
+        f"'org/name', or a built-in name ({', '.join(builtin_models())})"
+    )
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(
+            repo_id,
+            allow_patterns=["model_index.json", "*.json", "*.txt", "text_encoder/*.safetensors",
+                            "unet/diffusion_pytorch_model.safetensors",
+                            "vae/diffusion_pytorch_model.safetensors"],
+        ))
+    except Exception as e:  # the hub client raises many types: all mean "could not get it"
+        raise MissingFile(
+            f"model: could not download {repo_id!r} from the hub ({type(e).__name__}: {e}); "
+            "check the id and the network, or pass a local model folder"
+        ) from e
+
+
+# -- torch modules ---------------------------------------------------------------------------
+
+def load_tokenizer(info: ModelInfo):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(info.path / "tokenizer")
+
+
+def load_torch_modules(info: ModelInfo, dtype: torch.dtype = torch.float32,
+                       device: torch.device | str = "cpu") -> dict[str, torch.nn.Module]:
+    """CLIPTextModel, UNet2DConditionModel and AutoencoderKL in eval mode on ``device``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    kw = dict(torch_dtype=dtype)
+    mods = {
+        "text_encoder": CLIPTextModel.from_pretrained(info.path / "text_encoder", **kw),
+        "unet": UNet2DConditionModel.from_pretrained(info.path / "unet", **kw),
+        "vae": AutoencoderKL.from_pretrained(info.path / "vae", **kw),
+    }
+    for m in mods.values():
+        m.eval().requires_grad_(False).to(device)
+    return mods
+
+
+# -- fixed positional I/O wrappers (what export traces and the eager engine runs) ------------
+
+class TextEncoderWrapper(torch.nn.Module):
+    def __init__(self, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # (B, S) -> (B, S, D); no attention mask, as SD pipelines call CLIP.
+        return self.text_encoder(input_ids, return_dict=False)[0]
+
+
+class UNetWrapper(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        # (B, C, h, w), (1,), (B, S, D) -> (B, C, h, w)
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class VAEDecoderWrapper(torch.nn.Module):
+    """Scaled latents in, image in [-1, 1] out. The 1/scaling_factor stays in the runtime."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        # (B, C, h, w) -> (B, 3, h·f, w·f)
+        return self.vae.decode(latent, return_dict=False)[0]
+
+
+class VAEEncoderWrapper(torch.nn.Module):
+    """Image in [-1, 1] in, posterior moments (mean ‖ logvar) out; sampling stays in the runtime."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        # (B, 3, H, W) -> (B, 2C, H/f, W/f)
+        h = self.vae.encoder(image)
+        return self.vae.quant_conv(h) if self.vae.quant_conv is not None else h
+
+
+def component_modules(mods: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    """The four exportable components, keyed like ``components.SPECS``."""
+    return {
+        "text_encoder": TextEncoderWrapper(mods["text_encoder"]),
+        "unet": UNetWrapper(mods["unet"]),
+        "vae_decoder": VAEDecoderWrapper(mods["vae"]),
+        "vae_encoder": VAEEncoderWrapper(mods["vae"]),
+    }

@@ -1,0 +1,144 @@
+"""A generation request, checked before any work is done.
+
+``Request.build`` applies every rule of the API contract and raises ``InvalidArgument`` /
+``MissingFile`` with a message naming the argument, the rule and the fix, so the CLI can refuse
+bad input before it creates a single output file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import InvalidArgument, MissingFile
+from .schedulers import SCHEDULERS
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .models import ModelInfo
+
+MIN_SIDE, MAX_SIDE = 64, 2048
+MAX_STEPS = 1000
+MAX_SEED = 2**64 - 1
+
+
+def load_init_image(image: Image.Image | str | Path) -> Image.Image:
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = Path(image)
+    if not path.is_file():
+        raise MissingFile(f"image: no file at {str(path)!r}; pass the path of a PNG or JPEG init image")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise InvalidArgument(f"image: {str(path)!r} is not a readable image ({e}); pass a PNG or JPEG file") from e
+
+
+@dataclass(frozen=True)
+class Request:
+    prompts: list[str]
+    negative_prompts: list[str]
+    height: int
+    width: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    scheduler: str
+    image: Image.Image | None
+    strength: float
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance runs only when it changes the result (diffusers: g > 1)."""
+        return self.guidance_scale > 1.0
+
+    @property
+    def start_step(self) -> int:
+        """First step that runs: 0 for txt2img, later for img2img (diffusers' get_timesteps)."""
+        if self.image is None:
+            return 0
+        return self.steps - min(int(self.steps * self.strength), self.steps)
+
+    @classmethod
+    def build(cls, info: ModelInfo, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+              height: int | None = None, width: int | None = None, steps: int = 50,
+              guidance_scale: float = 7.5, seed: int = 0, scheduler: str = "lms",
+              image: Image.Image | str | Path | None = None, strength: float = 0.8) -> Request:
+        prompts = _prompts(prompt, "prompt")
+        if not prompts:
+            raise InvalidArgument("prompt: the list is empty; pass a string or a non-empty list of strings")
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        else:
+            negatives = _prompts(negative_prompt, "negative_prompt")
+            if isinstance(negative_prompt, str):
+                negatives = negatives * len(prompts)
+            elif len(negatives) != len(prompts):
+                raise InvalidArgument(
+                    f"negative_prompt: a list must have one entry per prompt, but has {len(negatives)} "
+                    f"for {len(prompts)} prompts; pass {len(prompts)} negative prompts or one string"
+                )
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+            raise InvalidArgument(f"steps: must be an integer from 1 to {MAX_STEPS} but is {steps!r}")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float) \
+                or not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise InvalidArgument(
+                f"guidance_scale: must be a finite number >= 0 but is {guidance_scale!r}; "
+                "7.5 is the usual value, <= 1 disables classifier-free guidance"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise InvalidArgument(f"seed: must be an integer from 0 to 2**64-1 but is {seed!r}")
+        if scheduler not in SCHEDULERS:
+            raise InvalidArgument(f"scheduler: unknown {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+
+        init = None
+        if image is not None:
+            if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0 < strength <= 1:
+                raise InvalidArgument(f"strength: must be in (0, 1] but is {strength!r}; 0.8 is the usual value")
+            if int(steps * strength) < 1:
+                raise InvalidArgument(
+                    f"strength: steps × strength must be at least 1 step but is {steps} × {strength}; "
+                    "raise --steps or --strength"
+                )
+            init = load_init_image(image)
+            f = info.vae_scale_factor
+            # Like diffusers: the init image's own size, rounded down to the VAE factor, unless asked.
+            height = height if height is not None else init.height - init.height % f
+            width = width if width is not None else init.width - init.width % f
+        height = info.native_size if height is None else height
+        width = info.native_size if width is None else width
+        for arg, v in (("height", height), ("width", width)):
+            _check_side(arg, v, info.vae_scale_factor)
+        return cls(prompts, negatives, height, width, steps, float(guidance_scale), seed, scheduler,
+                   init, float(strength))
+
+
+def _prompts(value: str | list[str], arg: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list | tuple) and all(isinstance(p, str) for p in value):
+        return list(value)
+    raise InvalidArgument(f"{arg}: must be a string or a list of strings, not {type(value).__name__}")
+
+
+def _check_side(arg: str, value: int, factor: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{arg}: must be an integer number of pixels, not {value!r}")
+    if not MIN_SIDE <= value <= MAX_SIDE:
+        raise InvalidArgument(f"{arg}: must be between {MIN_SIDE} and {MAX_SIDE} pixels but is {value}")
+    if value % factor:
+        lo = value - value % factor
+        raise InvalidArgument(
+            f"{arg}: must be a multiple of {factor} (the VAE scale factor) but is {value}; "
+            f"use {lo} or {lo + factor}"
+        )

@@ -1,0 +1,215 @@
+"""The scheduler contract shared by every algorithm in this package.
+
+A scheduler is built from a model folder's ``scheduler/scheduler_config.json`` (a plain dict),
+``set_timesteps`` precomputes every per-step table on the target device, and ``step`` is pure
+tensor math on that device: no ``.item()``, no host-side branching on tensor values, no scipy.
+That is what lets a CUDA graph capture a whole guided step and replay it for every step: the
+step index may be a Python ``int`` *or* a 0-d ``torch.long`` tensor living on the device.
+
+Per-run state (the LMS derivative history, DPM-Solver's previous output) lives in tensors
+created by ``begin`` and updated in place by ``step``, so the same buffers are reused by every
+replay. One scheduler object serves one generation at a time; the pipeline builds a fresh one
+per call (cheap: a few small tables), which keeps concurrent ``generate`` calls independent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+StepIndex = int | torch.Tensor
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The training noise schedule read from ``scheduler_config.json``."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    prediction_type: str = "epsilon"
+    timestep_spacing: str | None = None  # None: the algorithm's diffusers default
+    steps_offset: int = 0
+    trained_betas: tuple[float, ...] | None = None  # overrides beta_start/beta_end/beta_schedule
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> NoiseSchedule:
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in config.items() if k in known and v is not None}
+        if "trained_betas" in values:
+            values["trained_betas"] = tuple(float(b) for b in values["trained_betas"])
+        return cls(**values)
+
+    def betas(self) -> torch.Tensor:
+        """float32 betas, computed exactly like diffusers (float32 linspace, squared in float32).
+
+        diffusers builds the whole schedule in float32; a float64 schedule drifts ~1e-6 from it
+        after the cumulative product, enough to move a Karras timestep across a rounding edge.
+        """
+        n = self.num_train_timesteps
+        if self.trained_betas is not None:
+            return torch.tensor(self.trained_betas, dtype=torch.float32)
+        if self.beta_schedule == "linear":
+            return torch.linspace(self.beta_start, self.beta_end, n, dtype=torch.float32)
+        if self.beta_schedule == "scaled_linear":
+            return torch.linspace(self.beta_start**0.5, self.beta_end**0.5, n, dtype=torch.float32) ** 2
+        if self.beta_schedule == "squaredcos_cap_v2":
+            def alpha_bar(t: float) -> float:
+                return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+            return torch.tensor(
+                [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)],
+                dtype=torch.float32,
+            )
+        raise ValueError(
+            f"scheduler config: beta_schedule {self.beta_schedule!r} is not supported; "
+            "use one of 'linear', 'scaled_linear', 'squaredcos_cap_v2'"
+        )
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """(T,) float32 ``alpha_bar_t``, the cumulative product diffusers computes in float32."""
+        return torch.cumprod(1.0 - self.betas(), dim=0)
+
+    def train_sigmas(self) -> np.ndarray:
+        """(T,) float32 ``sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`` (Karras et al. 2022, VP -> VE)."""
+        ac = self.alphas_cumprod()
+        return (((1 - ac) / ac) ** 0.5).numpy()
+
+
+def spaced_timesteps(spacing: str, num_train_timesteps: int, n: int, steps_offset: int) -> np.ndarray:
+    """(n,) float32 descending timesteps for the sigma-space samplers (LMS, Euler, Euler a).
+
+    The three spacings of Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps
+    are Flawed", Table 2; "linspace" may land between training steps (e.g. 832.5).
+    """
+    t_max = num_train_timesteps
+    if spacing == "linspace":
+        return np.linspace(0, t_max - 1, n, dtype=np.float32)[::-1].copy()
+    if spacing == "leading":
+        stride = t_max // n
+        return (np.arange(n) * stride).round()[::-1].astype(np.float32) + steps_offset
+    if spacing == "trailing":
+        return np.arange(t_max, 0, -t_max / n).round().astype(np.float32) - 1
+    raise ValueError(f"timestep_spacing: must be one of 'linspace', 'leading', 'trailing' but is {spacing!r}")
+
+
+def interpolated_sigmas(schedule: NoiseSchedule, timesteps: np.ndarray) -> np.ndarray:
+    """(N + 1,) float32 sigmas at (possibly fractional) ``timesteps``, with a final 0 appended."""
+    train = schedule.train_sigmas()
+    sigmas = np.interp(timesteps, np.arange(len(train)), train)  # float64, linear in t
+    return np.concatenate([sigmas, [0.0]]).astype(np.float32)
+
+
+class Scheduler:
+    """Base class. Subclasses set ``name`` and implement the four methods below."""
+
+    name: str = ""
+    #: True when ``step`` needs fresh Gaussian noise (ancestral samplers).
+    needs_noise: bool = False
+    #: ``timestep_spacing`` when the config has none: the matching diffusers class's default.
+    default_spacing: str = "linspace"
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = dict(config)
+        self.schedule = NoiseSchedule.from_config(config)
+        if self.schedule.prediction_type != "epsilon":
+            raise ValueError(
+                f"scheduler config: prediction_type {self.schedule.prediction_type!r} is not supported "
+                "yet; sdfast supports 'epsilon' models (SD 1.x, SD 2.x base)"
+            )
+        if config.get("rescale_betas_zero_snr"):
+            raise ValueError(
+                "scheduler config: rescale_betas_zero_snr=True is not supported yet; "
+                "set it to false (SD 1.x and SD 2.x base configs do)"
+            )
+        self.timesteps: torch.Tensor = torch.empty(0)  # (N,) float32, what the U-Net receives
+        self.num_inference_steps = 0
+
+    @property
+    def spacing(self) -> str:
+        spacing = self.schedule.timestep_spacing or self.default_spacing
+        if spacing not in ("linspace", "leading", "trailing"):
+            raise ValueError(
+                f"timestep_spacing: must be one of 'linspace', 'leading', 'trailing' but is {spacing!r}; "
+                "fix it in scheduler_config.json or remove it to use the scheduler's default"
+            )
+        return spacing
+
+    def check_steps(self, num_inference_steps: int) -> None:
+        """Reject a step count the training schedule cannot be divided into."""
+        t_max = self.schedule.num_train_timesteps
+        is_int = isinstance(num_inference_steps, (int, np.integer)) and not isinstance(num_inference_steps, bool)
+        if not is_int or not 1 <= num_inference_steps <= t_max:
+            raise ValueError(
+                f"steps: must be between 1 and {t_max} but is {num_inference_steps!r}; "
+                f"pass an integer number of denoising steps in that range (e.g. 25 or 50)"
+            )
+
+    # -- tables -----------------------------------------------------------------------------
+    def set_timesteps(self, num_inference_steps: int, device: torch.device | str = "cpu") -> None:
+        raise NotImplementedError
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """Factor applied to the unit-Gaussian initial latents (a host float, known after set_timesteps)."""
+        raise NotImplementedError
+
+    # -- per run ----------------------------------------------------------------------------
+    def begin(self, sample: torch.Tensor) -> None:
+        """Allocate/zero the per-run state buffers for latents shaped like ``sample``."""
+
+    def scale_model_input(self, sample: torch.Tensor, i: StepIndex) -> torch.Tensor:
+        return sample
+
+    def step(
+        self, model_output: torch.Tensor, i: StepIndex, sample: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Return the sample after step ``i`` (0-based position in ``timesteps``)."""
+        raise NotImplementedError
+
+    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, i: StepIndex) -> torch.Tensor:
+        """Noise clean latents to the level of step ``i`` (img2img start)."""
+        raise NotImplementedError
+
+
+class SigmaScheduler(Scheduler):
+    """Shared tables of the samplers that work in sigma space (LMS, Euler, Euler ancestral).
+
+    They follow Karras et al. 2022 ("Elucidating the Design Space", EDM): the latent is
+    ``x = x0 + sigma * eps``, the U-Net sees ``x / sqrt(sigma^2 + 1)`` (the VP-scaled input it
+    was trained on) and the sampler integrates ``dx/dsigma = (x - x0) / sigma``.
+    """
+
+    def set_timesteps(self, num_inference_steps: int, device: torch.device | str = "cpu") -> None:
+        self.check_steps(num_inference_steps)
+        s = self.schedule
+        timesteps = spaced_timesteps(self.spacing, s.num_train_timesteps, num_inference_steps, s.steps_offset)
+        sigmas = torch.from_numpy(interpolated_sigmas(s, timesteps))  # (N + 1,) float32, last = 0
+        self.num_inference_steps = len(timesteps)
+        self.timesteps = torch.from_numpy(timesteps).to(device)
+        self.sigmas = sigmas.to(device)
+        # U-Net input scale denominator sqrt(sigma^2 + 1), in float32 like diffusers divides by it.
+        self._in_denom = ((sigmas**2 + 1) ** 0.5).to(device)
+        sigma_max = sigmas.max()
+        # diffusers starts "leading" runs from unit-variance-scaled noise, the others from sigma_max.
+        start = sigma_max if self.spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
+        self._init_noise_sigma = float(start)
+        self._build_step_tables(sigmas.double(), device)
+
+    def _build_step_tables(self, sigmas: torch.Tensor, device: torch.device | str) -> None:
+        """Precompute the algorithm's per-step tables from the (N + 1,) sigmas (float64)."""
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return self._init_noise_sigma
+
+    def scale_model_input(self, sample: torch.Tensor, i: StepIndex) -> torch.Tensor:
+        return sample / self._in_denom[i]
+
+    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, i: StepIndex) -> torch.Tensor:
+        return original + noise * self.sigmas[i]  # x = x0 + sigma * eps

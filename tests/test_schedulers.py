@@ -1,0 +1,213 @@
+"""Our schedulers step for step against diffusers' own classes on the SD 1.5 scheduler config.
+
+Both run the same loop on a tiny latent with a deterministic fake U-Net, so any difference
+in timesteps, input scaling, noise level or update shows up in the samples.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdfast.schedulers import SCHEDULERS, Scheduler, make_scheduler
+
+# runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json (a PNDM config, as shipped).
+SD15_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "trained_betas": None,
+}
+NAMES = list(SCHEDULERS)
+SHAPE = (1, 4, 8, 8)
+RTOL = 1e-5  # relative to the reference sample's largest magnitude
+
+
+def reference(name: str, config: dict):
+    """The diffusers scheduler that ``name`` must equal, built the way a pipeline builds it."""
+    import diffusers
+
+    if name == "lms":
+        return diffusers.LMSDiscreteScheduler.from_config(config)
+    if name == "euler":
+        return diffusers.EulerDiscreteScheduler.from_config(config)
+    if name == "euler_a":
+        return diffusers.EulerAncestralDiscreteScheduler.from_config(config)
+    if name == "ddim":
+        return diffusers.DDIMScheduler.from_config(config)
+    dpm = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+    if name == "dpmpp_2m":
+        return diffusers.DPMSolverMultistepScheduler.from_config(config, **dpm)
+    if name == "dpmpp_2m_karras":
+        return diffusers.DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True, **dpm)
+    raise AssertionError(name)
+
+
+def fake_unet(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A deterministic stand-in for the U-Net that depends on both the input and the timestep."""
+    return 0.1 * x + 0.05 * torch.sin(t.float() / 100)
+
+
+def seeded(seed: int) -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def run_reference(name: str, config: dict, steps: int, t_start: int = 0) -> tuple[object, list[torch.Tensor]]:
+    ref = reference(name, config)
+    ref.set_timesteps(steps)
+    # Start diffusers' step counter explicitly (DDIM has none). Left unset, it looks the first
+    # timestep up by value, and takes the 2nd match when that value repeats: Karras sigmas on
+    # the cosine schedule start 998, 998, 998, ... and diffusers then walks off the table.
+    if hasattr(ref, "set_begin_index"):
+        ref.set_begin_index(t_start)
+    if t_start:
+        x = ref.add_noise(seeded(1), seeded(2), ref.timesteps[t_start : t_start + 1])
+    else:
+        x = seeded(0) * ref.init_noise_sigma
+    generator = torch.Generator().manual_seed(3)
+    extra = {"generator": generator} if name == "euler_a" else {}
+    samples = [x]
+    for t in ref.timesteps[t_start:]:
+        eps = fake_unet(ref.scale_model_input(x, t), t)
+        x = ref.step(eps, t, x, **extra).prev_sample
+        samples.append(x)
+    return ref, samples
+
+
+def run_ours(
+    name: str, config: dict, steps: int, t_start: int = 0, tensor_index: bool = False
+) -> tuple[Scheduler, list[torch.Tensor]]:
+    sched = make_scheduler(name, config)
+    sched.set_timesteps(steps, "cpu")
+    if t_start:
+        x = sched.add_noise(seeded(1), seeded(2), t_start)
+    else:
+        x = seeded(0) * sched.init_noise_sigma
+    n = len(sched.timesteps)
+    # The pipeline draws every step's noise up front, in step order, from the seed's generator.
+    generator = torch.Generator().manual_seed(3)
+    noises = [torch.randn(SHAPE, generator=generator) for _ in range(t_start, n)] if sched.needs_noise else None
+    sched.begin(x)
+    samples = [x]
+    for k, i in enumerate(range(t_start, n)):
+        index = torch.tensor(i) if tensor_index else i
+        t = sched.timesteps[i]
+        eps = fake_unet(sched.scale_model_input(x, index), t)
+        x = sched.step(eps, index, x, noise=noises[k] if noises else None)
+        samples.append(x)
+    return sched, samples
+
+
+def assert_matches_diffusers(name: str, config: dict, steps: int, t_start: int = 0) -> None:
+    ref, expected = run_reference(name, config, steps, t_start)
+    ours, got = run_ours(name, config, steps, t_start)
+    assert ours.timesteps.dtype == torch.float32
+    assert torch.equal(ours.timesteps, ref.timesteps.to(torch.float32)), (ours.timesteps, ref.timesteps)
+    assert isinstance(ours.init_noise_sigma, float)
+    assert ours.init_noise_sigma == float(ref.init_noise_sigma)
+    assert len(got) == len(expected)
+    for k, (a, b) in enumerate(zip(got, expected)):
+        err = (a - b).abs().max().item()
+        scale = b.abs().max().item()
+        assert err <= RTOL * scale, f"{name}, {steps} steps, sample {k}: max |diff| {err:.3g} vs scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7, 25, 50])
+@pytest.mark.parametrize("name", NAMES)
+def test_txt2img_loop_matches_diffusers(name: str, steps: int) -> None:
+    assert_matches_diffusers(name, SD15_CONFIG, steps)
+
+
+@pytest.mark.parametrize("steps, t_start", [(10, 3), (25, 1), (7, 5)])
+@pytest.mark.parametrize("name", NAMES)
+def test_img2img_loop_from_t_start_matches_diffusers(name: str, steps: int, t_start: int) -> None:
+    # LMS then uses a high-order coefficient row with a single slope in its history, and
+    # DPM-Solver++ must take a first-order step at t_start: both as diffusers does.
+    assert_matches_diffusers(name, SD15_CONFIG, steps, t_start)
+
+
+VARIANTS = {
+    "trailing": {"timestep_spacing": "trailing"},
+    "leading": {"timestep_spacing": "leading"},
+    "linspace": {"timestep_spacing": "linspace"},
+    "linear_betas": {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+    "cosine_betas": {"beta_schedule": "squaredcos_cap_v2"},
+    "no_offset": {"steps_offset": 0, "timestep_spacing": "leading"},
+    "ddim_defaults": {"set_alpha_to_one": True, "clip_sample": True},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("name", NAMES)
+def test_alternative_configs_match_diffusers(name: str, variant: str) -> None:
+    config = {**SD15_CONFIG, **VARIANTS[variant]}
+    for steps in (7, 20):
+        assert_matches_diffusers(name, config, steps)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tensor_step_index_equals_int_index(name: str) -> None:
+    # A CUDA graph replays step() with the index as a device tensor; the maths must not change.
+    for t_start in (0, 2):
+        _, by_int = run_ours(name, SD15_CONFIG, 8, t_start)
+        _, by_tensor = run_ours(name, SD15_CONFIG, 8, t_start, tensor_index=True)
+        for a, b in zip(by_int, by_tensor):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_begin_resets_run_state(name: str) -> None:
+    _, first = run_ours(name, SD15_CONFIG, 6)
+    sched, _ = run_ours(name, SD15_CONFIG, 6)
+    # Reuse one scheduler for a second run: begin() must forget the first run's history.
+    x = seeded(0) * sched.init_noise_sigma
+    sched.begin(x)
+    generator = torch.Generator().manual_seed(3)
+    for i in range(len(sched.timesteps)):
+        noise = torch.randn(SHAPE, generator=generator) if sched.needs_noise else None
+        eps = fake_unet(sched.scale_model_input(x, i), sched.timesteps[i])
+        x = sched.step(eps, i, x, noise=noise)
+    assert torch.equal(x, first[-1])
+
+
+@pytest.mark.parametrize("steps", [0, 1001])
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_steps_is_rejected_naming_the_argument(name: str, steps: int) -> None:
+    sched = make_scheduler(name, SD15_CONFIG)
+    with pytest.raises(ValueError, match=rf"^steps: must be between 1 and 1000 but is {steps}"):
+        sched.set_timesteps(steps)
+
+
+def test_unknown_scheduler_name_lists_the_choices() -> None:
+    with pytest.raises(ValueError) as err:
+        make_scheduler("foo", SD15_CONFIG)
+    assert str(err.value) == (
+        "scheduler: unknown name 'foo'; choose one of lms, euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras"
+    )
+
+
+def test_bad_timestep_spacing_names_the_key() -> None:
+    sched = make_scheduler("euler", {**SD15_CONFIG, "timestep_spacing": "sideways"})
+    with pytest.raises(ValueError, match="^timestep_spacing: must be one of"):
+        sched.set_timesteps(10)
+
+
+def test_euler_ancestral_requires_noise() -> None:
+    sched = make_scheduler("euler_a", SD15_CONFIG)
+    sched.set_timesteps(4)
+    x = seeded(0)
+    sched.begin(x)
+    with pytest.raises(ValueError, match="^noise:"):
+        sched.step(x, 0, x)
+
+
+def test_registry_order_and_names() -> None:
+    assert NAMES == ["lms", "euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras"]
+    assert all(cls.name == name for name, cls in SCHEDULERS.items())
+    assert [name for name, cls in SCHEDULERS.items() if cls.needs_noise] == ["euler_a"]
