@@ -65,6 +65,7 @@ def _out_paths(out: str, n: int) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     from . import __version__
     from .media import check_animation_path, save_animation, save_png
+    from .models import resolve_model
     from .request import Request
     from .runtime import load
 
@@ -73,11 +74,12 @@ def run(args: argparse.Namespace) -> int:
         check_animation_path(args.animation)
     if args.save_steps and Path(args.save_steps).exists() and not Path(args.save_steps).is_dir():
         raise InvalidArgument(f"save-steps: {args.save_steps!r} exists and is not a folder; pass a folder path")
-    pipe = load(args.model, backend=args.backend, device=args.device, dtype=args.dtype, engines=args.engines)
-    # Every rule is checked here, before the run writes anything.
-    req = Request.build(pipe.info, args.prompt if len(args.prompt) > 1 else args.prompt[0], args.negative_prompt,
+    info = resolve_model(args.model)
+    # Every rule is checked here, before loading weights and before the run writes anything.
+    req = Request.build(info, args.prompt if len(args.prompt) > 1 else args.prompt[0], args.negative_prompt,
                         args.height, args.width, args.steps, args.guidance_scale, args.seed, args.scheduler,
                         args.init_image, args.strength)
+    pipe = load(info, backend=args.backend, device=args.device, dtype=args.dtype, engines=args.engines)
 
     frames: list = []
     want_frames = bool(args.save_steps or args.animation)

@@ -55,7 +55,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise InvalidArgument(f"model: {path} is not valid JSON ({e}); restore the file from the model release") from e
 
 
-def check_model_folder(path: Path) -> None:
+def check_model_folder(path: Path, weights: bool = True) -> None:
     """Raise MissingFile naming the first missing file of a diffusers SD folder."""
     for sub, cfg in REQUIRED_CONFIGS:
         if not (path / sub / cfg).is_file():
@@ -63,7 +63,7 @@ def check_model_folder(path: Path) -> None:
                 f"model: {path} lacks {sub}/{cfg}; a Stable Diffusion folder needs "
                 "text_encoder/, tokenizer/, unet/, vae/ and scheduler/ (diffusers layout)"
             )
-    for sub in ("text_encoder", "unet", "vae"):
+    for sub in ("text_encoder", "unet", "vae") if weights else ():
         if not any(p.suffix in WEIGHT_SUFFIXES for p in (path / sub).iterdir()):
             raise MissingFile(
                 f"model: {path / sub} has no weights file (*.safetensors or *.bin); "
@@ -85,11 +85,13 @@ class ModelInfo:
     vae_config: dict[str, Any] = field(repr=False)
     scheduler_config: dict[str, Any] = field(repr=False)
     tokenizer_config: dict[str, Any] = field(repr=False)
+    #: A config-only folder (random-sd15, ...): modules are built from config with a fixed seed.
+    random_weights: bool = False
 
     @classmethod
-    def from_folder(cls, path: Path, name: str | None = None) -> ModelInfo:
+    def from_folder(cls, path: Path, name: str | None = None, random_weights: bool = False) -> ModelInfo:
         path = Path(path)
-        check_model_folder(path)
+        check_model_folder(path, weights=not random_weights)
         tok_cfg_path = path / "tokenizer" / "tokenizer_config.json"
         return cls(
             path=path,
@@ -99,6 +101,7 @@ class ModelInfo:
             vae_config=_read_json(path / "vae" / "config.json"),
             scheduler_config=_read_json(path / "scheduler" / "scheduler_config.json"),
             tokenizer_config=_read_json(tok_cfg_path) if tok_cfg_path.is_file() else {},
+            random_weights=random_weights,
         )
 
     @property
@@ -248,6 +251,13 @@ def _tiny_random_folder() -> Path:
     return dest
 
 
+#: Real SD architectures with random weights, for benchmarking without a download (issue 6).
+RANDOM_ARCHITECTURES = {
+    "random-sd15": "SD 1.5 architecture, random weights, real CLIP tokenizer (benchmarks only)",
+    "random-sd21": "SD 2.1 architecture, random weights, real CLIP tokenizer (benchmarks only)",
+}
+
+
 def builtin_models() -> dict[str, str]:
     """Built-in model names and what they are (for --help and `sdfast info`)."""
     return {
@@ -255,6 +265,7 @@ def builtin_models() -> dict[str, str]:
         if (PACKAGED_TINY / "model_index.json").is_file()
         else "alias of tiny-random (the trained toy model is not installed)",
         "tiny-random": "SD component classes at toy size with random weights (tests)",
+        **RANDOM_ARCHITECTURES,
     }
 
 
@@ -267,6 +278,10 @@ def resolve_model(model: str | os.PathLike) -> ModelInfo:
         return ModelInfo.from_folder(_tiny_random_folder(), name="tiny")
     if text == "tiny-random":
         return ModelInfo.from_folder(_tiny_random_folder(), name="tiny-random")
+    if text in RANDOM_ARCHITECTURES:
+        from .random_models import random_model_folder
+
+        return ModelInfo.from_folder(random_model_folder(text), name=text, random_weights=True)
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -311,14 +326,45 @@ def load_torch_modules(info: ModelInfo, dtype: torch.dtype = torch.float32,
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
+    if info.random_weights:
+        return _random_modules(info, dtype, device)
+    from transformers.utils import logging as hf_logging
+
     kw = dict(torch_dtype=dtype)
-    mods = {
-        "text_encoder": CLIPTextModel.from_pretrained(info.path / "text_encoder", **kw),
-        "unet": UNet2DConditionModel.from_pretrained(info.path / "unet", **kw),
-        "vae": AutoencoderKL.from_pretrained(info.path / "vae", **kw),
-    }
+    # transformers draws a per-tensor "Loading weights" bar; ours is quiet unless asked.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        mods = {
+            "text_encoder": CLIPTextModel.from_pretrained(info.path / "text_encoder", **kw),
+            "unet": UNet2DConditionModel.from_pretrained(info.path / "unet", **kw),
+            "vae": AutoencoderKL.from_pretrained(info.path / "vae", **kw),
+        }
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     for m in mods.values():
         m.eval().requires_grad_(False).to(device)
+    return mods
+
+
+def _random_modules(info: ModelInfo, dtype: torch.dtype, device) -> dict[str, torch.nn.Module]:
+    """Build the modules from the folder's configs with fixed seeds (same weights every time)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    def clean(cfg: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+    torch.manual_seed(0)
+    te = CLIPTextModel(CLIPTextConfig(**clean(info.text_encoder_config)))
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel.from_config(clean(info.unet_config))
+    torch.manual_seed(2)
+    vae = AutoencoderKL.from_config(clean(info.vae_config))
+    mods = {"text_encoder": te, "unet": unet, "vae": vae}
+    for m in mods.values():
+        m.eval().requires_grad_(False).to(device=device, dtype=dtype)
     return mods
 
 

@@ -218,11 +218,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def load(model: str | Path = "tiny", backend: str = "torch", device: str | torch.device = "cpu",
+def load(model: str | Path | ModelInfo = "tiny", backend: str = "torch", device: str | torch.device = "cpu",
          dtype: str | Precision = "fp32", engines: str | Path | None = None) -> Pipeline:
     """Load a model for generation. See DESIGN.md's API contract."""
     dev = resolve_device(device)
     precision = Precision.parse(dtype)
-    info = resolve_model(model)
+    info = model if isinstance(model, ModelInfo) else resolve_model(model)
     engine_set = load_engines(info, backend, dev, precision, None if engines is None else str(engines))
     return Pipeline(info, engine_set, dev, precision, backend)
