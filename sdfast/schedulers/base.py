@@ -24,6 +24,17 @@ import torch
 StepIndex = int | torch.Tensor
 
 
+def at(table: torch.Tensor, i: StepIndex) -> torch.Tensor:
+    """``table[i]`` without a host sync: a 0-d tensor index goes through ``index_select``.
+
+    Plain ``table[i]`` with a 0-d integer tensor converts it with ``.item()``, which waits for
+    the device and cannot be captured in a CUDA graph.
+    """
+    if isinstance(i, torch.Tensor):
+        return table.index_select(0, i.reshape(1)).squeeze(0)
+    return table[i]
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
     """The training noise schedule read from ``scheduler_config.json``."""
@@ -113,6 +124,9 @@ class Scheduler:
     needs_noise: bool = False
     #: ``timestep_spacing`` when the config has none: the matching diffusers class's default.
     default_spacing: str = "linspace"
+    #: Config options implemented only at this value (the diffusers default); another value in
+    #: scheduler_config.json is refused rather than silently ignored.
+    fixed_options: dict[str, Any] = {"rescale_betas_zero_snr": False}
 
     def __init__(self, config: dict[str, Any]):
         self.config = dict(config)
@@ -122,11 +136,12 @@ class Scheduler:
                 f"scheduler config: prediction_type {self.schedule.prediction_type!r} is not supported "
                 "yet; sdfast supports 'epsilon' models (SD 1.x, SD 2.x base)"
             )
-        if config.get("rescale_betas_zero_snr"):
-            raise ValueError(
-                "scheduler config: rescale_betas_zero_snr=True is not supported yet; "
-                "set it to false (SD 1.x and SD 2.x base configs do)"
-            )
+        for key, supported in self.fixed_options.items():
+            if config.get(key, supported) != supported:
+                raise ValueError(
+                    f"scheduler config: {key}={config[key]!r} is not supported by {self.name!r}; "
+                    f"set it to {supported!r} or remove it from scheduler_config.json"
+                )
         self.timesteps: torch.Tensor = torch.empty(0)  # (N,) float32, what the U-Net receives
         self.num_inference_steps = 0
 
@@ -185,6 +200,13 @@ class SigmaScheduler(Scheduler):
     was trained on) and the sampler integrates ``dx/dsigma = (x - x0) / sigma``.
     """
 
+    fixed_options = {
+        **Scheduler.fixed_options,
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+    }
+
     def set_timesteps(self, num_inference_steps: int, device: torch.device | str = "cpu") -> None:
         self.check_steps(num_inference_steps)
         s = self.schedule
@@ -209,7 +231,7 @@ class SigmaScheduler(Scheduler):
         return self._init_noise_sigma
 
     def scale_model_input(self, sample: torch.Tensor, i: StepIndex) -> torch.Tensor:
-        return sample / self._in_denom[i]
+        return sample / at(self._in_denom, i)
 
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, i: StepIndex) -> torch.Tensor:
-        return original + noise * self.sigmas[i]  # x = x0 + sigma * eps
+        return original + noise * at(self.sigmas, i)  # x = x0 + sigma * eps

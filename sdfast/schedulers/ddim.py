@@ -6,20 +6,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Scheduler, StepIndex
+from .base import Scheduler, StepIndex, at
 
 
 class DDIMScheduler(Scheduler):
     name = "ddim"
     default_spacing = "leading"
+    fixed_options = {**Scheduler.fixed_options, "thresholding": False}
 
     def __init__(self, config: dict):
         super().__init__(config)
-        if config.get("thresholding"):
-            raise ValueError(
-                "scheduler config: thresholding=True is not supported by ddim; set it to false "
-                "(it is meant for pixel-space models, not latent diffusion)"
-            )
         self.clip_sample = bool(config.get("clip_sample", True))
         self.clip_sample_range = float(config.get("clip_sample_range", 1.0))
         self.set_alpha_to_one = bool(config.get("set_alpha_to_one", True))
@@ -37,6 +33,12 @@ class DDIMScheduler(Scheduler):
         self.check_steps(num_inference_steps)
         t_max = self.schedule.num_train_timesteps
         timesteps = self._spaced_timesteps(num_inference_steps)
+        if timesteps.max() >= t_max:
+            raise ValueError(
+                f"steps: {num_inference_steps} steps with timestep_spacing {self.spacing!r} and steps_offset "
+                f"{self.schedule.steps_offset} would start at timestep {timesteps.max()}, past the last training "
+                f"step {t_max - 1}; use fewer steps"
+            )
         alphas_cumprod = self.schedule.alphas_cumprod().double()  # float32 values, as diffusers
         final = 1.0 if self.set_alpha_to_one else alphas_cumprod[0]
         # diffusers steps back by T // n whatever the spacing, so with "linspace" or "trailing"
@@ -62,12 +64,12 @@ class DDIMScheduler(Scheduler):
     ) -> torch.Tensor:
         eps = model_output
         # Song et al. 2021, eq. 12 with sigma_t = 0 (eta = 0):
-        x0 = (sample - self._sqrt_one_minus_alpha[i] * eps) / self._sqrt_alpha[i]  # 1. "predicted x0"
+        x0 = (sample - at(self._sqrt_one_minus_alpha, i) * eps) / at(self._sqrt_alpha, i)  # 1. "predicted x0"
         if self.clip_sample:  # config switch, not a tensor value
             x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
-        direction = self._sqrt_one_minus_alpha_prev[i] * eps  # 2. "direction pointing to x_t"
-        return self._sqrt_alpha_prev[i] * x0 + direction  # 3. x_{t-1}
+        direction = at(self._sqrt_one_minus_alpha_prev, i) * eps  # 2. "direction pointing to x_t"
+        return at(self._sqrt_alpha_prev, i) * x0 + direction  # 3. x_{t-1}
 
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, i: StepIndex) -> torch.Tensor:
         # q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)   (Ho et al. 2020, eq. 4)
-        return self._sqrt_alpha[i] * original + self._sqrt_one_minus_alpha[i] * noise
+        return at(self._sqrt_alpha, i) * original + at(self._sqrt_one_minus_alpha, i) * noise

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Scheduler, StepIndex
+from .base import Scheduler, StepIndex, at
 
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5: the value the paper uses
 
@@ -40,16 +40,26 @@ def sigmas_to_timesteps(sigmas: np.ndarray, train_sigmas: np.ndarray) -> np.ndar
 class DPMPP2MScheduler(Scheduler):
     name = "dpmpp_2m"
     default_spacing = "linspace"
-    #: Karras sigmas instead of the training sigmas at evenly spaced timesteps.
+    #: Karras sigmas instead of the training sigmas at evenly spaced timesteps. The name picks
+    #: the algorithm, so the config's algorithm_type, solver_order and use_karras_sigmas are not read.
     karras = False
+    fixed_options = {
+        **Scheduler.fixed_options,
+        "thresholding": False,
+        "solver_type": "midpoint",
+        "lower_order_final": True,
+        "euler_at_final": False,
+        "final_sigmas_type": "zero",
+        "lambda_min_clipped": -float("inf"),
+        "variance_type": None,
+        "use_lu_lambdas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "use_flow_sigmas": False,
+    }
 
     def __init__(self, config: dict):
         super().__init__(config)
-        if config.get("thresholding"):
-            raise ValueError(
-                f"scheduler config: thresholding=True is not supported by {self.name}; set it to false "
-                "(it is meant for pixel-space models, not latent diffusion)"
-            )
         self._prev: torch.Tensor | None = None
 
     def _spaced_timesteps(self, n: int) -> np.ndarray:
@@ -91,6 +101,9 @@ class DPMPP2MScheduler(Scheduler):
         r[1:] = (lam[1:-1] - lam[:-2]) / h[1:]  # r_i = h_{i-1} / h_i
         second_order = torch.zeros(n, dtype=torch.bool)
         second_order[1 : n - 1] = True  # step 0: no history; last step: lower_order_final
+        # A repeated timestep (1000 "linspace" steps round two points to one) gives h = 0 and
+        # r = 0 or inf: diffusers turns the whole run into NaN there; we take a first-order step.
+        second_order[1:] &= (h[1:] > 0) & (h[:-1] > 0)
         corr = torch.where(second_order, 0.5 * phi / r, torch.zeros_like(phi))
 
         self._alpha = alpha_t[:-1].float().to(device)  # (N,) at the step's own sigma
@@ -114,18 +127,18 @@ class DPMPP2MScheduler(Scheduler):
         if prev is None:
             raise RuntimeError("scheduler: call begin(latents) before the first step to allocate the DPM-Solver state")
         # Lu et al. 2022, DPM-Solver++(2M), Algorithm 2:
-        x0 = (sample - self._sigma[i] * model_output) / self._alpha[i]  # 1. data prediction x_theta
-        corr = self._corr[i] * self._has_prev  # 2. 0 on first-order steps
+        x0 = (sample - at(self._sigma, i) * model_output) / at(self._alpha, i)  # 1. data prediction x_theta
+        corr = at(self._corr, i) * self._has_prev  # 2. 0 on first-order steps
         x = sample.float()
         # 3. x_{i+1} = (s_{i+1}/s_i) x - a_{i+1}(e^{-h}-1) [(1 + 1/2r) x0_i - (1/2r) x0_{i-1}]
-        x_next = self._ratio[i] * x - self._phi[i] * x0 - corr * (x0 - prev)
+        x_next = at(self._ratio, i) * x - at(self._phi, i) * x0 - corr * (x0 - prev)
         prev.copy_(x0)  # 4. keep x0_i for the next step
         self._has_prev.fill_(1.0)
         return x_next.to(model_output.dtype)
 
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, i: StepIndex) -> torch.Tensor:
         # q(x_t | x_0) in VP form: alpha_t x_0 + sigma_t eps
-        return self._alpha[i] * original + self._sigma[i] * noise
+        return at(self._alpha, i) * original + at(self._sigma, i) * noise
 
 
 class DPMPP2MKarrasScheduler(DPMPP2MScheduler):

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import torch
 
-from .base import SigmaScheduler, StepIndex
+from .base import SigmaScheduler, StepIndex, at
 
 
 class EulerScheduler(SigmaScheduler):
     name = "euler"
     default_spacing = "linspace"
+    fixed_options = {
+        **SigmaScheduler.fixed_options,
+        "interpolation_type": "linear",
+        "timestep_type": "discrete",
+        "final_sigmas_type": "zero",
+    }
 
     def _build_step_tables(self, sigmas: torch.Tensor, device: torch.device | str) -> None:
         # dt_i = sigma_{i+1} - sigma_i; taken from the float32 sigmas so it equals diffusers' dt.
@@ -20,10 +26,10 @@ class EulerScheduler(SigmaScheduler):
     def step(
         self, model_output: torch.Tensor, i: StepIndex, sample: torch.Tensor, noise: torch.Tensor | None = None
     ) -> torch.Tensor:
-        sigma = self.sigmas[i]
+        sigma = at(self.sigmas, i)
         x = sample.float()
         # Karras et al. 2022, Algorithm 2 (s_churn = 0, so sigma_hat = sigma):
         x0 = x - sigma * model_output  # 1. denoised estimate D(x; sigma) for an epsilon model
         d = (x - x0) / sigma  # 2. ODE slope dx/dsigma = (x - D(x; sigma)) / sigma   (eq. 3)
-        x_next = x + d * self._dt[i]  # 3. Euler step to sigma_{i+1}
+        x_next = x + d * at(self._dt, i)  # 3. Euler step to sigma_{i+1}
         return x_next.to(model_output.dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import SigmaScheduler, StepIndex
+from .base import SigmaScheduler, StepIndex, at
 
 
 class EulerAncestralScheduler(SigmaScheduler):
@@ -35,11 +35,11 @@ class EulerAncestralScheduler(SigmaScheduler):
                 "noise: euler_a needs fresh Gaussian noise at every step but got None; pass "
                 "noise=torch.randn(sample.shape, generator=g) drawn in step order from the seed's generator"
             )
-        sigma = self.sigmas[i]
+        sigma = at(self.sigmas, i)
         x = sample.float()
         # k-diffusion sample_euler_ancestral:
         x0 = x - sigma * model_output  # 1. denoised estimate for an epsilon model
         d = (x - x0) / sigma  # 2. ODE slope dx/dsigma (Karras et al. 2022, eq. 3)
-        x_next = x + d * self._dt[i]  # 3. Euler step down to sigma_down
-        x_next = x_next + noise * self._sigma_up[i]  # 4. add back noise up to sigma_{i+1}
+        x_next = x + d * at(self._dt, i)  # 3. Euler step down to sigma_down
+        x_next = x_next + noise * at(self._sigma_up, i)  # 4. add back noise up to sigma_{i+1}
         return x_next.to(model_output.dtype)

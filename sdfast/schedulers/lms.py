@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from numpy.polynomial import polynomial as poly
 
-from .base import SigmaScheduler, StepIndex
+from .base import SigmaScheduler, StepIndex, at
 
 ORDER = 4
 
@@ -58,8 +58,8 @@ class LMSScheduler(SigmaScheduler):
         slopes = self._slopes
         if slopes is None:
             raise RuntimeError("scheduler: call begin(latents) before the first step to allocate the LMS history")
-        sigma = self.sigmas[i]
-        coeffs = self._coeffs[i]  # (4,)
+        sigma = at(self.sigmas, i)
+        coeffs = at(self._coeffs, i)  # (4,)
         # k-diffusion sample_lms:
         x0 = sample - sigma * model_output  # 1. denoised estimate for an epsilon model
         d = (sample - x0) / sigma  # 2. ODE slope dx/dsigma (Karras et al. 2022, eq. 3)
