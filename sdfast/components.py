@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .models import ModelInfo
 
 
 class Precision(str, enum.Enum):
@@ -90,3 +94,176 @@ VAE_ENCODER = ComponentSpec(
 )
 
 SPECS: dict[str, ComponentSpec] = {s.name: s for s in (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)}
+
+
+# -- shape profiles ---------------------------------------------------------------------------
+
+#: A dim's (min, opt, max).
+Range = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """What an engine set serves, in the user's terms: images per call and image sides in pixels.
+
+    ``batch`` counts images (prompts). The text encoder and U-Net see twice that under
+    classifier-free guidance and exactly that without, so their batch dim spans
+    ``min_batch .. 2 × max_batch`` with ``2 × opt_batch`` as the tuned shape (guidance is the
+    common case). ``component_dims`` turns this into every symbolic dim of a component.
+    """
+
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+    min_height: int
+    opt_height: int
+    max_height: int
+    min_width: int
+    opt_width: int
+    max_width: int
+
+    @classmethod
+    def static(cls, batch: int, height: int, width: int) -> ShapeProfile:
+        return cls(batch, batch, batch, height, height, height, width, width, width)
+
+    @property
+    def batch(self) -> Range:
+        return (self.min_batch, self.opt_batch, self.max_batch)
+
+    @property
+    def height(self) -> Range:
+        return (self.min_height, self.opt_height, self.max_height)
+
+    @property
+    def width(self) -> Range:
+        return (self.min_width, self.opt_width, self.max_width)
+
+    @property
+    def is_static(self) -> bool:
+        return all(lo == hi for lo, _, hi in (self.batch, self.height, self.width))
+
+    def validate(self, info: ModelInfo) -> None:
+        """Raise InvalidArgument unless min ≤ opt ≤ max and every side fits the U-Net's grid."""
+        from .errors import InvalidArgument
+
+        for arg, (lo, opt, hi) in (("batch", self.batch), ("height", self.height), ("width", self.width)):
+            if not 1 <= lo <= opt <= hi:
+                raise InvalidArgument(
+                    f"{arg}: the profile needs 1 <= min <= opt <= max but has {lo} / {opt} / {hi}; "
+                    f"fix --min-{arg} / --{arg} / --max-{arg}"
+                )
+        m = size_multiple(info)
+        for arg, r in (("height", self.height), ("width", self.width)):
+            bad = [v for v in r if v % m]
+            if bad:
+                raise InvalidArgument(
+                    f"{arg}: every profile side must be a multiple of {m} (VAE factor × U-Net downsampling) "
+                    f"but {bad[0]} is not; use {bad[0] - bad[0] % m} or {bad[0] - bad[0] % m + m}"
+                )
+
+    def covers(self, batch: int, height: int, width: int) -> list[str]:
+        """The reasons ``(batch, height, width)`` falls outside; empty when it is served."""
+        out = []
+        for arg, v, (lo, _, hi) in (("batch", batch, self.batch), ("height", height, self.height),
+                                    ("width", width, self.width)):
+            if not lo <= v <= hi:
+                out.append(f"{arg} {v} is outside {lo}..{hi}")
+        return out
+
+    def describe(self) -> str:
+        def r(lo: int, opt: int, hi: int) -> str:
+            return str(lo) if lo == hi else f"{lo}..{hi} (opt {opt})"
+
+        return f"batch {r(*self.batch)}, height {r(*self.height)}, width {r(*self.width)}"
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, int]) -> ShapeProfile:
+        return cls(**{k: int(d[k]) for k in cls.__dataclass_fields__})
+
+    def component_dims(self, spec: ComponentSpec, info: ModelInfo) -> dict[str, Range]:
+        """(min, opt, max) of every dim name used by ``spec``'s tensors."""
+        f = info.vae_scale_factor
+        c = info.latent_channels
+        if spec.name in ("text_encoder", "unet"):
+            batch = (self.min_batch, 2 * self.opt_batch, 2 * self.max_batch)
+        elif spec.name == "vae_encoder":
+            batch = (1, 1, self.max_batch)  # img2img encodes one init image, then expands it
+        else:
+            batch = self.batch
+        dims: dict[str, Range] = {
+            "B": batch,
+            "S": (info.max_tokens,) * 3,
+            "D": (info.text_hidden_size,) * 3,
+            "C": (c,) * 3,
+            "2C": (2 * c,) * 3,
+            "H": self.height,
+            "W": self.width,
+            "h": tuple(v // f for v in self.height),
+            "w": tuple(v // f for v in self.width),
+        }
+        return {d: dims.get(d) or (int(d),) * 3 for t in spec.inputs + spec.outputs for d in t.dims}
+
+    def shapes(self, spec: ComponentSpec, info: ModelInfo, which: str = "inputs") -> dict[str, tuple[tuple[int, ...], ...]]:
+        """tensor name -> (min shape, opt shape, max shape): TensorRT's profile triples and buffer sizes."""
+        dims = self.component_dims(spec, info)
+        tensors = spec.inputs if which == "inputs" else spec.outputs
+        return {t.name: tuple(tuple(dims[d][k] for d in t.dims) for k in range(3)) for t in tensors}
+
+    def dynamic_axes(self, spec: ComponentSpec, info: ModelInfo) -> dict[str, dict[int, str]]:
+        """ONNX dynamic axes: only the dims whose min and max differ stay symbolic."""
+        dims = self.component_dims(spec, info)
+        out = {}
+        for t in spec.inputs + spec.outputs:
+            axes = {i: d for i, d in enumerate(t.dims) if dims[d][0] != dims[d][2]}
+            if axes:
+                out[t.name] = axes
+        return out
+
+
+def size_multiple(info: ModelInfo) -> int:
+    """Image sides an exported U-Net serves: the VAE factor × 2^(U-Net downsamplings).
+
+    Diffusers' U-Net pads odd latent grids by a shape-dependent branch that a traced graph
+    freezes, so exported engines only serve sides on the U-Net's full-resolution grid.
+    """
+    return info.vae_scale_factor * 2 ** (len(info.unet_config["block_out_channels"]) - 1)
+
+
+def sample_inputs(spec: ComponentSpec, info: ModelInfo, profile: ShapeProfile, which: int = 1,
+                  dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random inputs at the profile's min (0), opt (1) or max (2) shape; token ids in the vocabulary."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    shapes = profile.shapes(spec, info)
+    out = {}
+    for t in spec.inputs:
+        shape = shapes[t.name][which]
+        if t.kind == "int64":
+            vocab = int(info.text_encoder_config["vocab_size"])
+            out[t.name] = torch.randint(0, vocab, shape, generator=g, dtype=torch.int64)
+        elif t.name == "timestep":
+            # A mid-schedule timestep: export traces one value for the whole batch.
+            n = int(info.scheduler_config.get("num_train_timesteps", 1000))
+            out[t.name] = torch.full(shape, n // 2, dtype=dtype)
+        else:
+            out[t.name] = torch.randn(shape, generator=g).to(dtype)
+    return out
+
+
+def output_shapes(spec: ComponentSpec, info: ModelInfo, inputs: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Output shapes implied by concrete input shapes (so engines can allocate before running)."""
+    f = info.vae_scale_factor
+    known: dict[str, int] = {"S": info.max_tokens, "D": info.text_hidden_size, "C": info.latent_channels,
+                             "2C": 2 * info.latent_channels}
+    for t in spec.inputs:
+        for d, v in zip(t.dims, inputs[t.name], strict=True):
+            known[d] = v
+    if "h" in known:
+        known.setdefault("H", known["h"] * f)
+        known.setdefault("W", known["w"] * f)
+    if "H" in known:
+        known.setdefault("h", known["H"] // f)
+        known.setdefault("w", known["W"] // f)
+    return {t.name: tuple(known[d] if d in known else int(d) for d in t.dims) for t in spec.outputs}

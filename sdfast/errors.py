@@ -19,3 +19,7 @@ class MissingFile(FileNotFoundError):
 
 class ArtifactMismatch(InvalidArgument):
     """An exported artifact does not match the model, versions, device or request at hand."""
+
+
+class NumericalError(RuntimeError):
+    """The computation produced NaN or inf (fp16 overflow, a broken engine): not a user error."""

@@ -37,3 +37,25 @@ def diffusers_pipe(tiny_info):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_info.path, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# -- exported artifacts (issue 3): each exported once per session ---------------------------
+
+@pytest.fixture(scope="session")
+def onnx_dynamic(tiny_info, tmp_path_factory):
+    """fp32 ONNX export of the tiny model serving batch 1..2, height 64..128, width 64..96."""
+    from sdfast.components import ShapeProfile
+    from sdfast.export.onnx import export_onnx
+
+    profile = ShapeProfile(1, 1, 2, 64, 64, 128, 64, 64, 96)
+    return export_onnx(tiny_info, tmp_path_factory.mktemp("onnx") / "tiny-fp32-dynamic", profile)
+
+
+@pytest.fixture(scope="session")
+def onnx_fp16(tiny_info, tmp_path_factory):
+    """fp16 ONNX export (VAE kept fp32 by default), static 64x64, batch 1."""
+    from sdfast.components import Precision, ShapeProfile
+    from sdfast.export.onnx import OnnxExportOptions, export_onnx
+
+    return export_onnx(tiny_info, tmp_path_factory.mktemp("onnx") / "tiny-fp16", ShapeProfile.static(1, 64, 64),
+                       OnnxExportOptions(precision=Precision.FP16))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import importlib
-from typing import Protocol, runtime_checkable
+import inspect
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -29,8 +30,11 @@ class Engine(Protocol):
 
 
 def load_engines(info: ModelInfo, backend: str, device: torch.device, precision: Precision,
-                 engines: str | None = None) -> dict[str, Engine]:
-    """The engines of ``backend`` for every component, keyed by component name."""
+                 engines: str | None = None, options: dict[str, Any] | None = None) -> dict[str, Engine]:
+    """The engines of ``backend`` for every component, keyed by component name.
+
+    ``options`` (e.g. ``attention``) go to the backends whose ``load`` takes them; others ignore them.
+    """
     if backend not in BACKENDS:
         raise InvalidArgument(f"backend: unknown {backend!r}; choose one of {', '.join(BACKENDS)}")
     try:
@@ -42,4 +46,44 @@ def load_engines(info: ModelInfo, backend: str, device: torch.device, precision:
             f"backend: {backend!r} needs the Python package {e.name!r}, which is not installed; "
             f"install it (pip install 'sdfast[onnx]' or 'sdfast[gpu]') or use backend='torch'"
         ) from e
-    return module.load(info, device=device, precision=precision, engines=engines)
+    accepted = inspect.signature(module.load).parameters
+    extra = {k: v for k, v in (options or {}).items() if k in accepted}
+    return module.load(info, device=device, precision=precision, engines=engines, **extra)
+
+
+def check_request(engines: dict[str, Engine], batch: int, height: int, width: int, guided: bool) -> None:
+    """Refuse, before any work, a request outside the shape profile of exported engines.
+
+    Engines built for a profile expose it as ``engine.profile`` (a ``components.ShapeProfile``);
+    eager engines have none and serve any shape. ``guided`` is accepted for the record: the
+    profile's component batch ranges already span both the guided (2B) and unguided (B) U-Net.
+    """
+    for engine in engines.values():
+        profile = getattr(engine, "profile", None)
+        if profile is None:
+            continue
+        multiple = getattr(engine, "size_multiple", None)
+        for arg, v in (("height", height), ("width", width)):
+            if multiple and v % multiple:
+                lo = v - v % multiple
+                raise InvalidArgument(
+                    f"{arg}: exported engines serve sides that are multiples of {multiple} (VAE factor × "
+                    f"U-Net downsampling) but {arg} is {v}; use {lo or multiple} or {lo + multiple}"
+                )
+        reasons = profile.covers(batch, height, width)
+        if reasons:
+            flags = _covering_flags(profile, batch, height, width)
+            raise InvalidArgument(
+                f"engines: the request ({batch} image(s) of {height}x{width}) is outside the exported profile "
+                f"({profile.describe()}): {'; '.join(reasons)}; export again with {flags}, or change the request"
+            )
+        return  # one profile per engine set
+
+
+def _covering_flags(profile, batch: int, height: int, width: int) -> str:
+    """The export range flags whose profile covers both the old one and the request."""
+    parts = []
+    for arg, v, (lo, _, hi) in (("batch", batch, profile.batch), ("height", height, profile.height),
+                                ("width", width, profile.width)):
+        parts.append(f"--min-{arg} {min(lo, v)} --max-{arg} {max(hi, v)}")
+    return " ".join(parts)

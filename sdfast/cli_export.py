@@ -1,0 +1,131 @@
+"""``sdfast export``: build an artifact folder (ONNX graphs or TensorRT plans) for one shape profile.
+
+The profile is ``--batch/--height/--width`` (the tuned shape) widened by the range flags
+``--min-X/--max-X`` (X = batch, height, width), ``--min-size/--max-size`` (both sides) or
+``--dynamic`` (batch 1..4, sides from half to twice the model's native size). Without any
+range flag the export is static.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+
+from .components import Precision, ShapeProfile, size_multiple
+from .errors import InvalidArgument
+from .request import MAX_SIDE, MIN_SIDE  # Request.build's side limits bound every profile too
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "tensorrt", "inductor")
+#: --dynamic: how far the profile reaches around the tuned shape.
+DYNAMIC_MAX_BATCH = 4
+DYNAMIC_SIZE_FACTOR = 2
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export engines for a model (ONNX, TensorRT)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="diffusers model folder, hub id or built-in name (default tiny)")
+    p.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write (replaced atomically)")
+    p.add_argument("--format", default="onnx", choices=FORMATS, help="artifact format (default onnx)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="text encoder and U-Net precision")
+    p.add_argument("--vae-precision", default=None, choices=["fp32", "fp16"],
+                   help="VAE precision (default fp32, even with --precision fp16: the SD VAE overflows fp16)")
+    p.add_argument("--batch", type=int, default=1, help="images per call the engines are tuned for (default 1)")
+    p.add_argument("--height", type=int, default=None, help="image height tuned for (default: native size)")
+    p.add_argument("--width", type=int, default=None, help="image width tuned for (default: native size)")
+    for dim in ("batch", "height", "width"):
+        p.add_argument(f"--min-{dim}", type=int, default=None, help=f"smallest {dim} served (default: --{dim})")
+        p.add_argument(f"--max-{dim}", type=int, default=None, help=f"largest {dim} served (default: --{dim})")
+    p.add_argument("--min-size", type=int, default=None, help="smallest height and width served")
+    p.add_argument("--max-size", type=int, default=None, help="largest height and width served")
+    p.add_argument("--dynamic", action="store_true",
+                   help=f"batch 1..{DYNAMIC_MAX_BATCH}, sides 1/{DYNAMIC_SIZE_FACTOR}x..{DYNAMIC_SIZE_FACTOR}x native")
+    p.add_argument("--external-data", action="store_true",
+                   help="ONNX: keep weights in NAME.onnx.data even under 2 GB (larger models always do)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17; >= 17 for LayerNormalization)")
+    p.add_argument("--onnx", default=None, metavar="DIR", help="TensorRT: build from this ONNX export instead of exporting")
+    p.add_argument("--builder-optimization-level", type=int, default=3, choices=range(6),
+                   help="TensorRT builder optimization level 0-5 (default 3)")
+    p.add_argument("--timing-cache", default=None, metavar="FILE",
+                   help="TensorRT timing cache, read and updated (default: in the sdfast cache)")
+    p.add_argument("--device", default=None, help="inductor: compile for cpu or cuda (default: cuda when available)")
+    p.add_argument("--autotune", default=None, choices=["none", "default", "max"],
+                   help="inductor: kernel autotuning effort on CUDA (default 'default')")
+    p.set_defaults(handler=run)
+
+
+def profile_from_args(args: argparse.Namespace, info) -> ShapeProfile:
+    native = info.native_size
+    batch = args.batch
+    height = args.height if args.height is not None else native
+    width = args.width if args.width is not None else native
+    m = size_multiple(info)
+    if args.dynamic:
+        lo_side = max(MIN_SIDE, -(-native // DYNAMIC_SIZE_FACTOR // m) * m)
+        hi_side = min(MAX_SIDE, native * DYNAMIC_SIZE_FACTOR // m * m)
+        lo = {"batch": 1, "height": min(lo_side, height), "width": min(lo_side, width)}
+        hi = {"batch": max(DYNAMIC_MAX_BATCH, batch), "height": max(hi_side, height), "width": max(hi_side, width)}
+    else:
+        lo = {"batch": batch, "height": height, "width": width}
+        hi = dict(lo)
+    for side in ("height", "width"):
+        if args.min_size is not None:
+            lo[side] = args.min_size
+        if args.max_size is not None:
+            hi[side] = args.max_size
+    opt = {"batch": batch, "height": height, "width": width}
+    for dim in ("batch", "height", "width"):
+        if getattr(args, f"min_{dim}") is not None:
+            lo[dim] = getattr(args, f"min_{dim}")
+        if getattr(args, f"max_{dim}") is not None:
+            hi[dim] = getattr(args, f"max_{dim}")
+        if not lo[dim] <= opt[dim] <= hi[dim]:
+            raise InvalidArgument(
+                f"{dim}: --{dim} {opt[dim]} must lie within --min-{dim} {lo[dim]} .. --max-{dim} {hi[dim]}; "
+                f"widen the range or change --{dim}"
+            )
+    for side in ("height", "width"):
+        if not (MIN_SIDE <= lo[side] and hi[side] <= MAX_SIDE):
+            raise InvalidArgument(f"{side}: the profile must stay within {MIN_SIDE}..{MAX_SIDE} pixels "
+                                  f"but is {lo[side]}..{hi[side]}")
+    profile = ShapeProfile(lo["batch"], batch, hi["batch"], lo["height"], height, hi["height"],
+                           lo["width"], width, hi["width"])
+    profile.validate(info)
+    return profile
+
+
+def run(args: argparse.Namespace) -> int:
+    from .models import resolve_model
+
+    if args.opset < 17:
+        raise InvalidArgument(f"opset: must be >= 17 (LayerNormalization) but is {args.opset}")
+    info = resolve_model(args.model)
+    profile = profile_from_args(args, info)
+    precision = Precision(args.precision)
+    vae_precision = Precision(args.vae_precision) if args.vae_precision else None
+    if args.format == "onnx":
+        from .export.onnx import OnnxExportOptions, export_onnx
+
+        options = OnnxExportOptions(precision=precision, vae_precision=vae_precision,
+                                    external_data=True if args.external_data else None, opset=args.opset)
+        out = export_onnx(info, args.out, profile, options, model_arg=args.model)
+    elif args.format == "tensorrt":
+        from .export.tensorrt import TensorRTBuildOptions, export_tensorrt
+
+        options = TensorRTBuildOptions(precision=precision, vae_precision=vae_precision,
+                                       builder_optimization_level=args.builder_optimization_level,
+                                       timing_cache=args.timing_cache, onnx_dir=args.onnx)
+        out = export_tensorrt(info, args.out, profile, options, model_arg=args.model)
+    else:
+        try:
+            module = importlib.import_module(".export.inductor", __package__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.export.inductor":
+                raise
+            raise InvalidArgument("format: 'inductor' export is not part of this build; use onnx or tensorrt") from e
+        out = module.export_cli(info, args, profile)
+    print(f"wrote {out} ({profile.describe()})")
+    return 0

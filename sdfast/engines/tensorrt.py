@@ -1,0 +1,116 @@
+"""TensorRT engines over an ``sdfast export --format tensorrt`` folder.
+
+UNVERIFIED: written against the documented TensorRT 10/11 Python API without a GPU or
+TensorRT at hand; the buffer and profile logic is tested on the CPU, the rest is not.
+
+Buffers are allocated once, as torch tensors sized for the profile's max shapes, and bound by
+address when the engine is made; a call copies its inputs in, sets the input shapes, enqueues
+on torch's current stream (no host sync) and returns views of the output buffers, cloned
+unless the caller asked for the raw buffers (the CUDA-graph path does, on purpose).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, size_multiple
+from ..errors import InvalidArgument
+from ..export.manifest import load_manifest
+from ..models import ModelInfo
+
+
+def buffer_shapes(component: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """tensor name -> the largest shape it takes under the profile (the allocation size)."""
+    return {name: tuple(rec["max"]) for section in ("inputs", "outputs") for name, rec in component[section].items()}
+
+
+def allocate_buffers(component: dict[str, Any], dtypes: dict[str, torch.dtype],
+                     device: torch.device) -> dict[str, torch.Tensor]:
+    """One flat tensor per I/O tensor, sized for its max shape; calls take views of its front."""
+    return {name: torch.empty(math.prod(shape), dtype=dtypes[name], device=device)
+            for name, shape in buffer_shapes(component).items()}
+
+
+def torch_dtype(trt, dtype) -> torch.dtype:
+    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
+             trt.DataType.INT64: torch.int64, trt.DataType.BOOL: torch.bool}
+    if hasattr(trt.DataType, "BF16"):
+        table[trt.DataType.BF16] = torch.bfloat16
+    return table[dtype]
+
+
+class TensorRTEngine:
+    def __init__(self, spec: ComponentSpec, plan: bytes, component: dict[str, Any], info: ModelInfo,
+                 device: torch.device, precision: Precision, profile: ShapeProfile, clone_outputs: bool = True):
+        import tensorrt as trt
+
+        self.spec = spec
+        self.device = device
+        self.precision = precision
+        self.profile = profile
+        self.size_multiple = size_multiple(info)
+        self.clone_outputs = clone_outputs
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        with torch.cuda.device(device):
+            self.engine = self._runtime.deserialize_cuda_engine(plan)
+            if self.engine is None:
+                raise RuntimeError(f"TensorRT could not deserialize the {spec.name} plan")
+            self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        expected = set(spec.input_names) | set(spec.output_names)
+        if set(names) != expected:
+            raise RuntimeError(f"{spec.name} plan has tensors {sorted(names)}, the spec {sorted(expected)}")
+        self.dtypes = {n: torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
+        self.buffers = allocate_buffers(component, self.dtypes, device)
+        for n, buf in self.buffers.items():
+            self.context.set_tensor_address(n, buf.data_ptr())
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        for t in self.spec.inputs:
+            x = inputs[t.name]
+            buf = self.buffers[t.name][: x.numel()].view(x.shape)
+            buf.copy_(x, non_blocking=True)  # casts to the plan's dtype on the device
+            self.context.set_input_shape(t.name, tuple(x.shape))
+        stream = torch.cuda.current_stream(self.device)
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"TensorRT failed to enqueue {self.spec.name}")
+        out = {}
+        for t in self.spec.outputs:
+            shape = tuple(self.context.get_tensor_shape(t.name))
+            y = self.buffers[t.name][: math.prod(shape)].view(shape)
+            if y.dtype != torch.float32:
+                y = y.float()  # a new tensor: never aliases the buffer
+            elif self.clone_outputs:
+                y = y.clone()
+            out[t.name] = y
+        return out
+
+
+def load(info: ModelInfo, device: torch.device, precision: Precision, engines: str | None = None,
+         clone_outputs: bool = True) -> dict[str, TensorRTEngine]:
+    if engines is None:
+        raise InvalidArgument(
+            "engines: the tensorrt backend runs built plans; pass --engines DIR made by "
+            f"`sdfast export --model {info.path} --out DIR --format tensorrt`"
+        )
+    if device.type != "cuda":
+        raise InvalidArgument("device: the tensorrt backend runs on a CUDA GPU; pass --device cuda")
+    from ..export.tensorrt import gpu_record
+
+    root = Path(engines)
+    manifest = load_manifest(root, info, "tensorrt", device=gpu_record(device.index or 0))
+    core = manifest.precision("unet")
+    if core is not precision:
+        raise InvalidArgument(f"dtype: {root} holds {core.value} plans but --dtype {precision.value} was asked for; "
+                              f"pass --dtype {core.value}")
+    return {
+        name: TensorRTEngine(SPECS[name], manifest.file(root, name).read_bytes(), manifest.components[name], info,
+                             device, manifest.precision(name), manifest.profile, clone_outputs)
+        for name in SPECS
+    }
