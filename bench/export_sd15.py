@@ -20,59 +20,34 @@ import tempfile
 import time
 from pathlib import Path
 
-#: diffusers' UNet2DConditionModel config of SD 1.5 (runwayml/stable-diffusion-v1-5, unet/config.json).
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    norm_num_groups=32,
-)
 SIDE = 256
 BATCH = 1  # images; the guided U-Net call is 2 × this
 
 
-def sd15_info(root: Path):
-    """A ModelInfo with SD 1.5's configs: what the component specs read for shapes."""
-    from sdfast.models import SD15_SCHEDULER_CONFIG, ModelInfo
-
-    return ModelInfo(
-        path=root, name="sd15-unet-random",
-        text_encoder_config={"max_position_embeddings": 77, "hidden_size": 768, "vocab_size": 49408},
-        unet_config=dict(SD15_UNET), vae_config={"block_out_channels": [128, 256, 512, 512]},
-        scheduler_config=dict(SD15_SCHEDULER_CONFIG), tokenizer_config={"model_max_length": 77},
-    )
-
-
 def make_unet(dtype):
-    import torch
-    from diffusers import UNet2DConditionModel
+    from sdfast.models import load_torch_modules, resolve_model
 
-    torch.manual_seed(0)
-    return UNet2DConditionModel(**SD15_UNET).eval().requires_grad_(False).to(dtype)
+    return load_torch_modules(resolve_model("random-sd15"), dtype=dtype, parts=("unet",))["unet"]
 
 
 def child_export(precision: str, out: Path, threads: int) -> dict:
+    """The real export path (`sdfast export ... --precision P`) on the U-Net of random-sd15."""
     import torch
-    from diffusers.models.attention_processor import AttnProcessor
 
     from sdfast.components import Precision, ShapeProfile
-    from sdfast.export.onnx import OnnxExportOptions, export_component
-    from sdfast.models import UNetWrapper
+    from sdfast.export.onnx import OnnxExportOptions, export_onnx
+    from sdfast.models import resolve_model
 
     torch.set_num_threads(threads)
     prec = Precision(precision)
-    info = sd15_info(out)
-    unet = make_unet(prec.torch_dtype)
-    unet.set_attn_processor(AttnProcessor())
-    out.mkdir(parents=True, exist_ok=True)
+    info = resolve_model("random-sd15")
     t0 = time.perf_counter()
-    files = export_component(UNetWrapper(unet), "unet", info, ShapeProfile.static(BATCH, SIDE, SIDE),
-                             prec.torch_dtype, out / "unet.onnx", OnnxExportOptions(precision=prec))
+    export_onnx(info, out, ShapeProfile.static(BATCH, SIDE, SIDE), OnnxExportOptions(precision=prec),
+                components=("unet",))
     seconds = time.perf_counter() - t0
     return {"precision": precision, "export_s": seconds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "files_mb": {f.name: f.stat().st_size / 2**20 for f in files}}
+            "files_mb": {f.name: f.stat().st_size / 2**20 for f in sorted(out.iterdir())}}
 
 
 def child_steps(onnx_path: Path, threads: int, repeat: int) -> dict:

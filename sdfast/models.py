@@ -320,52 +320,57 @@ def load_tokenizer(info: ModelInfo):
     return CLIPTokenizer.from_pretrained(info.path / "tokenizer")
 
 
-def load_torch_modules(info: ModelInfo, dtype: torch.dtype = torch.float32,
-                       device: torch.device | str = "cpu") -> dict[str, torch.nn.Module]:
-    """CLIPTextModel, UNet2DConditionModel and AutoencoderKL in eval mode on ``device``."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+#: torch module name -> (library, class name, folder); the component wrappers draw on these.
+MODULE_CLASSES = {
+    "text_encoder": ("transformers", "CLIPTextModel"),
+    "unet": ("diffusers", "UNet2DConditionModel"),
+    "vae": ("diffusers", "AutoencoderKL"),
+}
+#: which torch module each exported component needs.
+COMPONENT_MODULE = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+#: fixed seeds of the config-only (random weight) models, one per module so any subset is reproducible.
+RANDOM_SEEDS = {"text_encoder": 0, "unet": 1, "vae": 2}
 
-    if info.random_weights:
-        return _random_modules(info, dtype, device)
+
+def load_torch_modules(info: ModelInfo, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                       parts: tuple[str, ...] = tuple(MODULE_CLASSES)) -> dict[str, torch.nn.Module]:
+    """CLIPTextModel, UNet2DConditionModel and AutoencoderKL (or the ``parts`` asked for) in eval
+    mode on ``device``. Export loads one part at a time so peak memory stays near one module."""
+    import importlib
+
     from transformers.utils import logging as hf_logging
 
-    kw = dict(torch_dtype=dtype)
     # transformers draws a per-tensor "Loading weights" bar; ours is quiet unless asked.
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    mods = {}
     try:
-        mods = {
-            "text_encoder": CLIPTextModel.from_pretrained(info.path / "text_encoder", **kw),
-            "unet": UNet2DConditionModel.from_pretrained(info.path / "unet", **kw),
-            "vae": AutoencoderKL.from_pretrained(info.path / "vae", **kw),
-        }
+        for part in parts:
+            lib, name = MODULE_CLASSES[part]
+            cls = getattr(importlib.import_module(lib), name)
+            if info.random_weights:
+                mods[part] = _random_module(cls, getattr(info, f"{part}_config"), RANDOM_SEEDS[part])
+            else:
+                mods[part] = cls.from_pretrained(info.path / part, torch_dtype=dtype)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
     for m in mods.values():
         m.eval().requires_grad_(False).to(device)
+        if m.dtype != dtype:
+            m.to(dtype)
     return mods
 
 
-def _random_modules(info: ModelInfo, dtype: torch.dtype, device) -> dict[str, torch.nn.Module]:
-    """Build the modules from the folder's configs with fixed seeds (same weights every time)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _random_module(cls, config: dict[str, Any], seed: int) -> torch.nn.Module:
+    """A module built from its config with a fixed seed (the same weights every time)."""
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    torch.manual_seed(seed)
+    if hasattr(cls, "from_config"):
+        return cls.from_config(cfg)
+    from transformers import CLIPTextConfig
 
-    def clean(cfg: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in cfg.items() if not k.startswith("_")}
-
-    torch.manual_seed(0)
-    te = CLIPTextModel(CLIPTextConfig(**clean(info.text_encoder_config)))
-    torch.manual_seed(1)
-    unet = UNet2DConditionModel.from_config(clean(info.unet_config))
-    torch.manual_seed(2)
-    vae = AutoencoderKL.from_config(clean(info.vae_config))
-    mods = {"text_encoder": te, "unet": unet, "vae": vae}
-    for m in mods.values():
-        m.eval().requires_grad_(False).to(device=device, dtype=dtype)
-    return mods
+    return cls(CLIPTextConfig(**cfg))
 
 
 # -- fixed positional I/O wrappers (what export traces and the eager engine runs) ------------
@@ -416,11 +421,16 @@ class VAEEncoderWrapper(torch.nn.Module):
         return self.vae.quant_conv(h) if self.vae.quant_conv is not None else h
 
 
+#: exported component -> its fixed-I/O wrapper class.
+COMPONENT_WRAPPERS = {
+    "text_encoder": TextEncoderWrapper,
+    "unet": UNetWrapper,
+    "vae_decoder": VAEDecoderWrapper,
+    "vae_encoder": VAEEncoderWrapper,
+}
+
+
 def component_modules(mods: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
-    """The four exportable components, keyed like ``components.SPECS``."""
-    return {
-        "text_encoder": TextEncoderWrapper(mods["text_encoder"]),
-        "unet": UNetWrapper(mods["unet"]),
-        "vae_decoder": VAEDecoderWrapper(mods["vae"]),
-        "vae_encoder": VAEEncoderWrapper(mods["vae"]),
-    }
+    """The exportable components whose torch module is in ``mods``, keyed like ``components.SPECS``."""
+    return {name: wrapper(mods[COMPONENT_MODULE[name]]) for name, wrapper in COMPONENT_WRAPPERS.items()
+            if COMPONENT_MODULE[name] in mods}

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from ..components import SPECS, Precision, ShapeProfile, sample_inputs
-from ..models import ModelInfo, component_modules, load_torch_modules
+from ..models import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
 from .manifest import Manifest, export_command, model_record, staging_dir, tensor_records
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,10 @@ log = logging.getLogger(__name__)
 OPSET = 17
 #: protobuf's hard limit for one serialized message; larger models must keep weights outside.
 PROTOBUF_LIMIT = 2**31
-#: keep a margin under the limit for the graph itself.
-EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT - (64 << 20)
+#: Weights above this go to external data. Not only past protobuf's limit: writing weights
+#: inline serializes a second in-memory copy of them (the SD 1.5 fp16 U-Net, 1.6 GB, peaked at
+#: 8.8 GB RSS inline), while external data streams them to disk.
+EXTERNAL_DATA_THRESHOLD = 256 << 20
 #: tensors smaller than this stay inside the .onnx when weights go to external data.
 EXTERNAL_MIN_BYTES = 1024
 VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
@@ -72,31 +74,27 @@ class OnnxExportOptions:
         return self.precision
 
 
-def prepare_modules(info: ModelInfo, dtypes: dict[str, torch.dtype]) -> dict[str, torch.nn.Module]:
-    """Component wrappers with export-friendly attention, each in its own dtype."""
+def prepare_module(info: ModelInfo, name: str, dtype: torch.dtype) -> torch.nn.Module:
+    """One component wrapper with export-friendly attention (see the module doc), in ``dtype``.
+
+    Only the torch module that component needs is loaded, so exporting the SD 1.5 U-Net never
+    holds the text encoder or the VAE (or a second precision's copy) beside it."""
     from diffusers.models.attention_processor import AttnProcessor
 
-    by_dtype: dict[torch.dtype, dict[str, torch.nn.Module]] = {}
-    out = {}
-    for name, dtype in dtypes.items():
-        if dtype not in by_dtype:
-            mods = load_torch_modules(info, dtype=dtype, device="cpu")
-            mods["unet"].set_attn_processor(AttnProcessor())
-            mods["vae"].set_attn_processor(AttnProcessor())
-            mods["text_encoder"].set_attn_implementation("eager")
-            by_dtype[dtype] = component_modules(mods)
-        out[name] = by_dtype[dtype][name]
-    return out
+    part = COMPONENT_MODULE[name]
+    mod = load_torch_modules(info, dtype=dtype, device="cpu", parts=(part,))[part]
+    if part == "text_encoder":
+        mod.set_attn_implementation("eager")
+    else:
+        mod.set_attn_processor(AttnProcessor())
+    return component_modules({part: mod})[name]
 
 
-def export_component(module: torch.nn.Module, name: str, info: ModelInfo, profile: ShapeProfile,
-                     dtype: torch.dtype, dest: Path, options: OnnxExportOptions) -> list[Path]:
-    """Trace one component to ``dest`` (optimized, checked); returns the files written."""
-    import onnx
-
+def trace_component(module: torch.nn.Module, name: str, info: ModelInfo, profile: ShapeProfile,
+                    dtype: torch.dtype, raw: Path, options: OnnxExportOptions) -> None:
+    """Trace one component with the legacy exporter into ``raw`` (unoptimized)."""
     spec = SPECS[name]
     inputs = sample_inputs(spec, info, profile, which=1, dtype=dtype)
-    raw = dest.parent / f"{dest.stem}.raw" / dest.name
     raw.parent.mkdir()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         # TracerWarnings name the Python branches that tracing freezes; see the module doc.
@@ -107,6 +105,20 @@ def export_component(module: torch.nn.Module, name: str, info: ModelInfo, profil
             opset_version=options.opset, input_names=spec.input_names, output_names=spec.output_names,
             dynamic_axes=profile.dynamic_axes(spec, info), do_constant_folding=True,
         )
+
+
+def export_component(info: ModelInfo, name: str, profile: ShapeProfile, dtype: torch.dtype, dest: Path,
+                     options: OnnxExportOptions) -> list[Path]:
+    """Load, trace, optimize and check one component at ``dest``; returns the files written.
+
+    The torch module is dropped as soon as the trace is on disk, so optimizing and saving the
+    graph never holds a second copy of the weights beside it."""
+    import onnx
+
+    raw = dest.parent / f"{dest.stem}.raw" / dest.name
+    module = prepare_module(info, name, dtype)
+    trace_component(module, name, info, profile, dtype, raw, options)
+    del module
     files = _finish(raw, dest, options)
     shutil.rmtree(raw.parent)
     onnx.checker.check_model(str(dest))  # from the path: works for external data and > 2 GB
@@ -164,12 +176,11 @@ def export_onnx(info: ModelInfo, out: Path | str, profile: ShapeProfile,
     if options.external_data:
         extra.append("--external-data")
     cmd = export_command(model_arg or str(info.path), out, "onnx", options.precision.value, profile, extra)
-    modules = prepare_modules(info, dtypes)
     with staging_dir(out) as tmp:
         comps = {}
         for name in components:
             t0 = time.perf_counter()
-            export_component(modules[name], name, info, profile, dtypes[name], tmp / f"{name}.onnx", options)
+            export_component(info, name, profile, dtypes[name], tmp / f"{name}.onnx", options)
             log.info("exported %s in %.1f s", name, time.perf_counter() - t0)
             comps[name] = {"file": f"{name}.onnx", "precision": options.component_precision(name).value,
                            **tensor_records(name, profile, info)}
