@@ -13,8 +13,9 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "load"]
 
 
-def load(model="tiny", backend="torch", device="cpu", dtype="fp32", engines=None):
-    """Load a pipeline; see :func:`sdfast.runtime.load`. Imported lazily to keep ``import sdfast`` light."""
+def load(model="tiny", backend="torch", device="cpu", dtype="fp32", engines=None, **options):
+    """Load a pipeline; see :func:`sdfast.runtime.load` (options: ``attention``, ``cuda_graphs``).
+    Imported lazily to keep ``import sdfast`` light."""
     from .runtime import load as _load
 
-    return _load(model, backend=backend, device=device, dtype=dtype, engines=engines)
+    return _load(model, backend=backend, device=device, dtype=dtype, engines=engines, **options)

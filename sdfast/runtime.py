@@ -20,8 +20,10 @@ import torch
 from .components import Precision
 from .engines import Engine, load_engines
 from .errors import InvalidArgument
+from .graphs import GraphRunner
 from .models import ModelInfo, load_tokenizer, resolve_model
 from .request import Request
+from .safety import DecodeFallback, StepFlags
 from .schedulers import Scheduler, make_scheduler
 
 if TYPE_CHECKING:
@@ -73,15 +75,24 @@ class Pipeline:
     """Text → image (and image → image) on a set of engines."""
 
     def __init__(self, info: ModelInfo, engines: dict[str, Engine], device: torch.device,
-                 precision: Precision, backend: str, tokenizer=None):
+                 precision: Precision, backend: str, tokenizer=None, cuda_graphs: bool = False,
+                 fp32_vae_decoder: Callable[[], Engine] | None = None):
         self.info = info
-        self.engines = engines
+        self.engines = dict(engines)
         self.device = device
         self.precision = precision
         self.backend = backend
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(info)
         # HF tokenizers are not re-entrant ("Already borrowed"); tokenizing is microseconds.
         self._tokenizer_lock = threading.Lock()
+        # cuda_graphs: the static-buffer loop (captured on CUDA, plain calls on CPU); see graphs.py.
+        self.graphs: GraphRunner | None = None
+        if cuda_graphs:
+            self.graphs = GraphRunner(self.engines["unet"], device, device.type == "cuda",
+                                      info.scheduler_config, self.denoise)
+            for name in ("text_encoder", "vae_decoder"):
+                self.engines[name] = self.graphs.wrap(self.engines[name])
+        self._decode_fallback = DecodeFallback(fp32_vae_decoder if precision is not Precision.FP32 else None)
 
     # -- stages ------------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> torch.Tensor:
@@ -107,7 +118,8 @@ class Pipeline:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) latents → (B, 3, H, W) float image in [0, 1]."""
-        image = self.engines["vae_decoder"](latent=latents / self.info.scaling_factor)["image"]
+        z = latents / self.info.scaling_factor
+        image = self._decode_fallback(self.engines["vae_decoder"](latent=z)["image"], z)
         return (image / 2 + 0.5).clamp(0, 1)
 
     def to_pil(self, image: torch.Tensor) -> list[Image.Image]:
@@ -144,6 +156,8 @@ class Pipeline:
 
     def run(self, req: Request, callback: StepCallback | None = None, progress: bool = False,
             profile: bool = False) -> GenerationOutput:
+        from .engines.base import check_request
+        check_request(self.engines, req.batch, req.height, req.width, req.guided)
         timer = StageTimer(self.device, sync=profile)
         t_start = time.perf_counter()
         b, f = req.batch, self.info.vae_scale_factor
@@ -173,8 +187,11 @@ class Pipeline:
             ).to(self.device)
         sched.begin(latents)
 
-        latents = self.denoise(sched, latents, text, req.guidance_scale, req.guided, first, step_noise,
-                               timer, callback, progress)
+        flags = StepFlags(len(sched.timesteps), self.device)
+        denoise = self.denoise if self.graphs is None else self.graphs.denoise
+        latents = denoise(sched, latents, text, req.guidance_scale, req.guided, first, step_noise,
+                          timer, callback, progress, flags.flags)
+        flags.check(first, sched.timesteps, "try dtype='fp32' or a lower guidance_scale")
 
         with timer("vae_decode"):
             image = self.decode(latents)
@@ -185,7 +202,7 @@ class Pipeline:
 
     def denoise(self, sched: Scheduler, latents: torch.Tensor, text: torch.Tensor, guidance_scale: float,
                 guided: bool, first: int, step_noise: torch.Tensor | None, timer: StageTimer,
-                callback: StepCallback | None, progress: bool) -> torch.Tensor:
+                callback: StepCallback | None, progress: bool, finite: torch.Tensor | None = None) -> torch.Tensor:
         from tqdm.auto import tqdm
 
         unet = self.engines["unet"]
@@ -201,6 +218,8 @@ class Pipeline:
                     uncond, cond = eps.chunk(2)
                     eps = uncond + guidance_scale * (cond - uncond)  # u + g·(t − u)
                 latents = sched.step(eps, i, latents, None if step_noise is None else step_noise[k])
+                if finite is not None:
+                    finite[i] = torch.isfinite(latents).all()  # device write; checked after the loop
             if callback is not None:
                 callback(i, t, latents)
         return latents
@@ -219,10 +238,26 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def load(model: str | Path | ModelInfo = "tiny", backend: str = "torch", device: str | torch.device = "cpu",
-         dtype: str | Precision = "fp32", engines: str | Path | None = None) -> Pipeline:
-    """Load a model for generation. See DESIGN.md's API contract."""
+         dtype: str | Precision = "fp32", engines: str | Path | None = None, attention: str = "sdpa",
+         cuda_graphs: bool | None = None) -> Pipeline:
+    """Load a model for generation. See DESIGN.md's API contract.
+
+    attention: "sdpa" | "xformers" | "math" for the torch backend (other backends ignore it).
+    cuda_graphs: None = on for CUDA, off for CPU; True on CPU runs the static-buffer loop
+    uncaptured (how the tests check the graphed step's logic).
+    """
     dev = resolve_device(device)
     precision = Precision.parse(dtype)
     info = model if isinstance(model, ModelInfo) else resolve_model(model)
-    engine_set = load_engines(info, backend, dev, precision, None if engines is None else str(engines))
-    return Pipeline(info, engine_set, dev, precision, backend)
+    engine_set = load_engines(info, backend, dev, precision, None if engines is None else str(engines),
+                              options={"attention": attention})
+    if cuda_graphs is None:
+        cuda_graphs = dev.type == "cuda"
+
+    def fp32_vae_decoder() -> Engine:  # the fp16-overflow fallback, built on first need
+        from .engines.torch import load_component
+
+        return load_component(info, "vae_decoder", dev, Precision.FP32)
+
+    return Pipeline(info, engine_set, dev, precision, backend, cuda_graphs=cuda_graphs,
+                    fp32_vae_decoder=fp32_vae_decoder)

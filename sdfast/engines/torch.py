@@ -10,12 +10,17 @@ import torch
 
 from ..components import SPECS, ComponentSpec, Precision
 from ..errors import InvalidArgument
-from ..models import ModelInfo, component_modules, load_torch_modules
+from ..models import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
 
 
 class TorchEngine:
     """Calls a module with the spec's inputs; float inputs are cast to the engine's precision
-    and float outputs come back as float32, so the loop's math is precision-independent."""
+    and float outputs come back as float32, so the loop's math is precision-independent.
+
+    Every call returns fresh tensors; inside a CUDA-graph capture those come from the graph's
+    pool and serve as its static outputs (graphs.py), so the engine is graph safe as it is."""
+
+    graph_safe = True
 
     def __init__(self, spec: ComponentSpec, module: torch.nn.Module, device: torch.device, dtype: torch.dtype):
         self.spec = spec
@@ -41,13 +46,47 @@ def check_dtype_supported(device: torch.device, precision: Precision) -> None:
         raise InvalidArgument("dtype: this GPU has no bf16 support; use dtype='fp16'")
 
 
+#: attention= choices: PyTorch SDPA (flash / memory-efficient kernels on CUDA), xformers'
+#: memory-efficient attention, or the classic matmul-softmax-matmul (a validation reference).
+ATTENTION = ("sdpa", "xformers", "math")
+
+
+def set_attention(mods: dict[str, torch.nn.Module], attention: str) -> None:
+    """Select the attention implementation of the U-Net and the VAE (CLIP keeps its own)."""
+    if attention not in ATTENTION:
+        raise InvalidArgument(f"attention: {attention!r} is not an attention implementation; "
+                              f"use one of {', '.join(ATTENTION)}")
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    for name in ("unet", "vae"):
+        module = mods.get(name)
+        if module is None:
+            continue
+        if attention == "xformers":
+            try:
+                import xformers  # noqa: F401
+            except ModuleNotFoundError:
+                raise InvalidArgument("attention: 'xformers' needs the xformers package, which is not "
+                                      "installed; pip install xformers, or use attention='sdpa'") from None
+            module.enable_xformers_memory_efficient_attention()
+        else:
+            module.set_attn_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
+
+
 def load(info: ModelInfo, device: torch.device, precision: Precision, engines: str | None = None,
-         modules: dict[str, torch.nn.Module] | None = None) -> dict[str, TorchEngine]:
+         modules: dict[str, torch.nn.Module] | None = None, attention: str = "sdpa") -> dict[str, TorchEngine]:
     if engines is not None:
         raise InvalidArgument("engines: the torch backend runs the model folder directly; drop --engines")
     check_dtype_supported(device, precision)
     mods = modules or load_torch_modules(info, dtype=precision.torch_dtype, device=device)
+    set_attention(mods, attention)
     return {
         name: TorchEngine(SPECS[name], module, device, precision.torch_dtype)
         for name, module in component_modules(mods).items()
     }
+
+
+def load_component(info: ModelInfo, name: str, device: torch.device, precision: Precision) -> TorchEngine:
+    """One eager engine, loading only the module it needs (the fp32 VAE fallback of fp16 runs)."""
+    mods = load_torch_modules(info, dtype=precision.torch_dtype, device=device, parts=(COMPONENT_MODULE[name],))
+    return TorchEngine(SPECS[name], component_modules(mods)[name], device, precision.torch_dtype)

@@ -1,0 +1,95 @@
+"""The AOTInductor backend: compiled ``.pt2`` packages from ``sdfast export --format inductor``.
+
+Loading needs torch only — no diffusers, no model code. Packages are tied to the torch
+version that compiled them and, on CUDA, to the GPU architecture: both are checked against the
+manifest before anything is loaded, with the command that rebuilds.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+import torch._inductor
+
+from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, size_multiple
+from ..errors import ArtifactMismatch, InvalidArgument
+from ..export.manifest import Manifest, load_manifest, rebuild_hint
+from ..models import ModelInfo
+
+FORMAT = "aoti"
+
+
+class InductorEngine:
+    """One compiled component. Float inputs go in at the package's precision, float outputs
+    come back float32; every call returns fresh tensors (from the graph pool inside a capture)."""
+
+    graph_safe = True
+
+    def __init__(self, spec: ComponentSpec, runner, device: torch.device, precision: Precision,
+                 profile: ShapeProfile, multiple: int):
+        self.spec = spec
+        self.runner = runner
+        self.device = device
+        self.precision = precision
+        self.dtype = precision.torch_dtype
+        self.profile = profile
+        self.size_multiple = multiple
+        # Packages load with run_single_threaded on CUDA (capturable); we serialize calls instead.
+        self._lock = threading.Lock()
+
+    @torch.no_grad()
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        args = []
+        for t in self.spec.inputs:
+            x = inputs[t.name].to(self.device)
+            args.append((x.to(self.dtype) if t.kind == "float" else x).contiguous())
+        with self._lock:
+            out = self.runner(*args)
+        outs = out if isinstance(out, (list, tuple)) else (out,)
+        return {t.name: o.float() for t, o in zip(self.spec.outputs, outs, strict=True)}
+
+
+def _check_runtime(m: Manifest, root: Path, info: ModelInfo, device: torch.device, precision: Precision) -> None:
+    hint = rebuild_hint(m, root, info, "inductor")
+    built = m.versions.get("torch")
+    if built != torch.__version__:
+        raise ArtifactMismatch(f"engines: {root} was compiled with torch {built} but torch {torch.__version__} "
+                               f"is installed; AOTInductor packages only load on the torch that built them; {hint}")
+    where = {m.components[c].get("device", "cpu") for c in SPECS}
+    if where != {device.type}:
+        raise ArtifactMismatch(f"engines: {root} was compiled for {', '.join(sorted(where))} but device "
+                               f"{device.type!r} was asked for; pass --device {where.pop()} or {hint}")
+    if device.type == "cuda" and m.device is not None:
+        major, minor = torch.cuda.get_device_capability(device)
+        if m.device.get("compute_capability") != f"{major}.{minor}":
+            raise ArtifactMismatch(
+                f"engines: {root} was compiled for compute capability {m.device.get('compute_capability')} "
+                f"({m.device.get('gpu')}) but this GPU has {major}.{minor}; {hint}"
+            )
+    core = m.precision("unet")
+    if core is not precision:
+        raise InvalidArgument(f"dtype: {root} holds {core.value} packages but dtype {precision.value} was asked "
+                              f"for; pass dtype {core.value!r} or export with --precision {precision.value}")
+
+
+def load(info: ModelInfo, device: torch.device, precision: Precision, engines: str | None = None
+         ) -> dict[str, InductorEngine]:
+    if engines is None:
+        raise InvalidArgument(
+            "engines: the inductor backend runs compiled packages; pass --engines DIR made by "
+            f"`sdfast export --model {info.path} --out DIR --format inductor`"
+        )
+    root = Path(engines)
+    m = load_manifest(root, info, FORMAT)
+    _check_runtime(m, root, info, device, precision)
+    multiple = size_multiple(info)
+    out = {}
+    for name in SPECS:
+        runner = torch._inductor.aoti_load_package(
+            str(m.file(root, name)), run_single_threaded=device.type == "cuda",
+            device_index=device.index if device.index is not None else -1,
+        )
+        out[name] = InductorEngine(SPECS[name], runner, device, m.precision(name), m.profile, multiple)
+    return out
