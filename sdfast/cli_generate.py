@@ -35,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="img2img: how much of the init image to repaint, in (0, 1] (default 0.8)")
     p.add_argument("--save-steps", default=None, metavar="DIR", help="write one decoded frame per step into DIR")
     p.add_argument("--animation", default=None, metavar="OUT.gif|OUT.mp4", help="write the denoising as an animation")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "math"],
+                   help="torch backend attention: PyTorch SDPA (default), xformers, or the plain math path")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the guided step as a CUDA graph (default: on for CUDA devices)")
     p.add_argument("--out", default="out.png", help="output PNG (default out.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
@@ -79,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     req = Request.build(info, args.prompt if len(args.prompt) > 1 else args.prompt[0], args.negative_prompt,
                         args.height, args.width, args.steps, args.guidance_scale, args.seed, args.scheduler,
                         args.init_image, args.strength)
-    pipe = load(info, backend=args.backend, device=args.device, dtype=args.dtype, engines=args.engines)
+    pipe = load(info, backend=args.backend, device=args.device, dtype=args.dtype, engines=args.engines,
+                attention=args.attention, cuda_graphs=args.cuda_graphs)
 
     frames: list = []
     want_frames = bool(args.save_steps or args.animation)

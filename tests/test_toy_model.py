@@ -1,0 +1,119 @@
+"""The built-in trained toy model draws what the prompt says (issue 5).
+
+Each check generates "a {colour} {shape} on a {background} background" for a fixed sample of
+the toy world's 90 combinations and two seeds (48 images, one batched call per seed), and grades
+each image with ``toy.classify``: the centre must show the prompted shape colour and the corners
+the prompted background.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import sdfast
+from sdfast import toy
+from sdfast.models import PACKAGED_TINY
+
+pytestmark = pytest.mark.skipif(not (PACKAGED_TINY / "model_index.json").is_file(),
+                                reason="the trained toy model is not installed")
+
+STEPS = 20
+SEEDS = (0, 1)
+
+
+def eval_combos(n: int = 24) -> list[tuple[str, str, str]]:
+    everything = toy.combos()
+    pick = np.random.default_rng(0).choice(len(everything), size=n, replace=False)
+    return [everything[i] for i in sorted(pick)]
+
+
+COMBOS = eval_combos()
+PROMPTS = [toy.TEMPLATES[0].format(colour=c, shape=s, background=b) for s, c, b in COMBOS]
+
+
+def accuracy(pipe, scheduler: str, guidance: float, prompts: list[str] = PROMPTS) -> float:
+    hits = 0
+    for seed in SEEDS:
+        out = pipe.generate(prompts, steps=STEPS, guidance_scale=guidance, seed=seed, scheduler=scheduler)
+        for (_, colour, background), image in zip(COMBOS, out.images, strict=True):
+            hits += toy.classify(image) == (colour, background)
+    return hits / (len(COMBOS) * len(SEEDS))
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    return sdfast.load("tiny")
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras"])
+def test_toy_model_draws_the_prompt_at_guidance_7_5(toy_pipe, scheduler):
+    acc = accuracy(toy_pipe, scheduler, 7.5)
+    print(f"{scheduler}: {acc:.1%} at guidance 7.5")
+    assert acc >= 0.9
+
+
+@pytest.mark.xfail(strict=True, reason="LMS (order 4) diverges at guidance 7.5 on the toy model: measured "
+                                       "0/48, identical in diffusers; see the issue note")
+def test_toy_model_lms_at_guidance_7_5(toy_pipe):
+    assert accuracy(toy_pipe, "lms", 7.5) >= 0.9
+
+
+def test_toy_model_lms_at_moderate_guidance(toy_pipe):
+    assert accuracy(toy_pipe, "lms", 3.0) >= 0.9
+
+
+def test_guidance_pulls_towards_the_prompt(toy_pipe):
+    # The unconditional branch alone (empty prompts, no guidance) matches a target prompt only by
+    # chance; guidance toward the prompt brings it to >= 90 %. With a swapped or dropped guidance
+    # term the second number would fall.
+    uncond = accuracy(toy_pipe, "ddim", 1.0, prompts=[""] * len(PROMPTS))
+    guided = accuracy(toy_pipe, "ddim", 7.5)
+    print(f"unconditional {uncond:.1%}, guided {guided:.1%}")
+    assert uncond <= 0.3 and guided >= 0.9
+
+
+def test_toy_model_same_seed_same_image(toy_pipe):
+    a = toy_pipe.generate(PROMPTS[0], steps=8, seed=4).images[0]
+    b = toy_pipe.generate(PROMPTS[0], steps=8, seed=4).images[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_toy_model_is_a_standard_diffusers_folder(toy_pipe):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    ref = StableDiffusionPipeline.from_pretrained(PACKAGED_TINY, torch_dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    from reference import diffusers_scheduler
+
+    ref.scheduler = diffusers_scheduler("ddim", toy_pipe.info.scheduler_config)
+    lat = ref(PROMPTS[0], num_inference_steps=8, generator=torch.Generator("cpu").manual_seed(2),
+              output_type="latent").images
+    ours = toy_pipe.generate(PROMPTS[0], steps=8, seed=2, scheduler="ddim").latents
+    assert (ours - lat).abs().max() <= 1e-4 * lat.abs().max()
+
+
+def test_toy_model_folder_fits_the_size_budget():
+    total = sum(p.stat().st_size for p in PACKAGED_TINY.rglob("*") if p.is_file())
+    assert total <= 20 * 2**20
+
+
+@pytest.fixture(scope="module")
+def toy_onnx(tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    from sdfast.components import ShapeProfile
+    from sdfast.export.onnx import export_onnx
+    from sdfast.models import resolve_model
+
+    info = resolve_model("tiny")
+    out = tmp_path_factory.mktemp("toy-onnx") / "engines"
+    export_onnx(info, out, ShapeProfile(1, 24, 24, 64, 64, 64, 64, 64, 64), model_arg="tiny")
+    return sdfast.load("tiny", backend="onnxruntime", engines=out)
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m"])
+def test_toy_model_draws_the_prompt_through_onnxruntime(toy_onnx, scheduler):
+    acc = accuracy(toy_onnx, scheduler, 7.5)
+    print(f"onnxruntime {scheduler}: {acc:.1%}")
+    assert acc >= 0.9
