@@ -22,6 +22,16 @@ from .errors import InvalidArgument
 ANIMATION_SUFFIXES = (".gif", ".mp4")
 
 
+def ordinary_mode(base: int = 0o666) -> int:
+    """The permissions a plain ``open``/``mkdir`` would give under the current umask.
+
+    ``tempfile`` makes private (0600/0700) files and folders; whatever we rename into place
+    should look like any other file the user wrote."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return base & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it to ``path`` on success."""
@@ -31,6 +41,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, ordinary_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

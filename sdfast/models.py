@@ -205,6 +205,9 @@ def write_model_folder(dest: Path, text_encoder, unet, vae, tokenizer_dir: Path,
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    from .media import ordinary_mode
+
+    os.chmod(tmp, ordinary_mode(0o777))  # mkdtemp makes it private; a model folder is an ordinary folder
     try:
         text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         unet.save_pretrained(tmp / "unet", safe_serialization=True)

@@ -34,6 +34,7 @@ from typing import Any
 
 from ..components import SPECS, Precision, ShapeProfile
 from ..errors import ArtifactMismatch, MissingFile
+from ..media import ordinary_mode
 from ..models import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -260,9 +261,7 @@ def staging_dir(out: Path) -> Iterator[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
+    os.chmod(tmp, ordinary_mode(0o777))  # mkdtemp makes it private; the export is an ordinary folder
     try:
         yield tmp
         if not (tmp / MANIFEST).is_file():
