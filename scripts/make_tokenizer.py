@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import re
 import tempfile
 from pathlib import Path
+
+from sdfast.bpe import bytes_to_unicode, tokenizer_files
 
 # The built-in corpus: words of the toy world's captions plus common prompt words.
 BUILTIN_CORPUS = """
@@ -28,20 +29,6 @@ small big large tiny huge little centered middle center one two three single sim
 cat dog horse bird tree house car city mountain river sea sky sun moon flower forest street
 portrait landscape astronaut riding photograph highly detailed realistic beautiful lighting
 """.split()
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP/GPT-2's reversible map from bytes to printable unicode characters."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(printable, map(chr, chars), strict=True))
 
 
 WORD_RE = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+")
@@ -82,33 +69,8 @@ def train(words: list[str], num_merges: int) -> list[tuple[str, str]]:
 
 
 def write(out: Path, merges: list[tuple[str, str]], model_max_length: int) -> None:
-    base = list(bytes_to_unicode().values())
-    tokens = base + [t + "</w>" for t in base] + ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    files = {
-        "vocab.json": json.dumps(vocab, ensure_ascii=False),
-        "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
-        "tokenizer_config.json": json.dumps(
-            {
-                "tokenizer_class": "CLIPTokenizer",
-                "bos_token": "<|startoftext|>",
-                "eos_token": "<|endoftext|>",
-                "unk_token": "<|endoftext|>",
-                "pad_token": "<|endoftext|>",
-                "model_max_length": model_max_length,
-                "do_lower_case": True,
-            },
-            indent=2,
-        ),
-        "special_tokens_map.json": json.dumps(
-            {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-             "pad_token": "<|endoftext|>"},
-            indent=2,
-        ),
-    }
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
+    for name, text in tokenizer_files(merges, model_max_length).items():
         fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

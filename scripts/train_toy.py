@@ -251,7 +251,7 @@ def stage_scale(args, vae, x: torch.Tensor):
     mse = F.mse_loss(rec, x[:256]).item()
     imgs = ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     acc = np.mean([toy.classify(im) == toy.classify(ref) for im, ref in
-                   zip(imgs, ((x[:256] + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())])
+                   zip(imgs, ((x[:256] + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(), strict=True)])
     log(args, f"scale: latent std {sample.std().item():.4f} mean {sample.mean().item():.4f} -> "
               f"scaling_factor {scale:.5f}; recon mse {mse:.5f}, classify agreement {acc:.3f}")
     atomic_save({"mean": mean, "std": std, "scale": scale}, path)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reference import diffusers_scheduler
 
+from sdfast.bench import diffusers_scheduler
 from sdfast.schedulers import SCHEDULERS
 
 LATENT_RTOL = 1e-4  # max |ours - ref| relative to max |ref|

@@ -85,7 +85,7 @@ def test_toy_model_is_a_standard_diffusers_folder(toy_pipe):
 
     ref = StableDiffusionPipeline.from_pretrained(PACKAGED_TINY, torch_dtype=torch.float32)
     ref.set_progress_bar_config(disable=True)
-    from reference import diffusers_scheduler
+    from sdfast.bench import diffusers_scheduler
 
     ref.scheduler = diffusers_scheduler("ddim", toy_pipe.info.scheduler_config)
     lat = ref(PROMPTS[0], num_inference_steps=8, generator=torch.Generator("cpu").manual_seed(2),

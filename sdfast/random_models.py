@@ -1,0 +1,169 @@
+"""Real Stable Diffusion architectures with random weights: ``random-sd15``, ``random-sd21``.
+
+Benchmarks need the real shapes and FLOPs, not the real weights. ``random_model_folder`` writes
+a config-only diffusers folder (model_index.json, the component configs, the scheduler config and
+CLIP's real tokenizer); ``models.load_torch_modules`` builds the modules from those configs with
+fixed seeds. Every output that comes from such a model says "random weights".
+
+The configs are those of the public releases (runwayml/stable-diffusion-v1-5 and
+stabilityai/stable-diffusion-2-1-base). random-sd21 follows SD 2.1-*base*: epsilon prediction at
+512×512 (U-Net sample_size 64), because sdfast's schedulers implement epsilon prediction only; the
+768-px SD 2.1 differs in prediction type (v), sample size (96) and upcast_attention, not in layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .bpe import CLIP_BPE_FILE, CLIP_VOCAB_SIZE, EOS, write_clip_tokenizer
+from .errors import InvalidArgument
+from .models import MODEL_INDEX, SD15_SCHEDULER_CONFIG, cache_dir
+
+log = logging.getLogger(__name__)
+
+#: Bumped when the recipe below changes in a way the configs do not show.
+RECIPE_VERSION = 1
+MAX_TOKENS = 77
+
+_VAE = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+
+_UNET_SD15 = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "sample_size": 64,
+}
+
+_TEXT_SD15 = {  # CLIP ViT-L/14 text tower
+    "architectures": ["CLIPTextModel"],
+    "model_type": "clip_text_model",
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "max_position_embeddings": MAX_TOKENS,
+    "vocab_size": CLIP_VOCAB_SIZE,
+    "projection_dim": 768,
+    "layer_norm_eps": 1e-05,
+    # The ids SD 1.5's released config carries (pooling is unused by SD pipelines).
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+
+_TEXT_SD21 = {  # OpenCLIP ViT-H/14 text tower, penultimate layer (23 of 24), as SD 2.x ships it
+    **_TEXT_SD15,
+    "hidden_act": "gelu",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 23,
+    "projection_dim": 1024,
+}
+
+_UNET_SD21 = {
+    **_UNET_SD15,
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "use_linear_projection": True,
+    "upcast_attention": False,
+    "sample_size": 64,  # 2.1-base; the 768-px 2.1 has 96
+}
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "random-sd15": {
+        "text_encoder": _TEXT_SD15,
+        "unet": _UNET_SD15,
+        "vae": _VAE,
+        "scheduler": SD15_SCHEDULER_CONFIG,
+        "pad_token": EOS,
+    },
+    "random-sd21": {
+        "text_encoder": _TEXT_SD21,
+        "unet": _UNET_SD21,
+        "vae": _VAE,
+        # SD 2.1-base's scheduler: SD 1.5's PNDM settings with explicit epsilon prediction.
+        "scheduler": {**SD15_SCHEDULER_CONFIG, "prediction_type": "epsilon"},
+        # OpenCLIP pads with "!" (id 0), not with <|endoftext|> as OpenAI CLIP does.
+        "pad_token": "!",
+    },
+}
+
+
+def recipe_key(name: str) -> str:
+    """Hash of everything that makes the folder, so a changed recipe never reuses an old one."""
+    h = hashlib.sha256(json.dumps([RECIPE_VERSION, name, RECIPES[name]], sort_keys=True).encode())
+    h.update(CLIP_BPE_FILE.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def random_model_folder(name: str) -> Path:
+    """Create (once, atomically) the config-only folder of a random-weights architecture."""
+    if name not in RECIPES:
+        raise InvalidArgument(f"model: unknown random architecture {name!r}; choose one of {', '.join(RECIPES)}")
+    dest = cache_dir() / "models" / f"{name}-{recipe_key(name)}"
+    if (dest / "model_index.json").is_file():
+        return dest
+    log.info("writing the config-only folder of %s in %s", name, dest)
+    recipe = copy.deepcopy(RECIPES[name])
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        configs = {
+            "text_encoder/config.json": recipe["text_encoder"],
+            "unet/config.json": recipe["unet"],
+            "vae/config.json": recipe["vae"],
+            "scheduler/scheduler_config.json": recipe["scheduler"],
+            "model_index.json": {**MODEL_INDEX, "_sdfast_random_weights": True},
+        }
+        for rel, cfg in configs.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+        write_clip_tokenizer(tmp / "tokenizer", model_max_length=MAX_TOKENS, pad_token=recipe["pad_token"])
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            # Another process finished the same folder first: identical content, keep theirs.
+            if not (dest / "model_index.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
