@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .components import Precision
-from .engines import Engine, load_engines
+from .engines import Engine, check_request, load_engines
 from .errors import InvalidArgument
 from .graphs import GraphRunner
 from .models import ModelInfo, load_tokenizer, resolve_model
@@ -168,7 +168,6 @@ class Pipeline:
 
     def run(self, req: Request, callback: StepCallback | None = None, progress: bool = False,
             profile: bool = False) -> GenerationOutput:
-        from .engines.base import check_request
         check_request(self.engines, req.batch, req.height, req.width, req.guided)
         timer = StageTimer(self.device, sync=profile)
         t_start = time.perf_counter()
