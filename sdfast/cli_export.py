@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dynamic", action="store_true",
                    help=f"batch 1..{DYNAMIC_MAX_BATCH}, sides 1/{DYNAMIC_SIZE_FACTOR}x..{DYNAMIC_SIZE_FACTOR}x native")
     p.add_argument("--external-data", action="store_true",
-                   help="ONNX: keep weights in NAME.onnx.data even under 2 GB (larger models always do)")
+                   help="ONNX: keep weights in NAME.onnx.data however small (models over 256 MB always do)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17; >= 17 for LayerNormalization)")
     p.add_argument("--onnx", default=None, metavar="DIR", help="TensorRT: build from this ONNX export instead of exporting")
     p.add_argument("--builder-optimization-level", type=int, default=3, choices=range(6),

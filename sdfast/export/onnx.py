@@ -63,7 +63,7 @@ class OnnxExportOptions:
     precision: Precision = Precision.FP32
     #: precision of the two VAE graphs; None means fp32 (see module doc).
     vae_precision: Precision | None = None
-    #: True forces weights into ``NAME.onnx.data``; None decides by size (> ~2 GB).
+    #: True forces weights into ``NAME.onnx.data``; None decides by size (> EXTERNAL_DATA_THRESHOLD).
     external_data: bool | None = None
     optimize: bool = True
     opset: int = OPSET
