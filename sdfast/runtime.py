@@ -102,7 +102,7 @@ class Pipeline:
             ids = self.tokenizer(texts, padding="max_length", max_length=s, truncation=True,
                                  return_tensors="pt").input_ids  # (N, S)
             for text in texts:
-                full = self.tokenizer(text).input_ids
+                full = self.tokenizer(text, verbose=False).input_ids  # its own over-length warning is ours
                 if len(full) > s:
                     # Kept: BOS + the first S-2 tokens + EOS. Quote what fell off, like diffusers.
                     dropped = self.tokenizer.decode(full[s - 1 : -1])
