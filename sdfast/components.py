@@ -32,6 +32,18 @@ class Precision(str, enum.Enum):
         return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.value]
 
     @classmethod
+    def resolve(cls, value: str | Precision, device: torch.device) -> Precision:
+        """``parse``, plus ``"auto"``: the fastest precision this device runs well — fp16 on CUDA,
+        bf16 on a CPU with bf16 matrix units (AMX / AVX512-BF16), fp32 elsewhere."""
+        if value == "auto":
+            from .hardware import cpu_bf16_supported
+
+            if device.type == "cuda":
+                return cls.FP16
+            return cls.BF16 if cpu_bf16_supported() else cls.FP32
+        return cls.parse(value)
+
+    @classmethod
     def parse(cls, value: str | Precision) -> Precision:
         try:
             return cls(value)
@@ -39,7 +51,7 @@ class Precision(str, enum.Enum):
             from .errors import InvalidArgument
 
             raise InvalidArgument(
-                f"dtype: {value!r} is not a precision; use one of {', '.join(p.value for p in cls)}"
+                f"dtype: {value!r} is not a precision; use one of {', '.join(p.value for p in cls)}, or auto"
             ) from None
 
 

@@ -253,13 +253,22 @@ def load(model: str | Path | ModelInfo = "tiny", backend: str = "torch", device:
          cuda_graphs: bool | None = None) -> Pipeline:
     """Load a model for generation. See DESIGN.md's API contract.
 
+    dtype: "fp32" (the parity reference, default), "fp16", "bf16", or "auto": fp16 on CUDA, bf16
+    on CPUs with bf16 units, else fp32; with ``engines``, the precision they were exported in.
+
     attention: "sdpa" | "xformers" | "math" for the torch backend (other backends ignore it).
     cuda_graphs: None = on for CUDA, off for CPU; True on CPU runs the static-buffer loop
     uncaptured (how the tests check the graphed step's logic).
     """
     dev = resolve_device(device)
-    precision = Precision.parse(dtype)
     info = model if isinstance(model, ModelInfo) else resolve_model(model)
+    if dtype == "auto" and engines is not None:
+        # Exported graphs fix their precision: "auto" takes the one they were built with.
+        from .export.manifest import read_manifest
+
+        precision = read_manifest(engines, info).precision("unet")
+    else:
+        precision = Precision.resolve(dtype, dev)
     engine_set = load_engines(info, backend, dev, precision, None if engines is None else str(engines),
                               options={"attention": attention})
     if cuda_graphs is None:

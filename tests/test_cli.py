@@ -22,7 +22,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_generate_writes_png_with_metadata_frames_and_gif(tiny_info, tmp_path, tiny_pipe):
     out, frames, gif = tmp_path / "img.png", tmp_path / "frames", tmp_path / "anim.gif"
     code = main(["generate", "a red circle", "--model", str(tiny_info.path), "--steps", "4", "--seed", "9",
-                 "--negative-prompt", "blue", "--scheduler", "euler", "--out", str(out),
+                 "--negative-prompt", "blue", "--scheduler", "euler", "--dtype", "fp32", "--out", str(out),
                  "--save-steps", str(frames), "--animation", str(gif), "--quiet"])
     assert code == 0
     meta = read_png_metadata(out)
@@ -99,3 +99,18 @@ def test_help_teaches(capsys):
 def test_info_json_runs(capsys):
     assert main(["info", "--json"]) == 0
     assert '"builtin_models"' in capsys.readouterr().out
+
+
+def test_default_dtype_is_auto_and_recorded(tiny_info, tmp_path):
+    from sdfast.hardware import cpu_bf16_supported
+
+    assert main(["generate", "x", "--model", str(tiny_info.path), "--steps", "2", "--out", str(tmp_path / "o.png"),
+                 "--quiet"]) == 0
+    assert read_png_metadata(tmp_path / "o.png")["dtype"] == ("bf16" if cpu_bf16_supported() else "fp32")
+
+
+def test_auto_dtype_takes_the_exported_precision(onnx_dynamic, tiny_info):
+    import sdfast
+
+    pipe = sdfast.load(tiny_info, backend="onnxruntime", engines=onnx_dynamic, dtype="auto")
+    assert pipe.precision.value == "fp32"

@@ -128,3 +128,16 @@ def test_sizes_come_from_configs_not_literals(tiny_info):
     assert tiny_info.native_size == tiny_info.unet_config["sample_size"] * tiny_info.vae_scale_factor
     cfg = json.loads((tiny_info.path / "tokenizer" / "tokenizer_config.json").read_text())
     assert tiny_info.max_tokens == cfg["model_max_length"]
+
+
+@pytest.mark.parametrize("has_bf16,expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_is_detected_not_assumed(monkeypatch, has_bf16, expected):
+    import torch
+
+    from sdfast import hardware
+    from sdfast.components import Precision
+
+    monkeypatch.setattr(hardware, "cpu_bf16_supported", lambda: has_bf16)
+    assert Precision.resolve("auto", torch.device("cpu")).value == expected
+    assert Precision.resolve("auto", torch.device("cuda")).value == "fp16"
+    assert Precision.resolve("bf16", torch.device("cpu")).value == "bf16"
