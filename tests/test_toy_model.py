@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import sdfast
 from sdfast import toy
@@ -80,7 +81,6 @@ def test_toy_model_same_seed_same_image(toy_pipe):
 
 
 def test_toy_model_is_a_standard_diffusers_folder(toy_pipe):
-    import torch
     from diffusers import StableDiffusionPipeline
 
     ref = StableDiffusionPipeline.from_pretrained(PACKAGED_TINY, torch_dtype=torch.float32)
@@ -117,3 +117,16 @@ def test_toy_model_draws_the_prompt_through_onnxruntime(toy_onnx, scheduler):
     acc = accuracy(toy_onnx, scheduler, 7.5)
     print(f"onnxruntime {scheduler}: {acc:.1%}")
     assert acc >= 0.9
+
+
+def test_bf16_matches_fp32_end_to_end_tier_3(toy_pipe):
+    # Tier 3 for the CPU's fast precision (the CLI's default where the CPU has bf16 units).
+    fast = sdfast.load("tiny", dtype="bf16")
+    ref = toy_pipe.generate(PROMPTS[:4], steps=STEPS, seed=0, scheduler="euler")
+    out = fast.generate(PROMPTS[:4], steps=STEPS, seed=0, scheduler="euler")
+    assert torch.isfinite(out.latents).all()
+    a = np.stack([np.asarray(im) for im in ref.images]).astype(np.float64)
+    b = np.stack([np.asarray(im) for im in out.images]).astype(np.float64)
+    psnr = 10 * np.log10(255**2 / max(((a - b) ** 2).mean(), 1e-12))
+    print(f"bf16 vs fp32: {psnr:.1f} dB")
+    assert psnr >= 35
