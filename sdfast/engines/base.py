@@ -29,6 +29,16 @@ class Engine(Protocol):
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
+def engine_inputs(spec: ComponentSpec, inputs: dict[str, torch.Tensor], device: torch.device,
+                  dtype: torch.dtype) -> list[torch.Tensor]:
+    """The spec's inputs in order, on ``device``, contiguous; float ones cast to ``dtype``."""
+    out = []
+    for t in spec.inputs:
+        x = inputs[t.name].to(device)
+        out.append((x.to(dtype) if t.kind == "float" else x).contiguous())
+    return out
+
+
 def load_engines(info: ModelInfo, backend: str, device: torch.device, precision: Precision,
                  engines: str | None = None, options: dict[str, Any] | None = None) -> dict[str, Engine]:
     """The engines of ``backend`` for every component, keyed by component name.

@@ -17,6 +17,7 @@ from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, size_mul
 from ..errors import ArtifactMismatch, InvalidArgument
 from ..export.manifest import Manifest, load_manifest, rebuild_hint
 from ..models import ModelInfo
+from .base import engine_inputs
 
 FORMAT = "aoti"
 
@@ -41,10 +42,7 @@ class InductorEngine:
 
     @torch.no_grad()
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        args = []
-        for t in self.spec.inputs:
-            x = inputs[t.name].to(self.device)
-            args.append((x.to(self.dtype) if t.kind == "float" else x).contiguous())
+        args = engine_inputs(self.spec, inputs, self.device, self.dtype)
         with self._lock:
             out = self.runner(*args)
         outs = out if isinstance(out, (list, tuple)) else (out,)

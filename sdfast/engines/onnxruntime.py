@@ -18,6 +18,7 @@ from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, output_s
 from ..errors import InvalidArgument
 from ..export.manifest import Manifest, load_manifest
 from ..models import ModelInfo, cache_dir
+from .base import engine_inputs
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +91,8 @@ class OrtEngine:
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         binding = self.session.io_binding()
-        keep = []  # the bound tensors must outlive run_with_iobinding
-        for t in self.spec.inputs:
-            x = inputs[t.name].to(self.device)
-            x = (x.to(self.dtype) if t.kind == "float" else x).contiguous()
-            keep.append(x)
+        keep = engine_inputs(self.spec, inputs, self.device, self.dtype)  # must outlive the run
+        for t, x in zip(self.spec.inputs, keep, strict=True):
             binding.bind_input(t.name, self._device_type, self._device_id, NUMPY_DTYPES[x.dtype],
                                tuple(x.shape), x.data_ptr())
         shapes = output_shapes(self.spec, self.info, {n: tuple(x.shape) for n, x in zip(self.spec.input_names, keep, strict=True)})

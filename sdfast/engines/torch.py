@@ -11,6 +11,7 @@ import torch
 from ..components import SPECS, ComponentSpec, Precision
 from ..errors import InvalidArgument
 from ..models import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
+from .base import engine_inputs
 
 
 class TorchEngine:
@@ -30,11 +31,7 @@ class TorchEngine:
 
     @torch.inference_mode()
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        args = []
-        for t in self.spec.inputs:
-            x = inputs[t.name].to(self.device)
-            args.append(x.to(self.dtype) if t.kind == "float" else x)
-        out = self.module(*args)
+        out = self.module(*engine_inputs(self.spec, inputs, self.device, self.dtype))
         outs = out if isinstance(out, tuple) else (out,)
         return {t.name: o.float() for t, o in zip(self.spec.outputs, outs, strict=True)}
 
