@@ -8,7 +8,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from ..components import ComponentSpec, Precision
+from ..components import ComponentSpec, Precision, ShapeProfile
 from ..errors import InvalidArgument
 from ..models import ModelInfo
 
@@ -27,6 +27,21 @@ class Engine(Protocol):
     device: torch.device
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+class ExportedEngine:
+    """What every engine built from an export carries: its component spec, device, the precision
+    it was built in, and the shape profile and side multiple that :func:`check_request` holds
+    requests to."""
+
+    def __init__(self, spec: ComponentSpec, device: torch.device, precision: Precision,
+                 profile: ShapeProfile, size_multiple: int):
+        self.spec = spec
+        self.device = device
+        self.precision = precision
+        self.dtype = precision.torch_dtype
+        self.profile = profile
+        self.size_multiple = size_multiple
 
 
 def engine_inputs(spec: ComponentSpec, inputs: dict[str, torch.Tensor], device: torch.device,

@@ -17,12 +17,12 @@ from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, size_mul
 from ..errors import ArtifactMismatch, InvalidArgument
 from ..export.manifest import Manifest, load_manifest, rebuild_hint
 from ..models import ModelInfo
-from .base import engine_inputs
+from .base import ExportedEngine, engine_inputs
 
 FORMAT = "aoti"
 
 
-class InductorEngine:
+class InductorEngine(ExportedEngine):
     """One compiled component. Float inputs go in at the package's precision, float outputs
     come back float32; every call returns fresh tensors (from the graph pool inside a capture)."""
 
@@ -30,13 +30,8 @@ class InductorEngine:
 
     def __init__(self, spec: ComponentSpec, runner, device: torch.device, precision: Precision,
                  profile: ShapeProfile, multiple: int):
-        self.spec = spec
+        super().__init__(spec, device, precision, profile, multiple)
         self.runner = runner
-        self.device = device
-        self.precision = precision
-        self.dtype = precision.torch_dtype
-        self.profile = profile
-        self.size_multiple = multiple
         # Packages load with run_single_threaded on CUDA (capturable); we serialize calls instead.
         self._lock = threading.Lock()
 

@@ -18,7 +18,7 @@ from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, output_s
 from ..errors import InvalidArgument
 from ..export.manifest import Manifest, load_manifest
 from ..models import ModelInfo, cache_dir
-from .base import engine_inputs
+from .base import ExportedEngine, engine_inputs
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +73,14 @@ def providers_for(device: torch.device, precision: Precision) -> list:
     return out
 
 
-class OrtEngine:
+class OrtEngine(ExportedEngine):
     """One component on an InferenceSession with I/O binding."""
 
     def __init__(self, spec: ComponentSpec, session, info: ModelInfo, device: torch.device,
                  precision: Precision, profile: ShapeProfile):
-        self.spec = spec
+        super().__init__(spec, device, precision, profile, size_multiple(info))
         self.session = session
         self.info = info
-        self.device = device
-        self.precision = precision
-        self.dtype = precision.torch_dtype
-        self.profile = profile
-        self.size_multiple = size_multiple(info)
         self._device_type = "cuda" if device.type == "cuda" else "cpu"
         self._device_id = device.index or 0
 

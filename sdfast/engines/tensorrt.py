@@ -21,6 +21,7 @@ from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, size_mul
 from ..errors import InvalidArgument
 from ..export.manifest import load_manifest
 from ..models import ModelInfo
+from .base import ExportedEngine
 
 
 def buffer_shapes(component: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -43,16 +44,12 @@ def torch_dtype(trt, dtype) -> torch.dtype:
     return table[dtype]
 
 
-class TensorRTEngine:
+class TensorRTEngine(ExportedEngine):
     def __init__(self, spec: ComponentSpec, plan: bytes, component: dict[str, Any], info: ModelInfo,
                  device: torch.device, precision: Precision, profile: ShapeProfile, clone_outputs: bool = True):
         import tensorrt as trt
 
-        self.spec = spec
-        self.device = device
-        self.precision = precision
-        self.profile = profile
-        self.size_multiple = size_multiple(info)
+        super().__init__(spec, device, precision, profile, size_multiple(info))
         self.clone_outputs = clone_outputs
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
