@@ -15,6 +15,7 @@ import torch
 import sdfast
 from sdfast import toy
 from sdfast.models import PACKAGED_TINY
+from sdfast.schedulers import SCHEDULERS
 
 pytestmark = pytest.mark.skipif(not (PACKAGED_TINY / "model_index.json").is_file(),
                                 reason="the trained toy model is not installed")
@@ -47,21 +48,31 @@ def toy_pipe():
     return sdfast.load("tiny")
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras"])
+@pytest.mark.parametrize("scheduler", sorted(set(SCHEDULERS) - {"lms"}))
 def test_toy_model_draws_the_prompt_at_guidance_7_5(toy_pipe, scheduler):
     acc = accuracy(toy_pipe, scheduler, 7.5)
     print(f"{scheduler}: {acc:.1%} at guidance 7.5")
     assert acc >= 0.9
 
 
-@pytest.mark.xfail(strict=True, reason="LMS (order 4) diverges at guidance 7.5 on the toy model: measured "
-                                       "0/48, identical in diffusers; see the issue note")
+@pytest.mark.xfail(strict=True, reason="LMS (order 4) still loses some images at guidance 7.5 on the toy "
+                                       "model: measured 39/48 (diffusers' LMS: 42/48 on its own seeds); "
+                                       "see scripts/train_toy.py")
 def test_toy_model_lms_at_guidance_7_5(toy_pipe):
     assert accuracy(toy_pipe, "lms", 7.5) >= 0.9
 
 
 def test_toy_model_lms_at_moderate_guidance(toy_pipe):
     assert accuracy(toy_pipe, "lms", 3.0) >= 0.9
+
+
+def test_guidance_0_scores_clearly_lower(toy_pipe):
+    # Guidance 0 is diffusers' rule "no classifier-free guidance": the conditional half alone. The
+    # caption still steers it, but without guidance's push the check scores clearly lower.
+    plain = accuracy(toy_pipe, "euler", 0.0)
+    guided = accuracy(toy_pipe, "euler", 7.5)
+    print(f"guidance 0: {plain:.1%}, guidance 7.5: {guided:.1%}")
+    assert plain <= guided - 0.25
 
 
 def test_guidance_pulls_towards_the_prompt(toy_pipe):
