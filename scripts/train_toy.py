@@ -288,9 +288,15 @@ def latent_scale(args, ck: dict) -> float:
     """1 / std of what the U-Net trains on: the posterior means, or samples (cached as "scale")."""
     if args.latents == "sample":
         return ck["scale"]
-    scale = float(1.0 / ck["mean"].std())
-    log(args, f"scale: posterior-mean std {ck['mean'].std().item():.4f} -> scaling_factor {scale:.5f}")
+    std = ck["mean"].std()
+    scale = float(1.0 / std)
+    log(args, f"scale: posterior-mean std {std.item():.4f} -> scaling_factor {scale:.5f}")
     return scale
+
+
+def swap_captions(tok: torch.Tensor, where: torch.Tensor, ids: torch.Tensor, gen: torch.Generator) -> None:
+    """In place: the rows of ``tok`` marked in ``where`` get captions drawn at random from ``ids``."""
+    tok[where] = ids[torch.randint(0, ids.shape[0], (int(where.sum()),), generator=gen)]
 
 
 def stage_unet(args, tokenizer, lat_mean, lat_std, scale, captions):
@@ -335,14 +341,13 @@ def stage_unet(args, tokenizer, lat_mean, lat_std, scale, captions):
             g["lr"] = lr_at(step, args.unet_steps, args.lr, 200)
         b = args.batch
         idx = torch.randint(0, lat_mean.shape[0], (b,), generator=gen)
+        z0 = lat_mean[idx]
         if args.latents == "sample":
-            z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scale
-        else:
-            z0 = lat_mean[idx] * scale
+            z0 = z0 + lat_std[idx] * torch.randn(z0.shape, generator=gen)
+        z0 = z0 * scale
         tok = ids[idx].clone()
         if args.caption_noise > 0:
-            wrong = torch.rand(b, generator=gen) < args.caption_noise
-            tok[wrong] = ids[torch.randint(0, ids.shape[0], (int(wrong.sum()),), generator=gen)]
+            swap_captions(tok, torch.rand(b, generator=gen) < args.caption_noise, ids, gen)
         drop = torch.rand(b, generator=gen) < args.cond_drop
         tok[drop] = empty
         noise = torch.randn(z0.shape, generator=gen)
@@ -351,8 +356,7 @@ def stage_unet(args, tokenizer, lat_mean, lat_std, scale, captions):
             late = t < args.text_free_below
             if args.text_free_ramp:  # probability 1 - t / T of a random caption: no kink at T
                 late &= torch.rand(b, generator=gen) < 1 - t / args.text_free_below
-            late &= ~drop
-            tok[late] = ids[torch.randint(0, ids.shape[0], (int(late.sum()),), generator=gen)]
+            swap_captions(tok, late & ~drop, ids, gen)
         ac = alphas_cumprod[t].view(b, 1, 1, 1)
         zt = ac.sqrt() * z0 + (1 - ac).sqrt() * noise
         cond = text(tok)[0]
