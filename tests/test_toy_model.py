@@ -8,6 +8,8 @@ the prompted background.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -48,9 +50,15 @@ def toy_pipe():
     return sdfast.load("tiny")
 
 
+@pytest.fixture(scope="module")
+def toy_accuracy(toy_pipe):
+    """``accuracy(toy_pipe, scheduler, guidance)`` on PROMPTS, computed once per pair in this module."""
+    return functools.cache(lambda scheduler, guidance: accuracy(toy_pipe, scheduler, guidance))
+
+
 @pytest.mark.parametrize("scheduler", sorted(set(SCHEDULERS) - {"lms"}))
-def test_toy_model_draws_the_prompt_at_guidance_7_5(toy_pipe, scheduler):
-    acc = accuracy(toy_pipe, scheduler, 7.5)
+def test_toy_model_draws_the_prompt_at_guidance_7_5(toy_accuracy, scheduler):
+    acc = toy_accuracy(scheduler, 7.5)
     print(f"{scheduler}: {acc:.1%} at guidance 7.5")
     assert acc >= 0.9
 
@@ -58,29 +66,29 @@ def test_toy_model_draws_the_prompt_at_guidance_7_5(toy_pipe, scheduler):
 @pytest.mark.xfail(strict=True, reason="LMS (order 4) still loses some images at guidance 7.5 on the toy "
                                        "model: measured 39/48 (diffusers' LMS: 42/48 on its own seeds); "
                                        "see scripts/train_toy.py")
-def test_toy_model_lms_at_guidance_7_5(toy_pipe):
-    assert accuracy(toy_pipe, "lms", 7.5) >= 0.9
+def test_toy_model_lms_at_guidance_7_5(toy_accuracy):
+    assert toy_accuracy("lms", 7.5) >= 0.9
 
 
-def test_toy_model_lms_at_moderate_guidance(toy_pipe):
-    assert accuracy(toy_pipe, "lms", 3.0) >= 0.9
+def test_toy_model_lms_at_moderate_guidance(toy_accuracy):
+    assert toy_accuracy("lms", 3.0) >= 0.9
 
 
-def test_guidance_0_scores_clearly_lower(toy_pipe):
+def test_guidance_0_scores_clearly_lower(toy_accuracy):
     # Guidance 0 is diffusers' rule "no classifier-free guidance": the conditional half alone. The
     # caption still steers it, but without guidance's push the check scores clearly lower.
-    plain = accuracy(toy_pipe, "euler", 0.0)
-    guided = accuracy(toy_pipe, "euler", 7.5)
+    plain = toy_accuracy("euler", 0.0)
+    guided = toy_accuracy("euler", 7.5)
     print(f"guidance 0: {plain:.1%}, guidance 7.5: {guided:.1%}")
     assert plain <= guided - 0.25
 
 
-def test_guidance_pulls_towards_the_prompt(toy_pipe):
+def test_guidance_pulls_towards_the_prompt(toy_pipe, toy_accuracy):
     # The unconditional branch alone (empty prompts, no guidance) matches a target prompt only by
     # chance; guidance toward the prompt brings it to >= 90 %. With a swapped or dropped guidance
     # term the second number would fall.
     uncond = accuracy(toy_pipe, "ddim", 1.0, prompts=[""] * len(PROMPTS))
-    guided = accuracy(toy_pipe, "ddim", 7.5)
+    guided = toy_accuracy("ddim", 7.5)
     print(f"unconditional {uncond:.1%}, guided {guided:.1%}")
     assert uncond <= 0.3 and guided >= 0.9
 
