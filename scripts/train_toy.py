@@ -354,8 +354,9 @@ def stage_unet(args, tokenizer, lat_mean, lat_std, scale, captions):
         t = torch.randint(0, 1000, (b,), generator=gen)
         if args.text_free_below > 0:
             late = t < args.text_free_below
-            if args.text_free_ramp:  # probability 1 - t / T of a random caption: no kink at T
-                late &= torch.rand(b, generator=gen) < 1 - t / args.text_free_below
+            if args.text_free_ramp:  # always below T0, then falling linearly to 0 at T: no kink
+                t0 = args.text_free_all_below
+                late &= torch.rand(b, generator=gen) < 1 - (t - t0) / (args.text_free_below - t0)
             swap_captions(tok, late & ~drop, ids, gen)
         ac = alphas_cumprod[t].view(b, 1, 1, 1)
         zt = ac.sqrt() * z0 + (1 - ac).sqrt() * noise
@@ -472,8 +473,11 @@ def main() -> None:
                     help="below this timestep pair images with random captions, so the text stops mattering "
                          "there (0: never)")
     ap.add_argument("--text-free-ramp", action=argparse.BooleanOptionalAction, default=True,
-                    help="with --text-free-below T: random caption with probability 1 - t/T (default) "
-                         "instead of always")
+                    help="with --text-free-below T: random caption with probability 1 - t/T (default; "
+                         "see --text-free-all-below) instead of always")
+    ap.add_argument("--text-free-all-below", type=int, default=0,
+                    help="with --text-free-ramp: a random caption always below this timestep T0, with "
+                         "probability (T - t) / (T - T0) between T0 and T")
     ap.add_argument("--unet-channels", type=int, nargs=2, default=(64, 128))
     ap.add_argument("--unet-layers", type=int, default=1)
     ap.add_argument("--text-hidden", type=int, default=64)
@@ -481,6 +485,8 @@ def main() -> None:
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--stop-after", choices=["vae", "scale", "unet"], help="stop after this stage")
     args = ap.parse_args()
+    if not 0 <= args.text_free_all_below < max(1, args.text_free_below):
+        ap.error("--text-free-all-below must be >= 0 and below --text-free-below")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
