@@ -355,8 +355,8 @@ def stage_unet(args, tokenizer, lat_mean, lat_std, scale, captions):
         if args.text_free_below > 0:
             late = t < args.text_free_below
             if args.text_free_ramp:  # always below T0, then falling linearly to 0 at T: no kink
-                t0 = args.text_free_all_below
-                late &= torch.rand(b, generator=gen) < 1 - (t - t0) / (args.text_free_below - t0)
+                t_all = args.text_free_all_below
+                late &= torch.rand(b, generator=gen) < 1 - (t - t_all) / (args.text_free_below - t_all)
             swap_captions(tok, late & ~drop, ids, gen)
         ac = alphas_cumprod[t].view(b, 1, 1, 1)
         zt = ac.sqrt() * z0 + (1 - ac).sqrt() * noise
