@@ -35,6 +35,9 @@ learns from its data: once the image is decided the caption carries no informati
   --caption-noise q (random captions at every t) calms LMS but blurs what guidance draws
                                                 (q = 0.15/0.3/0.5: euler 85/65/52 %)
 
+(These rows ran before --text-free-ramp-from existed: today they need --text-free-ramp-from 0,
+and the hard switch --no-text-free-ramp.)
+
 Why LMS needed more: a stability limit, not a model error. The guided denoiser's Jacobian is
 (1 - g) J_uncond + g J_cond; here the caption fixes the colours, so J_cond is small where J_uncond
 is not, and at g = 7.5 the guided ODE has a stiff direction. LMS (4th-order Adams-Bashforth) is
@@ -49,7 +52,8 @@ nothing at the low-noise end, inside the model, where guidance then sees cond = 
   --text-free-below 800 --text-free-ramp-from 250  94 % / 83 % (euler_a) / 48 %; held out 86 / 89 %
   --text-free-below 800 --text-free-ramp-from 300  92 % / 81 % (euler_a) / 44 %; held out 78 / 91 %
     (less caption at mid t: euler_a, which re-noises, loses the shape colour it decides there)
-  --text-free-below 800 --text-free-all-below 250  94 % / 96 % / 56 %; held out 86 / 95 %
+  --text-free-below 800 --text-free-ramp-from 0 --text-free-all-below 250
+                                                   94 % / 96 % / 56 %; held out 86 / 95 %
   --text-free-below 600 --text-free-ramp-from 250  92 % / 94 % / 69 %; held out 90 / 98 %
                                                    <- defaults, shipped (all 10000 steps)
 
@@ -492,8 +496,8 @@ def main() -> None:
                     help="below this timestep pair images with random captions, so the text stops mattering "
                          "there (0: never)")
     ap.add_argument("--text-free-ramp", action=argparse.BooleanOptionalAction, default=True,
-                    help="with --text-free-below T: random caption with probability 1 - t/T (default; "
-                         "see --text-free-ramp-from) instead of always")
+                    help="with --text-free-below T: random caption with a probability that ramps down to 0 "
+                         "at T (default; see --text-free-ramp-from) instead of always")
     ap.add_argument("--text-free-ramp-from", type=int, default=250,
                     help="with --text-free-ramp: the ramp's start R, random caption with probability "
                          "(T - t) / (T - R) between R and T, always below R")
@@ -506,7 +510,7 @@ def main() -> None:
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--stop-after", choices=["vae", "scale", "unet"], help="stop after this stage")
     args = ap.parse_args()
-    if args.text_free_below > 0 and not 0 <= args.text_free_ramp_from < args.text_free_below:
+    if args.text_free_ramp and args.text_free_below > 0 and not 0 <= args.text_free_ramp_from < args.text_free_below:
         ap.error("--text-free-ramp-from must be >= 0 and below --text-free-below")
     if not 0 <= args.text_free_all_below <= args.text_free_below:
         ap.error("--text-free-all-below must be between 0 and --text-free-below")
