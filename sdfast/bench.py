@@ -355,7 +355,7 @@ def ensure_engines(cfg: BenchConfig, info: ModelInfo, backend: str, dtype: str, 
 
 def validate(cfg: BenchConfig) -> tuple[ModelInfo, torch.device, int, int]:
     """Check every value before anything runs; returns (info, device, height, width)."""
-    from .engines import BACKENDS
+    from .backends import BACKENDS
     from .request import Request
     from .runtime import resolve_device
 

@@ -1,4 +1,4 @@
-"""``sdfast export``: build an artifact folder (ONNX graphs or TensorRT plans) for one shape profile.
+"""``sdfast export``: build an artifact folder (ONNX graphs, TensorRT plans, AOTInductor packages) for one shape profile.
 
 The profile is ``--batch/--height/--width`` (the tuned shape) widened by the range flags
 ``--min-X/--max-X`` (X = batch, height, width), ``--min-size/--max-size`` (both sides) or
@@ -9,23 +9,23 @@ range flag the export is static.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
+from pathlib import Path
 
+from .backends import BACKENDS, FORMATS, ExportJob, for_format
 from .components import Precision, ShapeProfile, size_multiple
 from .errors import InvalidArgument
 from .request import MAX_SIDE, MIN_SIDE  # Request.build's side limits bound every profile too
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "tensorrt", "inductor")
 #: --dynamic: how far the profile reaches around the tuned shape.
 DYNAMIC_MAX_BATCH = 4
 DYNAMIC_SIZE_FACTOR = 2
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export engines for a model (ONNX, TensorRT)", description=__doc__,
+    p = sub.add_parser("export", help=f"export engines for a model ({', '.join(FORMATS)})", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="diffusers model folder, hub id or built-in name (default tiny)")
     p.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write (replaced atomically)")
@@ -43,17 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-size", type=int, default=None, help="largest height and width served")
     p.add_argument("--dynamic", action="store_true",
                    help=f"batch 1..{DYNAMIC_MAX_BATCH}, sides 1/{DYNAMIC_SIZE_FACTOR}x..{DYNAMIC_SIZE_FACTOR}x native")
-    p.add_argument("--external-data", action="store_true",
-                   help="ONNX: keep weights in NAME.onnx.data however small (models over 256 MB always do)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17; >= 17 for LayerNormalization)")
-    p.add_argument("--onnx", default=None, metavar="DIR", help="TensorRT: build from this ONNX export instead of exporting")
-    p.add_argument("--builder-optimization-level", type=int, default=3, choices=range(6),
-                   help="TensorRT builder optimization level 0-5 (default 3)")
-    p.add_argument("--timing-cache", default=None, metavar="FILE",
-                   help="TensorRT timing cache, read and updated (default: in the sdfast cache)")
-    p.add_argument("--device", default=None, help="inductor: compile for cpu or cuda (default: cuda when available)")
-    p.add_argument("--autotune", default=None, choices=["none", "default", "max"],
-                   help="inductor: kernel autotuning effort on CUDA (default 'default')")
+    for record in BACKENDS.values():  # each exporter's own flags, from its backend record
+        for flag in record.flags:
+            flag.add_to(p)
     p.set_defaults(handler=run)
 
 
@@ -100,32 +92,13 @@ def profile_from_args(args: argparse.Namespace, info) -> ShapeProfile:
 def run(args: argparse.Namespace) -> int:
     from .models import resolve_model
 
-    if args.opset < 17:
-        raise InvalidArgument(f"opset: must be >= 17 (LayerNormalization) but is {args.opset}")
     info = resolve_model(args.model)
     profile = profile_from_args(args, info)
-    precision = Precision(args.precision)
-    vae_precision = Precision(args.vae_precision) if args.vae_precision else None
-    if args.format == "onnx":
-        from .export.onnx import OnnxExportOptions, export_onnx
-
-        options = OnnxExportOptions(precision=precision, vae_precision=vae_precision,
-                                    external_data=True if args.external_data else None, opset=args.opset)
-        out = export_onnx(info, args.out, profile, options, model_arg=args.model)
-    elif args.format == "tensorrt":
-        from .export.tensorrt import TensorRTBuildOptions, export_tensorrt
-
-        options = TensorRTBuildOptions(precision=precision, vae_precision=vae_precision,
-                                       builder_optimization_level=args.builder_optimization_level,
-                                       timing_cache=args.timing_cache, onnx_dir=args.onnx)
-        out = export_tensorrt(info, args.out, profile, options, model_arg=args.model)
-    else:
-        try:
-            module = importlib.import_module(".export.inductor", __package__)
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.export.inductor":
-                raise
-            raise InvalidArgument("format: 'inductor' export is not part of this build; use onnx or tensorrt") from e
-        out = module.export_cli(info, args, profile)
+    record = for_format(args.format)
+    record.require()
+    job = ExportJob(info=info, out=Path(args.out), profile=profile, precision=Precision(args.precision),
+                    vae_precision=Precision(args.vae_precision) if args.vae_precision else None,
+                    model_arg=args.model, flags={f.dest: getattr(args, f.dest) for f in record.flags})
+    out = record.exporter(job)
     print(f"wrote {out} ({profile.describe()})")
     return 0

@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    from .engines import BACKENDS
+    from .backends import BACKENDS
     from .models import builtin_models
 
     names = ", ".join(builtin_models())

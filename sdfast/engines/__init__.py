@@ -6,6 +6,6 @@ has; it calls ``engine(**inputs)`` and gets a dict of torch tensors on the engin
 
 from __future__ import annotations
 
-from .base import BACKENDS, Engine, check_request, load_engines
+from .base import Engine, check_request, load_engines
 
-__all__ = ["BACKENDS", "Engine", "check_request", "load_engines"]
+__all__ = ["Engine", "check_request", "load_engines"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -11,14 +9,6 @@ import torch
 from ..components import ComponentSpec, Precision, ShapeProfile
 from ..errors import InvalidArgument
 from ..models import ModelInfo
-
-#: backend name -> module (under sdfast.engines) exposing ``load(info, device, precision, engines)``.
-BACKENDS: dict[str, str] = {
-    "torch": "torch",
-    "onnxruntime": "onnxruntime",
-    "tensorrt": "tensorrt",
-    "inductor": "inductor",
-}
 
 
 @runtime_checkable
@@ -58,21 +48,13 @@ def load_engines(info: ModelInfo, backend: str, device: torch.device, precision:
                  engines: str | None = None, options: dict[str, Any] | None = None) -> dict[str, Engine]:
     """The engines of ``backend`` for every component, keyed by component name.
 
-    ``options`` (e.g. ``attention``) go to the backends whose ``load`` takes them; others ignore them.
+    ``options`` (e.g. ``attention``) go to the backends whose record lists them; others ignore them.
     """
-    if backend not in BACKENDS:
-        raise InvalidArgument(f"backend: unknown {backend!r}; choose one of {', '.join(BACKENDS)}")
-    try:
-        module = importlib.import_module(f".{BACKENDS[backend]}", __package__)
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("sdfast"):
-            raise InvalidArgument(f"backend: {backend!r} is not available in this build of sdfast") from e
-        raise InvalidArgument(
-            f"backend: {backend!r} needs the Python package {e.name!r}, which is not installed; "
-            f"install it (pip install 'sdfast[onnx]' or 'sdfast[gpu]') or use backend='torch'"
-        ) from e
-    accepted = inspect.signature(module.load).parameters
-    extra = {k: v for k, v in (options or {}).items() if k in accepted}
+    from .. import backends
+
+    record = backends.get(backend)
+    module = record.load_module()
+    extra = {k: v for k, v in (options or {}).items() if k in record.options}
     return module.load(info, device=device, precision=precision, engines=engines, **extra)
 
 

@@ -19,7 +19,7 @@ from ..export.manifest import Manifest, load_manifest, rebuild_hint
 from ..models import ModelInfo
 from .base import ExportedEngine, engine_inputs
 
-FORMAT = "aoti"
+FORMAT = "inductor"
 
 
 class InductorEngine(ExportedEngine):

@@ -20,7 +20,7 @@ Choices, and why:
 - **Precision** follows the ONNX exporter: text encoder and U-Net in ``precision``, the VAE in
   fp32 unless ``vae_precision`` says otherwise (the SD VAE can overflow fp16; the runtime's
   fp32 decode fallback covers an fp16 VAE that does).
-- **Manifest:** the shared ``export/manifest.py`` with ``format="aoti"``; packages are tied to
+- **Manifest:** the shared ``export/manifest.py`` with ``format="inductor"``; packages are tied to
   the torch version (ABI) and, on CUDA, to the GPU architecture, which the loader checks.
 """
 
@@ -43,7 +43,7 @@ from .manifest import Manifest, export_command, model_record, staging_dir, tenso
 
 log = logging.getLogger(__name__)
 
-FORMAT = "aoti"
+FORMAT = "inductor"
 VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
 #: autotune levels: how much compile time buys kernel speed on CUDA (ignored on the CPU).
 AUTOTUNE = ("none", "default", "max")

@@ -1,0 +1,191 @@
+"""One record per backend: the single place that knows what a backend is.
+
+A backend has one name, used everywhere (``--backend``, ``sdfast export --format``, the
+manifest's ``format`` field, ``sdfast info``, bench rows): ``onnxruntime`` runs ``onnx``
+artifacts, every other backend's artifact format has the backend's own name. A record says
+which engine module loads it, which exporter builds its artifacts, the export flags of its
+own, the Python packages it needs (and the extra that installs them), and whether it is
+available here. The CLI, bench, the manifest and ``sdfast info`` read these records; adding a
+backend is one engines module, one exporter module and one record below.
+
+Nothing here imports torch, an engine or an exporter at import time, so reading the table is
+free (``sdfast info`` and argparse do it before anything heavy loads).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from .components import Precision, ShapeProfile
+    from .models import ModelInfo
+
+
+@dataclass(frozen=True)
+class Flag:
+    """An ``sdfast export`` flag that only one backend's exporter reads."""
+
+    flag: str  # "--opset"
+    dest: str  # the exporter keyword it fills
+    help: str
+    type: Callable[[str], Any] | None = None
+    default: Any = None
+    choices: tuple[Any, ...] | None = None
+    action: str | None = None
+    metavar: str | None = None
+
+    def add_to(self, parser) -> None:
+        kw: dict[str, Any] = {"dest": self.dest, "help": self.help, "default": self.default}
+        if self.action:
+            kw["action"] = self.action
+        else:
+            kw.update(type=self.type, choices=self.choices, metavar=self.metavar)
+        parser.add_argument(self.flag, **{k: v for k, v in kw.items() if v is not None or k == "default"})
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """What every exporter gets: the model, the folder, the profile, the precisions and the
+    values of its own flags (``Backend.flags``) by ``dest``."""
+
+    info: ModelInfo
+    out: Path
+    profile: ShapeProfile
+    precision: Precision
+    vae_precision: Precision | None
+    model_arg: str
+    flags: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    summary: str
+    #: module under ``sdfast.engines`` with ``load(info, device, precision, engines, **options)``.
+    engines: str
+    #: the artifact format (manifest ``format``, ``sdfast export --format``); None: runs the folder.
+    format: str | None = None
+    #: builds the artifact folder; None for the torch backend.
+    exporter: Callable[[ExportJob], Path] | None = None
+    flags: tuple[Flag, ...] = ()
+    #: import names the backend needs beyond sdfast's own dependencies.
+    requires: tuple[str, ...] = ()
+    extra: str | None = None  # pip install 'sdfast[EXTRA]'
+    #: precisions ``sdfast export`` builds for it.
+    precisions: tuple[str, ...] = ("fp32", "fp16")
+    #: devices it runs on.
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    #: loaders take ``options`` of these names (e.g. attention); others are not passed.
+    options: tuple[str, ...] = ()
+
+    def missing(self) -> str | None:
+        """None when the backend can run here, else why not (one line with the fix)."""
+        absent = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if absent:
+            how = f"pip install 'sdfast[{self.extra}]'" if self.extra else f"pip install {' '.join(absent)}"
+            return f"needs the Python package(s) {', '.join(absent)}, not installed; {how}"
+        return None
+
+    def require(self) -> None:
+        reason = self.missing()
+        if reason:
+            raise InvalidArgument(f"backend: {self.name!r} {reason}, or use backend='torch'")
+
+    def load_module(self):
+        self.require()
+        return importlib.import_module(f"sdfast.engines.{self.engines}")
+
+
+# -- exporters: lazy adapters from an ExportJob to each exporter's own options -------------------
+
+def _export_onnx(job: ExportJob) -> Path:
+    from .export.onnx import OnnxExportOptions, export_onnx
+
+    options = OnnxExportOptions(precision=job.precision, vae_precision=job.vae_precision,
+                                external_data=True if job.flags.get("external_data") else None,
+                                opset=job.flags.get("opset", 17))
+    return export_onnx(job.info, job.out, job.profile, options, model_arg=job.model_arg)
+
+
+def _export_tensorrt(job: ExportJob) -> Path:
+    from .export.tensorrt import TensorRTBuildOptions, export_tensorrt
+
+    options = TensorRTBuildOptions(precision=job.precision, vae_precision=job.vae_precision,
+                                   builder_optimization_level=job.flags.get("builder_optimization_level", 3),
+                                   timing_cache=job.flags.get("timing_cache"), onnx_dir=job.flags.get("onnx_dir"))
+    return export_tensorrt(job.info, job.out, job.profile, options, model_arg=job.model_arg)
+
+
+def _export_inductor(job: ExportJob) -> Path:
+    import torch
+
+    from .export.inductor import InductorExportOptions, export_inductor
+
+    device = job.flags.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    options = InductorExportOptions(precision=job.precision, vae_precision=job.vae_precision, device=device,
+                                    autotune=job.flags.get("autotune") or "default")
+    return export_inductor(job.info, job.out, job.profile, options, model_arg=job.model_arg)
+
+
+#: ONNX opsets the exporter accepts: 17 is the first with LayerNormalization; the TorchScript
+#: exporter (export/onnx.py) stops at 20.
+OPSETS = tuple(range(17, 21))
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("torch", "eager PyTorch, runs the model folder directly (the parity reference)", engines="torch",
+            precisions=("fp32", "fp16", "bf16"), options=("attention",)),
+    Backend("onnxruntime", "ONNX graphs on ONNX Runtime (CPU; CUDA with onnxruntime-gpu)", engines="onnxruntime",
+            format="onnx", exporter=_export_onnx, requires=("onnx", "onnxruntime", "onnxscript"), extra="onnx",
+            flags=(
+                Flag("--external-data", "external_data", action="store_true", default=False,
+                     help="onnx: keep weights in NAME.onnx.data however small (models over 256 MB always do)"),
+                Flag("--opset", "opset", type=int, default=17, choices=OPSETS,
+                     metavar="N",
+                     help="onnx: ONNX opset, 17-20 (default 17, the first with LayerNormalization)"),
+            )),
+    Backend("tensorrt", "TensorRT plans built from the ONNX graphs (NVIDIA GPUs; unverified)", engines="tensorrt",
+            format="tensorrt", exporter=_export_tensorrt, requires=("tensorrt", "onnx", "onnxruntime", "onnxscript"),
+            extra="gpu", devices=("cuda",),
+            flags=(
+                Flag("--onnx", "onnx_dir", metavar="DIR",
+                     help="tensorrt: build from this ONNX export instead of exporting one"),
+                Flag("--builder-optimization-level", "builder_optimization_level", type=int, default=3,
+                     choices=tuple(range(6)), help="tensorrt: builder optimization level 0-5 (default 3)"),
+                Flag("--timing-cache", "timing_cache", metavar="FILE",
+                     help="tensorrt: timing cache, read and updated (default: in the sdfast cache)"),
+            )),
+    Backend("inductor", "AOTInductor packages compiled by torch.export (CPU and CUDA)", engines="inductor",
+            format="inductor", exporter=_export_inductor,
+            flags=(
+                Flag("--device", "device", choices=("cpu", "cuda"),
+                     help="inductor: compile for cpu or cuda (default: cuda when available)"),
+                Flag("--autotune", "autotune", choices=("none", "default", "max"),
+                     help="inductor: kernel autotuning effort on CUDA (default 'default')"),
+            )),
+)}
+
+#: artifact formats, in the order `sdfast export --format` lists them.
+FORMATS: tuple[str, ...] = tuple(b.format for b in BACKENDS.values() if b.format)
+
+
+def get(name: str, arg: str = "backend") -> Backend:
+    """The record of backend ``name``; InvalidArgument naming ``arg`` if there is none."""
+    try:
+        return BACKENDS[name]
+    except (KeyError, TypeError):
+        raise InvalidArgument(f"{arg}: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}") from None
+
+
+def for_format(fmt: str) -> Backend:
+    """The backend that runs artifacts of format ``fmt``."""
+    for b in BACKENDS.values():
+        if b.format == fmt:
+            return b
+    raise InvalidArgument(f"format: unknown artifact format {fmt!r}; the formats are {', '.join(FORMATS)}")
