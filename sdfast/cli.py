@@ -1,8 +1,8 @@
-"""Command line: ``sdfast generate | export | parity | bench | info``.
+"""Command line: `sdfast generate | export | parity | bench | info` (also `python -m sdfast`).
 
 A user error (bad value, missing file, size outside an engine's profile) prints one line that
 names the argument, the rule and the fix, and exits 2: never a traceback, never a partial output
-file. Each subcommand lives in its own module and registers itself through ``COMMANDS``.
+file. Each subcommand lives in its own module and registers itself through `COMMANDS`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from . import __version__
 from .errors import InvalidArgument, MissingFile
 
-#: subcommand -> module under sdfast that defines ``register(subparsers)``.
+#: subcommand -> module under sdfast that defines `register(subparsers)`.
 COMMANDS = {
     "generate": "cli_generate",
     "export": "cli_export",
@@ -24,19 +24,35 @@ COMMANDS = {
     "info": "cli_info",
 }
 
-EPILOG = """examples:
-  sdfast generate "a red circle on a blue background" --out circle.png
+EPILOG = """backend      --format     (`sdfast info` says which backends can run here)
+{backends}
+
+examples:
+  sdfast generate "a red circle on a blue background" --scheduler euler --steps 20 --out circle.png
   sdfast generate "a cat" --model ./stable-diffusion-v1-5 --steps 30 --dtype bf16
   sdfast export --model tiny --out engines/tiny --format onnx --precision fp32
-  sdfast generate "a cat" --backend onnxruntime --engines engines/tiny
+  sdfast generate "a white triangle on a green background" --backend onnxruntime --engines engines/tiny
+  sdfast parity --engines engines/tiny --backend onnxruntime
   sdfast info
+
+`sdfast COMMAND --help` lists each command's flags with their defaults.
 """
+
+
+def _backends_epilog() -> str:
+    from .backends import BACKENDS
+
+    rows = []
+    for b in BACKENDS.values():
+        fmt = b.format or "(no export)"
+        rows.append(f"  {b.name:<12} {fmt:<12} {b.summary}")
+    return "\n".join(rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdfast", description="Fast Stable Diffusion inference with measured parity against eager PyTorch.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG.format(backends=_backends_epilog()), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"sdfast {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")

@@ -1,4 +1,4 @@
-"""``sdfast bench``: per-stage timings of each backend and of diffusers on one model and shape."""
+"""`sdfast bench`: per-stage timings of each backend and of diffusers on one model and shape."""
 
 from __future__ import annotations
 
@@ -32,16 +32,21 @@ def _csv(kind):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .backends import BACKENDS
+    from .components import Precision
     from .models import builtin_models
     from .schedulers import SCHEDULERS
 
+    precisions = ", ".join(p.value for p in Precision)
     p = sub.add_parser("bench", help="time backends against diffusers, stage by stage",
                        description=DESCRIPTION, epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     names = ", ".join(builtin_models())
     p.add_argument("--model", default="tiny", help=f"diffusers model folder, hub id, or built-in ({names}); default tiny")
-    p.add_argument("--backends", default="torch", help="comma-separated sdfast backends (default torch)")
-    p.add_argument("--dtype", default="fp32", help="comma-separated precisions: fp32, fp16, bf16 (default fp32)")
+    p.add_argument("--backends", default="torch", metavar="B[,B...]",
+                   help=f"comma-separated backends, from {', '.join(BACKENDS)} (default torch)")
+    p.add_argument("--dtype", default="fp32", metavar="T[,T...]",
+                   help=f"comma-separated precisions, from {precisions} (default fp32)")
     p.add_argument("--batch", default=["1"], nargs="+", metavar="B",
                    help="images per call; several sizes as '1,4' or '1 4' (default 1)")
     p.add_argument("--steps", type=int, default=10, help="denoising steps (default 10)")
@@ -51,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before them (default 1)")
     p.add_argument("--scheduler", default="lms", choices=list(SCHEDULERS), help="sampling algorithm (default lms)")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="guidance scale (default 7.5: U-Net batch 2B)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("-s", "--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--prompt", default=None, help="prompt (default: a fixed astronaut prompt)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads of torch (onnxruntime sessions follow it); default: torch's choice")
@@ -104,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(report))
     if args.json:
         write_json(report, args.json)
+        print(f"wrote {args.json}")
     if args.plot:
         write_plot(report, args.plot)
+        print(f"wrote {args.plot}")
     return 0
