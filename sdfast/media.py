@@ -1,51 +1,25 @@
 """Writing images: PNG with generation metadata, grids, and denoising animations.
 
-Every writer goes through ``atomic_path``: the bytes land in a temporary file next to the
-target and are renamed over it only when complete, so a crash never leaves a half-written file.
+Every writer goes through ``fsio.atomic_path`` (or a ``fsio.output_group`` slot): the bytes land
+in a temporary file next to the target and are renamed over it only when complete, so a crash
+never leaves a half-written file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, PngImagePlugin
 
 from .errors import InvalidArgument
+from .fsio import atomic_path, ordinary_mode  # noqa: F401  (ordinary_mode: re-exported for old callers)
 
 ANIMATION_SUFFIXES = (".gif", ".mp4")
-
-
-def ordinary_mode(base: int = 0o666) -> int:
-    """The permissions a plain ``open``/``mkdir`` would give under the current umask.
-
-    ``tempfile`` makes private (0600/0700) files and folders; whatever we rename into place
-    should look like any other file the user wrote."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return base & ~umask
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; rename it to ``path`` on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, ordinary_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> None:

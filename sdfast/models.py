@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -202,13 +201,9 @@ MODEL_INDEX = {
 def write_model_folder(dest: Path, text_encoder, unet, vae, tokenizer_dir: Path,
                        scheduler_config: dict[str, Any]) -> Path:
     """Save modules as a diffusers folder, atomically: a crash leaves no half folder at ``dest``."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    from .media import ordinary_mode
+    from .fsio import staging_dir
 
-    os.chmod(tmp, ordinary_mode(0o777))  # mkdtemp makes it private; a model folder is an ordinary folder
-    try:
+    with staging_dir(dest, complete="model_index.json") as tmp:
         text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         vae.save_pretrained(tmp / "vae", safe_serialization=True)
@@ -216,13 +211,7 @@ def write_model_folder(dest: Path, text_encoder, unet, vae, tokenizer_dir: Path,
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
         (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+    return Path(dest)
 
 
 def build_tiny_random(dest: Path, seed: int = 0) -> Path:

@@ -183,7 +183,7 @@ def run_parity(model: str, backend: str, engines: str | None = None, device: str
     profile = None
     precisions: dict[str, Precision] | None = None
     if engines is not None:
-        from .export.manifest import read_manifest
+        from .artifacts import read_manifest
 
         manifest = read_manifest(engines)
         profile = manifest.profile

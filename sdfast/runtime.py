@@ -264,7 +264,7 @@ def load(model: str | Path | ModelInfo = "tiny", backend: str = "torch", device:
     info = model if isinstance(model, ModelInfo) else resolve_model(model)
     if dtype == "auto" and engines is not None:
         # Exported graphs fix their precision: "auto" takes the one they were built with.
-        from .export.manifest import read_manifest
+        from .artifacts import read_manifest
 
         precision = read_manifest(engines, info).precision("unet")
     else:

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import sdfast
+from sdfast.artifacts import read_manifest
 from sdfast.components import SPECS, Precision, ShapeProfile, sample_inputs, size_multiple
 from sdfast.errors import InvalidArgument
-from sdfast.export.manifest import read_manifest
 from sdfast.parity import component_parity
 
 IMAGE_ATOL = 2  # of 255: DESIGN.md's end-to-end bound for fp32 engines

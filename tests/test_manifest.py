@@ -11,9 +11,9 @@ import textwrap
 import pytest
 
 import sdfast
+from sdfast.artifacts import MANIFEST, load_manifest, read_manifest
 from sdfast.errors import ArtifactMismatch, MissingFile
 from sdfast.export import onnx as onnx_export
-from sdfast.export.manifest import MANIFEST, load_manifest, read_manifest
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_changed_config_is_named(tiny_info, export_copy):
 
 
 def test_wrong_format_and_format_version_are_refused(tiny_info, export_copy):
-    from sdfast.export.manifest import verify
+    from sdfast.artifacts import verify
 
     with pytest.raises(ArtifactMismatch, match="holds onnx artifacts, not tensorrt"):
         verify(read_manifest(export_copy), export_copy, tiny_info, "tensorrt")

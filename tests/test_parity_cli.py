@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from sdfast.artifacts import read_manifest
 from sdfast.cli import main
-from sdfast.export.manifest import read_manifest
 
 
 def test_parity_passes_on_good_export_and_writes_json(tiny_info, onnx_dynamic, tmp_path, capsys):

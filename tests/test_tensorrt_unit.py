@@ -12,11 +12,11 @@ import json
 import pytest
 import torch
 
+from sdfast import artifacts as mf
+from sdfast.artifacts import Manifest, model_record, tensor_records
 from sdfast.components import SPECS, Precision, ShapeProfile
 from sdfast.engines.tensorrt import allocate_buffers, buffer_shapes
 from sdfast.errors import ArtifactMismatch, InvalidArgument
-from sdfast.export import manifest as mf
-from sdfast.export.manifest import Manifest, model_record, tensor_records
 from sdfast.export.tensorrt import onnx_covers, profile_triples
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 import torch._inductor
 
+from ..artifacts import Manifest, load_manifest, rebuild_hint
 from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, size_multiple
 from ..errors import ArtifactMismatch, InvalidArgument
-from ..export.manifest import Manifest, load_manifest, rebuild_hint
 from ..models import ModelInfo
 from .base import ExportedEngine, engine_inputs
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..artifacts import Manifest, load_manifest
 from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, output_shapes, size_multiple
 from ..errors import InvalidArgument
-from ..export.manifest import Manifest, load_manifest
 from ..models import ModelInfo, cache_dir
 from .base import ExportedEngine, engine_inputs
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
+from ..artifacts import load_manifest
 from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, size_multiple
 from ..errors import InvalidArgument
-from ..export.manifest import load_manifest
 from ..models import ModelInfo
 from .base import ExportedEngine
 
@@ -98,7 +98,7 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
         )
     if device.type != "cuda":
         raise InvalidArgument("device: the tensorrt backend runs on a CUDA GPU; pass --device cuda")
-    from ..export.tensorrt import gpu_record
+    from ..artifacts import gpu_record
 
     root = Path(engines)
     manifest = load_manifest(root, info, "tensorrt", device=gpu_record(device.index or 0))

@@ -20,7 +20,7 @@ Choices, and why:
 - **Precision** follows the ONNX exporter: text encoder and U-Net in ``precision``, the VAE in
   fp32 unless ``vae_precision`` says otherwise (the SD VAE can overflow fp16; the runtime's
   fp32 decode fallback covers an fp16 VAE that does).
-- **Manifest:** the shared ``export/manifest.py`` with ``format="inductor"``; packages are tied to
+- **Manifest:** the shared ``sdfast/artifacts.py`` with ``format="inductor"``; packages are tied to
   the torch version (ABI) and, on CUDA, to the GPU architecture, which the loader checks.
 """
 
@@ -36,10 +36,10 @@ from typing import Any
 import torch
 import torch._inductor
 
+from ..artifacts import Manifest, export_command, gpu_record, model_record, staging_dir, tensor_records
 from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, sample_inputs, size_multiple
 from ..errors import InvalidArgument
 from ..models import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
-from .manifest import Manifest, export_command, model_record, staging_dir, tensor_records
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +132,6 @@ def export_component(module: torch.nn.Module, name: str, info: ModelInfo, profil
     return Path(path)
 
 
-def device_record(device: torch.device) -> dict[str, Any] | None:
-    if device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    return {"gpu": torch.cuda.get_device_name(device), "compute_capability": f"{major}.{minor}"}
-
-
 def export_inductor(info: ModelInfo, out: Path | str, profile: ShapeProfile,
                     options: InductorExportOptions = InductorExportOptions(), model_arg: str | None = None,
                     components: tuple[str, ...] = tuple(SPECS)) -> Path:
@@ -169,7 +162,8 @@ def export_inductor(info: ModelInfo, out: Path | str, profile: ShapeProfile,
                            "device": device.type, "inductor_configs": configs, "compile_s": round(seconds, 1),
                            **tensor_records(name, profile, info)}
         Manifest(format=FORMAT, model=model_record(info), profile=profile, components=comps,
-                 device=device_record(device), export_command=cmd).seal(tmp)
+                 device=gpu_record(device.index or 0) if device.type == "cuda" else None,
+                 export_command=cmd).seal(tmp)
     log.info("wrote %s (%s)", out, profile.describe())
     return out
 

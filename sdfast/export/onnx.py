@@ -40,9 +40,9 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import Manifest, export_command, model_record, staging_dir, tensor_records
 from ..components import SPECS, Precision, ShapeProfile, sample_inputs
 from ..models import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
-from .manifest import Manifest, export_command, model_record, staging_dir, tensor_records
 
 log = logging.getLogger(__name__)
 

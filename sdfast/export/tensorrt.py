@@ -20,12 +20,19 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from ..artifacts import (
+    Manifest,
+    export_command,
+    gpu_record,
+    load_manifest,
+    model_record,
+    staging_dir,
+    tensor_records,
+)
 from ..components import SPECS, Precision, ShapeProfile
 from ..errors import ArtifactMismatch, InvalidArgument
 from ..models import ModelInfo, cache_dir
-from .manifest import Manifest, export_command, load_manifest, model_record, staging_dir, tensor_records
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +61,6 @@ def import_tensorrt():
             "pip install 'sdfast[gpu]' on a GPU machine, or export --format onnx"
         ) from e
     return trt
-
-
-def gpu_record(device_index: int = 0) -> dict[str, Any]:
-    """Name and compute capability of the GPU a plan is built for (plans only run there)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise InvalidArgument("format: TensorRT plans are built on the GPU that runs them, but no CUDA GPU is visible")
-    major, minor = torch.cuda.get_device_capability(device_index)
-    return {"gpu": torch.cuda.get_device_name(device_index), "compute_capability": f"{major}.{minor}"}
 
 
 def profile_triples(info: ModelInfo, profile: ShapeProfile, component: str) -> dict[str, tuple[tuple[int, ...], ...]]:

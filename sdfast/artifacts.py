@@ -1,0 +1,402 @@
+"""Artifact folders and safe writes: shared by ``sdfast.export`` and ``sdfast.engines``.
+
+Engines read what export writes through this module only, so run time never imports build
+time. It holds the manifest (schema, read, write, verify), file hashes, the one atomic-write
+helper every writer uses, the GPU record and the list of versions a manifest records.
+
+Manifest layout (format version 1)::
+
+    {"format_version": 1, "format": "onnx" | "tensorrt" | "inductor",
+     "model": {"name", "source", "fingerprint", "configs": {text_encoder, unet, vae, scheduler, tokenizer}},
+     "profile": {min_batch, opt_batch, max_batch, min_height, ...},   # components.ShapeProfile
+     "components": {name: {"file", "precision", "inputs": {tensor: {"dims", "min", "opt", "max"}},
+                           "outputs": {...}}},
+     "files": {relative path: {"sha256", "size"}},
+     "versions": {"sdfast", "torch", "onnx", "onnxruntime", "onnxscript", "tensorrt"},
+     "device": {"gpu", "compute_capability"} | null,    # GPU artifacts only
+     "export_command": "sdfast export ..."}
+
+``load_manifest`` validates the schema before reading anything, keeps every path inside the
+folder (after symlinks), and refuses anything that does not match (file bytes, model, TensorRT
+version, GPU) with ``ArtifactMismatch`` naming the difference and the command that rebuilds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .components import SPECS, Precision, ShapeProfile
+from .errors import ArtifactMismatch, InvalidArgument, MissingFile
+from .fsio import (
+    atomic_path,
+    atomic_write,
+    check_output_dir,
+    check_output_path,
+    ordinary_mode,
+    output_group,
+    staging_dir,
+)
+
+if TYPE_CHECKING:
+    from .models import ModelInfo
+
+__all__ = ["atomic_path", "atomic_write", "check_output_dir", "check_output_path", "ordinary_mode",
+           "output_group", "staging_dir"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+#: distributions whose versions every manifest records (one list, read here only).
+VERSIONED_PACKAGES = {"sdfast": "sdfast", "torch": "torch", "onnx": "onnx", "onnxruntime": "onnxruntime",
+                      "onnxscript": "onnxscript", "tensorrt": "tensorrt"}
+#: ORT distributions: any of them provides the ``onnxruntime`` module.
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml")
+#: manifests written before the inductor format had one name.
+LEGACY_FORMATS = {"aoti": "inductor"}
+
+
+def _backend_for(fmt: str) -> str:
+    """The --backend that runs artifact format ``fmt`` (also the `sdfast export --format` name)."""
+    try:
+        from . import backends
+
+        return backends.for_format(fmt).name
+    except Exception:  # an unknown format: name it as it is, the message stays readable
+        return {"onnx": "onnxruntime"}.get(fmt, fmt)
+
+
+def package_version(module: str) -> str | None:
+    """Installed version of a package by its import name, without importing it."""
+    if module == "sdfast":
+        from . import __version__
+
+        return __version__
+    names = ORT_DISTRIBUTIONS if module == "onnxruntime" else (module, f"{module}-cu12", f"{module}-cu13")
+    for dist in names:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def versions() -> dict[str, str | None]:
+    """The versions an artifact is built with (the one list: manifests, `sdfast info`, bench)."""
+    return {key: package_version(mod) for key, mod in VERSIONED_PACKAGES.items()}
+
+
+def gpu_record(device_index: int = 0) -> dict[str, Any]:
+    """Name and compute capability of the GPU an artifact is built for (GPU artifacts only run there)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise InvalidArgument("device: GPU artifacts are built on the GPU that runs them, but no CUDA GPU is visible")
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return {"gpu": torch.cuda.get_device_name(device_index), "compute_capability": f"{major}.{minor}"}
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return {"sha256": h.hexdigest(), "size": path.stat().st_size}
+
+
+def model_record(info: ModelInfo) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "source": str(info.path),
+        "fingerprint": info.fingerprint,
+        # The configs the runtime reads, so a mismatch can name the field that differs.
+        "configs": {"text_encoder": info.text_encoder_config, "unet": info.unet_config,
+                    "vae": info.vae_config, "scheduler": info.scheduler_config,
+                    "tokenizer": info.tokenizer_config},
+    }
+
+
+def tensor_records(name: str, profile: ShapeProfile, info: ModelInfo) -> dict[str, Any]:
+    spec = SPECS[name]
+    out = {}
+    for which in ("inputs", "outputs"):
+        shapes = profile.shapes(spec, info, which)
+        out[which] = {t.name: {"dims": list(t.dims), "min": list(shapes[t.name][0]), "opt": list(shapes[t.name][1]),
+                               "max": list(shapes[t.name][2])}
+                      for t in (spec.inputs if which == "inputs" else spec.outputs)}
+    return out
+
+
+@dataclass
+class Manifest:
+    format: str
+    model: dict[str, Any]
+    profile: ShapeProfile
+    components: dict[str, dict[str, Any]]
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    versions: dict[str, str | None] = field(default_factory=versions)
+    device: dict[str, Any] | None = None
+    export_command: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def precision(self, component: str) -> Precision:
+        return Precision(self.components[component]["precision"])
+
+    def file(self, root: Path, component: str) -> Path:
+        return Path(root) / self.components[component]["file"]
+
+    def to_json(self) -> str:
+        d = {"format_version": self.format_version, "format": self.format, "model": self.model,
+             "profile": self.profile.to_dict(), "components": self.components, "files": self.files,
+             "versions": self.versions, "device": self.device, "export_command": self.export_command}
+        return json.dumps(d, indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        """From a dict that passed :func:`validate_schema`."""
+        return cls(format=LEGACY_FORMATS.get(d["format"], d["format"]), model=d["model"],
+                   profile=ShapeProfile.from_dict(d["profile"]), components=d["components"], files=d["files"],
+                   versions=d["versions"], device=d.get("device"), export_command=d.get("export_command") or "",
+                   format_version=d["format_version"])
+
+    def seal(self, root: Path) -> None:
+        """Hash every file under ``root`` (except the manifest) and write the manifest last."""
+        root = Path(root)
+        self.files = {p.relative_to(root).as_posix(): file_record(p)
+                      for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+        atomic_write(root / MANIFEST, self.to_json())
+
+
+# -- schema -----------------------------------------------------------------------------------
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _schema_errors(d: Any) -> str | None:
+    """The first way ``d`` breaks the manifest schema (types and required keys), or None."""
+    if not isinstance(d, dict):
+        return f"the top level is {type(d).__name__}, not an object"
+    want = {"format_version": int, "format": str, "model": dict, "profile": dict, "components": dict,
+            "files": dict, "versions": dict}
+    for key, typ in want.items():
+        if key not in d:
+            return f"key {key!r} is missing"
+        if not isinstance(d[key], typ) or (typ is int and not _is_int(d[key])):
+            return f"{key!r} is {type(d[key]).__name__}, not {typ.__name__}"
+    if d["format_version"] != FORMAT_VERSION:
+        return None  # read_manifest names the version itself
+    for key, typ in (("device", dict), ("export_command", str)):
+        if d.get(key) is not None and not isinstance(d[key], typ):
+            return f"{key!r} is {type(d[key]).__name__}, not {typ.__name__} or null"
+    if not isinstance(d["model"].get("fingerprint"), str):
+        return "model.fingerprint is missing or not a string"
+    for k in ShapeProfile.__dataclass_fields__:
+        v = d["profile"].get(k)
+        if not _is_int(v) or v < 1:
+            return f"profile.{k} is {v!r}, not a positive integer"
+    precisions = {p.value for p in Precision}
+    for name, comp in d["components"].items():
+        if not isinstance(comp, dict):
+            return f"components.{name} is {type(comp).__name__}, not an object"
+        if not isinstance(comp.get("file"), str):
+            return f"components.{name}.file is missing or not a string"
+        if comp.get("precision") not in precisions:
+            return f"components.{name}.precision is {comp.get('precision')!r}, not one of {', '.join(sorted(precisions))}"
+        for which in ("inputs", "outputs"):
+            if not isinstance(comp.get(which), dict):
+                return f"components.{name}.{which} is missing or not an object"
+    for rel, rec in d["files"].items():
+        if not isinstance(rec, dict) or not isinstance(rec.get("sha256"), str) or not _is_int(rec.get("size")):
+            return f"files[{rel!r}] is not an object with a string sha256 and an integer size"
+    for k, v in d["versions"].items():
+        if v is not None and not isinstance(v, str):
+            return f"versions.{k} is {type(v).__name__}, not a string or null"
+    return None
+
+
+def inside(root: Path, rel: str) -> Path | None:
+    """``root / rel`` when it stays inside ``root`` after resolving symlinks; None otherwise."""
+    if not rel or os.path.isabs(rel) or "\\" in rel or ".." in Path(rel).parts:
+        return None
+    base = Path(root).resolve()
+    p = (base / rel).resolve()
+    return p if p != base and p.is_relative_to(base) else None
+
+
+# -- reading and checking ---------------------------------------------------------------------
+
+def export_command(model: str, out: Path | str, fmt: str, precision: str, profile: ShapeProfile,
+                   extra: list[str] | None = None) -> str:
+    """The `sdfast export` line that rebuilds an artifact with this profile."""
+    args = ["sdfast", "export", "--model", model, "--out", str(out), "--format", fmt, "--precision", precision,
+            "--batch", str(profile.opt_batch), "--height", str(profile.opt_height), "--width", str(profile.opt_width)]
+    for flag, (lo, _, hi) in (("batch", profile.batch), ("height", profile.height), ("width", profile.width)):
+        if lo != hi:
+            args += [f"--min-{flag}", str(lo), f"--max-{flag}", str(hi)]
+    return shlex.join(args + list(extra or []))
+
+
+def rebuild_hint(m: Manifest | None, root: Path, info: ModelInfo | None = None, fmt: str = "onnx") -> str:
+    """The command that rebuilds ``root`` in format ``fmt`` (the format the caller needs)."""
+    if m is not None and m.export_command and m.format == fmt:
+        parts = shlex.split(m.export_command)
+        if info is not None:  # rebuild from the model at hand, into the same folder
+            for flag, value in (("--model", str(info.path)), ("--out", str(root))):
+                if flag in parts:
+                    parts[parts.index(flag) + 1] = value
+        return f"rebuild with: {shlex.join(parts)}"
+    model = str(info.path) if info is not None else "MODEL"
+    return (f"rebuild with: sdfast export --model {shlex.quote(model)} --out {shlex.quote(str(root))} "
+            f"--format {fmt}")
+
+
+def read_manifest(root: Path | str, info: ModelInfo | None = None, fmt: str = "onnx") -> Manifest:
+    """The manifest of ``root``, schema-checked and with every listed path inside ``root``."""
+    root = Path(root)
+    path = root / MANIFEST
+    hint = rebuild_hint(None, root, info, fmt)
+    if not root.is_dir():
+        raise MissingFile(f"engines: no folder at {str(root)!r}; pass the --out folder of `sdfast export`")
+    if not path.is_file():
+        raise MissingFile(f"engines: {root} has no {MANIFEST}, so it is not a complete export (an interrupted "
+                          f"export leaves none); {hint}")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError) as e:
+        raise ArtifactMismatch(f"engines: {path} is not valid JSON ({e}); {hint}") from None
+    problem = _schema_errors(d)
+    if problem:
+        raise ArtifactMismatch(f"engines: {path} is not an sdfast manifest: {problem}; {hint}")
+    if d["format_version"] != FORMAT_VERSION:
+        raise ArtifactMismatch(f"engines: {path} has format version {d['format_version']!r} but this sdfast "
+                               f"reads {FORMAT_VERSION}; {hint}")
+    m = Manifest.from_dict(d)
+    for rel in [*m.files, *(c["file"] for c in m.components.values())]:
+        if inside(root, rel) is None:
+            raise ArtifactMismatch(f"engines: {path} lists {rel!r}, which is outside {root} (after symlinks); "
+                                   f"an export only lists its own files; {hint}")
+    return m
+
+
+def _config_diff(ours: dict[str, Any], theirs: dict[str, Any]) -> str:
+    for section in ("unet", "vae", "text_encoder", "scheduler", "tokenizer"):
+        a, b = ours.get(section, {}), theirs.get(section, {})
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            continue
+        for k in sorted(set(a) | set(b)):
+            if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True):
+                return f" ({section} config {k}: export has {a.get(k)!r}, model has {b.get(k)!r})"
+    return " (same configs, different weights)"
+
+
+def verify(m: Manifest, root: Path, info: ModelInfo, fmt: str, check_hashes: bool = True,
+           device: dict[str, Any] | None = None) -> None:
+    """Raise ArtifactMismatch naming the first difference between the artifact and what is at hand."""
+    root = Path(root)
+    if m.format != fmt:
+        raise ArtifactMismatch(f"engines: {root} holds {m.format} artifacts, not {fmt}; use --backend "
+                               f"{_backend_for(m.format)} or {rebuild_hint(None, root, info, fmt)}")
+    hint = rebuild_hint(m, root, info, fmt)
+    missing = [c for c in SPECS if c not in m.components]
+    if missing:
+        raise ArtifactMismatch(f"engines: {root} lacks component(s) {', '.join(missing)}; {hint}")
+    if m.model.get("fingerprint") != info.fingerprint:
+        configs = m.model.get("configs")
+        diff = _config_diff(configs if isinstance(configs, dict) else {}, model_record(info)["configs"])
+        raise ArtifactMismatch(
+            f"engines: {root} was exported from a different model ({m.model.get('name')!r} at "
+            f"{m.model.get('source')!r}) than {info.name!r} at {str(info.path)!r}{diff}; {hint}"
+        )
+    if fmt == "tensorrt":
+        have = package_version("tensorrt")
+        if m.versions.get("tensorrt") != have:
+            raise ArtifactMismatch(
+                f"engines: {root} was built with TensorRT {m.versions.get('tensorrt')} but TensorRT {have} is "
+                f"installed; plans only load on the version that built them; {hint}"
+            )
+        if device is not None and m.device is not None:
+            for key in ("gpu", "compute_capability"):
+                if m.device.get(key) != device.get(key):
+                    raise ArtifactMismatch(
+                        f"engines: {root} was built for GPU {m.device.get('gpu')!r} (compute capability "
+                        f"{m.device.get('compute_capability')}) but this is {device.get('gpu')!r} (compute "
+                        f"capability {device.get('compute_capability')}); {hint}"
+                    )
+    for c in SPECS:
+        if m.components[c]["file"] not in m.files:
+            raise ArtifactMismatch(f"engines: the manifest lists no hash for {m.components[c]['file']}; {hint}")
+    for rel, rec in m.files.items():
+        p = inside(root, rel)  # checked on read too; a symlink may have changed since
+        if p is None:
+            raise ArtifactMismatch(f"engines: {rel!r} resolves outside {root}; {hint}")
+        if not p.is_file():
+            raise ArtifactMismatch(f"engines: {root / rel} is listed in the manifest but missing; {hint}")
+        size = p.stat().st_size
+        if size != rec["size"]:
+            raise ArtifactMismatch(f"engines: {root / rel} has {size} bytes but the manifest says {rec['size']} "
+                                   f"(truncated or replaced); {hint}")
+        if check_hashes and file_record(p)["sha256"] != rec["sha256"]:
+            raise ArtifactMismatch(f"engines: {root / rel} does not match its sha256 in the manifest (modified); {hint}")
+
+
+def load_manifest(root: Path | str, info: ModelInfo, fmt: str, device: dict[str, Any] | None = None) -> Manifest:
+    root = Path(root)
+    m = read_manifest(root, info, fmt)
+    verify(m, root, info, fmt, device=device)
+    return m
+
+
+def is_export_folder(path: Path) -> bool:
+    """True when ``path`` holds an sdfast export and nothing else: a valid manifest plus only
+    the files it lists. Export replaces such a folder; anything more is someone else's data."""
+    path = Path(path)
+    try:
+        d = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if _schema_errors(d) is not None:
+        return False
+    listed = set(d["files"]) | {MANIFEST}
+    for p in path.rglob("*"):
+        rel = p.relative_to(path).as_posix()
+        if p.is_symlink() or (p.is_file() and rel not in listed):
+            return False
+        if p.is_dir() and not any(f.startswith(rel + "/") for f in listed):
+            return False
+    return True
+
+
+def check_export_out(out: Path | str, protect: Path | None = None) -> Path:
+    """Refuse an export target whose replacement would destroy what export did not write.
+
+    Returns the resolved folder. Allowed: a missing path, an empty folder, or an earlier sdfast
+    export (``is_export_folder``). Refused: a file, a folder with other content, ``protect``
+    (the model folder) or any folder containing it, and the current folder or any above it.
+    """
+    raw = str(out)
+    path = Path(out).expanduser().resolve()
+    fix = "pass a new or empty folder, or an earlier sdfast export folder"
+    if protect is not None:
+        model = Path(protect).resolve()
+        if model == path or model.is_relative_to(path):
+            raise InvalidArgument(f"out: {raw!r} is the model folder or contains it, and export replaces --out "
+                                  f"as a whole; {fix}")
+    if Path.cwd().resolve().is_relative_to(path):
+        raise InvalidArgument(f"out: {raw!r} is the current folder or contains it, and export replaces --out "
+                              f"as a whole; {fix}, e.g. --out engines")
+    if path.exists() and not path.is_dir():
+        raise InvalidArgument(f"out: {raw!r} is a file, and export writes a folder there; {fix}")
+    if path.is_dir() and any(path.iterdir()) and not is_export_folder(path):
+        raise InvalidArgument(f"out: {raw!r} holds files that sdfast export did not write (no manifest listing "
+                              f"them), and export replaces --out as a whole; {fix}")
+    check_output_path(path, "out", directory=True)
+    return path
