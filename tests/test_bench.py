@@ -1,13 +1,16 @@
 """`sdfast bench`, FLOP counting and the random-architecture models (issue 6).
 
-The bench tests prove plumbing (a full run writes a valid report with a diffusers row), not speed.
+The bench tests prove plumbing and arithmetic (a full run writes a valid report with a diffusers row,
+speedups and percentiles are computed from the runs), not speed.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
+import torch
 
 from sdfast import bench
 from sdfast.cli import main
@@ -19,14 +22,15 @@ def run_cli(*argv: str) -> int:
     return main(["bench", *argv])
 
 
-def check_row(row: dict) -> None:
+def check_row(row: dict, repeat: int) -> None:
     assert set(row["stages_ms"]) == STAGES and set(row["stages_ms_p90"]) == STAGES
-    for k in STAGES:
-        assert 0 < row["stages_ms"][k] <= row["stages_ms_p90"][k]
-    assert row["images_per_s"] > 0
+    assert all(row["stages_ms"][k] > 0 for k in STAGES)
+    assert row["latency_ms"]["runs"] == repeat
+    # Both are the p50 of the same per-run totals: a row that mixed in warm-up runs or another
+    # statistic for one of them would differ.
+    assert row["stages_ms"]["total"] == row["latency_ms"]["p50"]
+    assert row["images_per_s"] == pytest.approx(row["batch"] / (row["stages_ms"]["total"] / 1e3))
     assert row["peak_mem_mb"] > 0
-    assert row["speedup_vs_diffusers"] > 0
-    assert row["latency_ms"]["p50"] <= row["latency_ms"]["p99"]
     assert row["tflops"]["total"] > 0 and row["gflop"]["unet_step"] > 0
 
 
@@ -40,9 +44,11 @@ def test_bench_torch_writes_report_with_diffusers_row(tmp_path, capsys):
     by_backend = {r["backend"]: r for r in report["results"]}
     assert set(by_backend) == {"diffusers", "torch"}
     for row in by_backend.values():
-        check_row(row)
+        check_row(row, repeat=2)
         assert row["batch"] == 1 and row["dtype"] == "fp32" and row["random_weights"] is False
-    assert by_backend["diffusers"]["speedup_vs_diffusers"] == 1.0
+    # Speedup is diffusers' total over ours, from the two rows' own p50 totals.
+    ours, ref = by_backend["torch"]["stages_ms"]["total"], by_backend["diffusers"]["stages_ms"]["total"]
+    assert by_backend["torch"]["speedup_vs_diffusers"] == pytest.approx(ref / ours)
     assert report["machine"]["versions"]["torch"]
     table = capsys.readouterr().out
     assert "diffusers" in table and "torch" in table and "unet/step" in table
@@ -64,8 +70,9 @@ def test_bench_onnxruntime_row_or_clear_skip(tmp_path, capsys):
         assert "skipped onnxruntime" in capsys.readouterr().out
         pytest.skip(f"onnxruntime row skipped as designed: {missing}")
     assert backends == ["diffusers", "onnxruntime"], report["config"]["skipped"]
-    ort = report["results"][1]
-    check_row(ort)
+    diffusers, ort = report["results"]
+    check_row(ort, repeat=1)
+    assert ort["speedup_vs_diffusers"] == pytest.approx(diffusers["stages_ms"]["total"] / ort["stages_ms"]["total"])
     assert ort["export_s"] is None or ort["export_s"] > 0
 
 
@@ -84,25 +91,56 @@ def test_bench_bad_values_exit_2_without_output(tmp_path, capsys, argv, needle):
     assert not out.exists()
 
 
-def test_plot_needs_matplotlib_or_writes_png(tmp_path, capsys):
+PLOT_ARGV = ["--model", "tiny-random", "--steps", "1", "--height", "64", "--width", "64", "--repeat", "1",
+             "--warmup", "0"]
+
+
+def test_plot_is_a_real_png_of_the_stage_bars(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is in [dev]; install it to test the plot")
+    from PIL import Image
+
     png = tmp_path / "stages.png"
-    argv = ["--model", "tiny-random", "--steps", "1", "--height", "64", "--width", "64", "--repeat", "1",
-            "--warmup", "0", "--plot", str(png)]
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert run_cli(*argv) == 2
-        assert "plot: needs matplotlib" in capsys.readouterr().err
-        assert not png.exists()
-        return
-    assert run_cli(*argv) == 0
+    assert run_cli(*PLOT_ARGV, "--plot", str(png)) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as im:
+        im.load()  # decodes every row: a truncated file raises here
+        assert im.format == "PNG" and im.width >= 600 and im.height >= 400
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 16)
+    assert colours is None or len(colours) > 10  # bars, labels and a legend, not a blank canvas
+
+
+def test_plot_without_matplotlib_exits_2_before_running(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what Python does for a missing package
+    png, out = tmp_path / "stages.png", tmp_path / "bench.json"
+    assert run_cli(*PLOT_ARGV, "--plot", str(png), "--json", str(out)) == 2
+    err = capsys.readouterr().err
+    assert "plot: needs matplotlib" in err and "Traceback" not in err
+    assert not png.exists() and not out.exists()
 
 
 def test_percentile_is_nearest_rank():
     assert bench.percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert bench.percentile([3.0, 1.0, 2.0], 99) == 3.0
+    assert bench.percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.0  # an observed value, not the mean 2.5
     assert bench.percentile(list(map(float, range(1, 101))), 90) == 90.0
+    assert bench.percentile([7.0], 50) == 7.0
+
+
+def test_measure_reports_nearest_rank_stats_of_the_timed_runs_only():
+    # Warm-up runs return a huge time: none of it may reach the statistics.
+    timed = [50.0, 10.0, 30.0, 20.0, 40.0, 60.0, 70.0, 80.0, 90.0, 100.0]
+    samples = iter([1e6] * 2 + timed)
+
+    def run() -> dict[str, float]:
+        t = next(samples)
+        return {"text_encoder": t / 10, "unet_step": t / 5, "scheduler_step": t / 100, "vae_decode": t / 4,
+                "total": t}
+
+    row = bench.measure(run, bench.BenchConfig(warmup=2, repeat=len(timed)), torch.device("cpu"))
+    assert next(samples, None) is None  # 2 warm-up + 10 timed calls, no more
+    assert row["latency_ms"] == {"p50": 50.0, "p99": 100.0, "runs": 10}
+    assert row["stages_ms"]["total"] == 50.0 and row["stages_ms_p90"]["total"] == 90.0
+    assert row["stages_ms"]["unet_step"] == 10.0 and row["stages_ms_p90"]["vae_decode"] == 22.5
 
 
 def test_warmup_runs_a_short_generation_at_the_shape(tiny_pipe):
