@@ -170,7 +170,7 @@ def sdfast_runner(pipe, cfg: BenchConfig, batch: int, height: int, width: int) -
         out = pipe.generate(prompts, height=height, width=width, steps=cfg.steps,
                             guidance_scale=cfg.guidance_scale, seed=cfg.seed, scheduler=cfg.scheduler,
                             profile=True)
-        t, n = out.timings, out.timings["steps"]
+        t, n = out.timings, out.steps
         return {"text_encoder": 1e3 * t["text_encoder"], "unet_step": 1e3 * t["unet"] / n,
                 "scheduler_step": 1e3 * t["scheduler"] / n, "vae_decode": 1e3 * t["vae_decode"],
                 "total": 1e3 * t["total"]}
@@ -208,10 +208,15 @@ def diffusers_pipeline(info: ModelInfo, modules: dict[str, torch.nn.Module], sch
 
 
 class _HookTimer:
-    """Wall time inside hooked modules, per stage; first entry time of each stage."""
+    """Wall time inside hooked modules, per stage; first entry time of each stage.
+
+    The hooks synchronize CUDA, so they must never outlive the diffusers row: the modules are
+    shared with the sdfast torch row, whose CUDA-graph capture fails on a sync (and would then
+    time diffusers' hooks too). ``attach`` keeps every handle and ``detach`` removes them all."""
 
     def __init__(self, device: torch.device):
         self.device = device
+        self._handles: list = []
         self.reset()
 
     def reset(self) -> None:
@@ -220,7 +225,7 @@ class _HookTimer:
         self.step_end = 0.0
         self._t0: dict[str, float] = {}
 
-    def attach(self, module: torch.nn.Module, stage: str) -> list:
+    def attach(self, module: torch.nn.Module, stage: str) -> None:
         def pre(mod, args):
             sync(self.device)
             now = time.perf_counter()
@@ -231,7 +236,12 @@ class _HookTimer:
             sync(self.device)
             self.totals[stage] = self.totals.get(stage, 0.0) + time.perf_counter() - self._t0[stage]
 
-        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        self._handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
     def on_step_end(self, pipe, i, t, kwargs):
         sync(self.device)
@@ -241,24 +251,28 @@ class _HookTimer:
 
 def diffusers_runner(pipe, cfg: BenchConfig, batch: int, height: int, width: int,
                      device: torch.device) -> Runner:
+    """One timed diffusers generation per call. The timing hooks are attached for the call
+    and removed when it ends, failed or not (see ``_HookTimer``)."""
     timer = _HookTimer(device)
-    timer.attach(pipe.text_encoder, "text_encoder")
-    timer.attach(pipe.unet, "unet")
-    vae_parts = [pipe.vae.post_quant_conv, pipe.vae.decoder]
-    for m in vae_parts:
-        if m is not None:
-            timer.attach(m, "vae_decode")
+    hooked = [(pipe.text_encoder, "text_encoder"), (pipe.unet, "unet"),
+              (pipe.vae.post_quant_conv, "vae_decode"), (pipe.vae.decoder, "vae_decode")]
     prompts = [cfg.prompt] * batch
 
     def run() -> dict[str, float]:
         timer.reset()
-        t0 = time.perf_counter()
-        pipe(prompt=prompts, negative_prompt=[""] * batch, height=height, width=width,
-             num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-             generator=torch.Generator("cpu").manual_seed(cfg.seed), output_type="pil",
-             callback_on_step_end=timer.on_step_end)
-        sync(device)
-        total = time.perf_counter() - t0
+        for module, stage in hooked:
+            if module is not None:
+                timer.attach(module, stage)
+        try:
+            t0 = time.perf_counter()
+            pipe(prompt=prompts, negative_prompt=[""] * batch, height=height, width=width,
+                 num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                 generator=torch.Generator("cpu").manual_seed(cfg.seed), output_type="pil",
+                 callback_on_step_end=timer.on_step_end)
+            sync(device)
+            total = time.perf_counter() - t0
+        finally:
+            timer.detach()
         tt, n = timer.totals, cfg.steps
         loop = timer.step_end - timer.first["unet"]
         return {"text_encoder": 1e3 * tt["text_encoder"], "unet_step": 1e3 * tt["unet"] / n,
@@ -377,8 +391,8 @@ def validate(cfg: BenchConfig) -> tuple[ModelInfo, torch.device, int, int]:
         raise InvalidArgument(f"engines: {cfg.engines!r} is not a folder; pass the --out folder of `sdfast export`")
     device = resolve_device(cfg.device)
     info = resolve_model(cfg.model)
-    req = Request.build(info, cfg.prompt, None, cfg.height, cfg.width, cfg.steps, cfg.guidance_scale,
-                        cfg.seed, cfg.scheduler)
+    req = Request.build(info, prompt=cfg.prompt, height=cfg.height, width=cfg.width, steps=cfg.steps,
+                        guidance_scale=cfg.guidance_scale, seed=cfg.seed, scheduler=cfg.scheduler)
     return info, device, req.height, req.width
 
 
