@@ -17,7 +17,7 @@ import torch
 from ..artifacts import Manifest, load_manifest
 from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, output_shapes, size_multiple
 from ..errors import InvalidArgument
-from ..models import ModelInfo, cache_dir
+from ..models import ModelInfo
 from .base import ExportedEngine, engine_inputs
 
 log = logging.getLogger(__name__)
@@ -45,32 +45,75 @@ def session_options(threads: int | None = None):
     return so
 
 
-def providers_for(device: torch.device, precision: Precision) -> list:
-    """CPU always; CUDA (and TensorRT) in front of it when onnxruntime-gpu provides them."""
+def _current_stream_handle(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def providers_for(device: torch.device, precision: Precision, stream: int | None = None) -> list:
+    """The providers a session of this backend runs on, chosen explicitly.
+
+    CPU: the CPU provider alone. CUDA: the CUDA provider with its options (torch's current
+    stream, or ``stream``), then the CPU provider for the few nodes CUDA has no kernel for.
+    Never the TensorRT provider, even where onnxruntime-gpu lists it: it would turn this
+    backend into ORT-TensorRT (minutes of engine builds, rebuilt per shape) without being asked;
+    TensorRT is the ``tensorrt`` backend. ``precision`` is accepted for the record: the graphs
+    fix their own precision. UNVERIFIED on a GPU.
+    """
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
     if device.type == "cpu":
         return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" not in available:
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise InvalidArgument(
             "device: ONNX Runtime has no CUDA provider here (onnxruntime, not onnxruntime-gpu, is installed); "
             "pip install onnxruntime-gpu or use --device cpu"
         )
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    stream = torch.cuda.current_stream(idx).cuda_stream
-    # ORT runs on torch's stream, so bound tensors need no extra synchronization.
-    cuda = ("CUDAExecutionProvider", {"device_id": idx, "user_compute_stream": str(stream),
+    handle = _current_stream_handle(torch.device("cuda", idx)) if stream is None else stream
+    # ORT enqueues on torch's stream, so torch's work and ORT's are ordered without host syncs.
+    cuda = ("CUDAExecutionProvider", {"device_id": idx, "user_compute_stream": str(handle),
                                       "has_user_compute_stream": "1", "cudnn_conv_algo_search": "HEURISTIC"})
-    out = [cuda, "CPUExecutionProvider"]
-    if "TensorrtExecutionProvider" in available:
-        trt = ("TensorrtExecutionProvider", {
-            "device_id": idx, "trt_fp16_enable": precision is Precision.FP16,
-            "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir() / "ort-trt"),
-            "user_compute_stream": str(stream), "has_user_compute_stream": "1",
-        })
-        out.insert(0, trt)
-    return out
+    return [cuda, "CPUExecutionProvider"]
+
+
+def check_providers(session, providers: list, path: Path) -> None:
+    """Refuse a session that is not on the providers asked for.
+
+    ORT's Python InferenceSession retries a failed provider with a fallback list and *no*
+    provider options (which loses ``user_compute_stream``), and newer versions skip a CUDA
+    provider whose libraries do not load with only a log line: either way the session would
+    run somewhere else than asked, silently. UNVERIFIED on a GPU.
+    """
+    wanted = [p if isinstance(p, str) else p[0] for p in providers]
+    got = list(session.get_providers())
+    if got != wanted:
+        raise InvalidArgument(
+            f"device: ONNX Runtime opened {path.name} on {', '.join(got)} instead of {', '.join(wanted)} "
+            f"(its provider failed to load: check onnxruntime-gpu against the CUDA and cuDNN installed); "
+            f"fix the install or use --device cpu"
+        )
+    for name, opts in (p for p in providers if not isinstance(p, str)):
+        have = session.get_provider_options().get(name, {})
+        if opts.get("has_user_compute_stream") == "1" and have.get("has_user_compute_stream", "1") != "1":
+            raise InvalidArgument(
+                f"device: ONNX Runtime opened {path.name} on {name} without the user_compute_stream it was "
+                f"given (it retried the provider without its options); fix the onnxruntime-gpu install "
+                f"or use --device cpu"
+            )
+
+
+class _OrderedStreams:
+    """Orders ORT's stream after torch's current one and back, on the device (no host sync)."""
+
+    def __init__(self, device: torch.device, session_stream: int):
+        self.current = torch.cuda.current_stream(device)
+        self.ort = torch.cuda.ExternalStream(session_stream, device=device)
+
+    def __enter__(self):
+        self.ort.wait_stream(self.current)
+
+    def __exit__(self, *exc):
+        self.current.wait_stream(self.ort)
 
 
 class OrtEngine(ExportedEngine):
@@ -98,18 +141,36 @@ class OrtEngine(ExportedEngine):
             binding.bind_output(t.name, self._device_type, self._device_id, NUMPY_DTYPES[y.dtype],
                                 tuple(y.shape), y.data_ptr())
             outs[t.name] = y
-        if self._device_type == "cuda":
-            binding.synchronize_inputs()
-        self.session.run_with_iobinding(binding)
-        if self._device_type == "cuda":
-            binding.synchronize_outputs()
+        if self._device_type != "cuda":
+            self.session.run_with_iobinding(binding)
+            return {k: v.float() for k, v in outs.items()}
+        # CUDA (UNVERIFIED): the session was opened on torch's current stream (providers_for),
+        # so torch's kernels that made the inputs and ORT's kernels run in stream order, and
+        # binding.synchronize_inputs/outputs (host syncs) would only stall the loop. ORT's own
+        # stream sync at the end of each run is switched off for the same reason
+        # (disable_synchronize_execution_providers). Called from another torch stream (a side
+        # stream), the two streams are ordered on the device with waits, still without a host sync.
+        import onnxruntime as ort
+
+        session_stream = int(self.session.get_provider_options()["CUDAExecutionProvider"]["user_compute_stream"])
+        run_options = ort.RunOptions()
+        run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        if _current_stream_handle(self.device) == session_stream:
+            self.session.run_with_iobinding(binding, run_options)
+        else:
+            with _OrderedStreams(self.device, session_stream):
+                self.session.run_with_iobinding(binding, run_options)
         return {k: v.float() for k, v in outs.items()}
 
 
-def open_session(path: Path, device: torch.device, precision: Precision):
+def open_session(path: Path, device: torch.device, precision: Precision, stream: int | None = None):
+    """An InferenceSession on exactly the providers of ``providers_for``, or a one-line refusal."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), sess_options=session_options(), providers=providers_for(device, precision))
+    providers = providers_for(device, precision, stream)
+    session = ort.InferenceSession(str(path), sess_options=session_options(), providers=providers)
+    check_providers(session, providers, Path(path))
+    return session
 
 
 def load(info: ModelInfo, device: torch.device, precision: Precision, engines: str | None = None) -> dict[str, OrtEngine]:
