@@ -84,6 +84,9 @@ class Backend:
     devices: tuple[str, ...] = ("cpu", "cuda")
     #: loaders take ``options`` of these names (e.g. attention); others are not passed.
     options: tuple[str, ...] = ()
+    #: a NaN/inf decode of a reduced-precision VAE is redone by an eager fp32 VAE (needs
+    #: diffusers); exported backends instead keep their VAE in fp32 unless told otherwise.
+    eager_vae_fallback: bool = False
 
     def missing(self) -> str | None:
         """None when the backend can run here, else why not (one line with the fix)."""
@@ -140,7 +143,7 @@ OPSETS = tuple(range(17, 21))
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("torch", "eager PyTorch, runs the model folder directly (the parity reference)", engines="torch",
-            precisions=("fp32", "fp16", "bf16"), options=("attention",)),
+            precisions=("fp32", "fp16", "bf16"), options=("attention", "modules"), eager_vae_fallback=True),
     Backend("onnxruntime", "ONNX graphs on ONNX Runtime (CPU; CUDA with onnxruntime-gpu)", engines="onnxruntime",
             format="onnx", exporter=_export_onnx, requires=("onnx", "onnxruntime", "onnxscript"), extra="onnx",
             flags=(

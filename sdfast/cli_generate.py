@@ -9,9 +9,14 @@ from .errors import InvalidArgument
 
 DESCRIPTION = """Generate an image from a prompt.
 
+The prompt is the words after `generate`: quote it ("a red circle") or not (a red circle): the
+words are joined with single spaces, as the shell split them. For a batch of different prompts,
+give each with -p/--prompt instead; images are then written as OUT-0.png, OUT-1.png, ...
+
 The PNG's text chunks record prompt, negative prompt, seed, steps, guidance, scheduler, size,
-model and backend, so `sdfast generate` can reproduce it. With several --prompt values (or a
-batch), images are written as OUT-0.png, OUT-1.png, ...
+model, backend and dtype, so `sdfast generate` can reproduce it. Every output path is checked
+before any work, and the outputs of a run (images, --save-steps frames, --animation) are
+written together at the end: a run that fails leaves none of them.
 """
 
 
@@ -20,8 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("generate", help="generate an image from a prompt", description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompt", nargs="+", help="the prompt; several prompts make a batch")
+    p.add_argument("prompt", nargs="*", metavar="PROMPT",
+                   help="the prompt; unquoted words are joined into one prompt")
+    p.add_argument("-p", "--prompt", dest="prompts", action="append", default=None, metavar="PROMPT",
+                   help="one prompt of a batch; repeat for several (instead of the positional PROMPT)")
     add_model_arguments(p)
+    # Without --backend, --engines DIR runs on the backend its manifest names (torch without one).
+    p.set_defaults(backend=None)
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (default: empty)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's native size)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's native size)")
@@ -50,7 +60,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
     names = ", ".join(builtin_models())
     p.add_argument("--model", default="tiny", help=f"diffusers model folder, hub id, or built-in ({names}); default tiny")
-    p.add_argument("--backend", default="torch", choices=list(BACKENDS), help="engine backend (default torch)")
+    p.add_argument("--backend", default="torch", choices=list(BACKENDS), help="engine backend (default: the one --engines DIR was exported for, else torch)")
     p.add_argument("--engines", default=None, metavar="DIR", help="artifact folder from `sdfast export` (non-torch backends)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
@@ -81,9 +91,10 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"save-steps: {args.save_steps!r} exists and is not a folder; pass a folder path")
     info = resolve_model(args.model)
     # Every rule is checked here, before loading weights and before the run writes anything.
-    req = Request.build(info, args.prompt if len(args.prompt) > 1 else args.prompt[0], args.negative_prompt,
-                        args.height, args.width, args.steps, args.guidance_scale, args.seed, args.scheduler,
-                        args.init_image, args.strength)
+    req = Request.build(info, prompt=args.prompt if len(args.prompt) > 1 else args.prompt[0],
+                        negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                        steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+                        scheduler=args.scheduler, image=args.init_image, strength=args.strength)
     pipe = load(info, backend=args.backend, device=args.device, dtype=args.dtype, engines=args.engines,
                 attention=args.attention, cuda_graphs=args.cuda_graphs)
 
@@ -117,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         t = out.timings
         print(f"wrote {', '.join(map(str, outs))} ({t['total']:.2f} s; U-Net {t.get('unet', 0):.2f} s "
-              f"over {int(t['steps'])} steps)")
+              f"over {out.steps} steps)")
     return 0
 
 

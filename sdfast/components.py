@@ -157,6 +157,7 @@ class ShapeProfile:
     def validate(self, info: ModelInfo) -> None:
         """Raise InvalidArgument unless min ≤ opt ≤ max and every side fits the U-Net's grid."""
         from .errors import InvalidArgument
+        from .rules import check_side
 
         for arg, (lo, opt, hi) in (("batch", self.batch), ("height", self.height), ("width", self.width)):
             if not 1 <= lo <= opt <= hi:
@@ -166,12 +167,8 @@ class ShapeProfile:
                 )
         m = size_multiple(info)
         for arg, r in (("height", self.height), ("width", self.width)):
-            bad = [v for v in r if v % m]
-            if bad:
-                raise InvalidArgument(
-                    f"{arg}: every profile side must be a multiple of {m} (VAE factor × U-Net downsampling) "
-                    f"but {bad[0]} is not; use {bad[0] - bad[0] % m} or {bad[0] - bad[0] % m + m}"
-                )
+            for v in r:
+                check_side(f"{arg} (export profile)", v, m, "VAE factor × U-Net downsampling")
 
     def covers(self, batch: int, height: int, width: int) -> list[str]:
         """The reasons ``(batch, height, width)`` falls outside; empty when it is served."""

@@ -2,14 +2,13 @@
 
 What is captured (tinygrad's "one function per step" and stable-fast's wrapper habits):
 
-- the whole guided step — U-Net engine call, guidance ``u + g·(t − u)``, scheduler update and
-  a device-side "latents still finite" flag — once per ``StepKey`` (batch, height, width,
-  guided, scheduler); every value that changes per step or per request lives in a device
-  tensor the graph reads: the step index ``i`` (0-d long, incremented *inside* the graph), the
-  guidance scale ``g`` (0-d float32), the ancestral noise of every step (uploaded once per run,
-  indexed by ``i``). The scheduler's per-step tables and per-run state are static buffers of a
-  scheduler object owned by the graph; each run copies a freshly built scheduler's tables and
-  zeroed state into them (``load_scheduler_state``).
+- the whole guided step — ``loop.guided_step``, the very function the plain loop runs — once
+  per ``StepKey`` (batch, height, width, guided, scheduler); every value that changes per step
+  or per request lives in a device tensor of a static ``LoopState``: the step index ``i`` (0-d
+  long, incremented *inside* the graph), the per-row guidance scales, the ancestral noise of
+  every step (uploaded once per run, indexed by ``i``). The scheduler's declared tables and
+  state (``Scheduler.tables`` / ``state``) are static buffers of a scheduler object owned by the
+  graph; each run copies a freshly built scheduler's buffers into them (``load_scheduler_state``).
 - the text encoder and the VAE decoder, as separate graphs per input shape (``GraphedEngine``).
 
 Warm-up runs on a side stream before capture (cuDNN benchmarking and lazy init must not end
@@ -25,6 +24,7 @@ the plain loop (and plain engine calls) from then on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .components import ComponentSpec
+from .loop import LoopState, StepCallback, Timer, denoise, guided_step
 from .schedulers import Scheduler, make_scheduler
-from .schedulers.base import at
 
 if TYPE_CHECKING:
     from .engines import Engine
@@ -82,7 +82,8 @@ class GraphRuntime:
             for _ in range(WARMUP_CALLS):
                 reset()
                 fn()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
+        caller = torch.cuda.current_stream(self.device)
+        caller.wait_stream(stream)
         reset()
         try:
             if self._pool is None:
@@ -98,6 +99,10 @@ class GraphRuntime:
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 fn()
         except Exception as e:  # any capture error means "this cannot be graphed": fall back
+            # torch.cuda.graph's __exit__ ends the capture before it restores the caller's stream;
+            # when capture_end raises, the thread would stay on the capture stream and the
+            # fallback would run on a side stream nothing waits on.
+            torch.cuda.set_stream(caller)
             log.warning("CUDA graph capture of %s failed (%s: %s); running it ungraphed from now on",
                         what, type(e).__name__, e)
             torch.cuda.synchronize(self.device)
@@ -164,38 +169,35 @@ class GraphedEngine:
 # -- the guided step ---------------------------------------------------------------------------------
 
 def load_scheduler_state(static: Scheduler, fresh: Scheduler) -> None:
-    """Copy every tensor of ``fresh`` (tables from set_timesteps, state from begin) into the
-    same-named static buffer of ``static``; tables fill a prefix of the (longer) static ones."""
-    for name, src in vars(fresh).items():
-        if not isinstance(src, torch.Tensor):
-            continue
-        dst = getattr(static, name, None)
-        if not isinstance(dst, torch.Tensor) or dst.dim() != src.dim() or dst.shape[1:] != src.shape[1:] \
-                or (src.dim() and dst.shape[0] < src.shape[0]):
+    """Copy the declared buffers of ``fresh`` (tables from set_timesteps, state from begin) into
+    those of ``static``; tables fill a prefix of the (longer) static ones. Only declared
+    buffers exist for a graph (``Scheduler.tables`` / ``state``): nothing is guessed."""
+    dst_all = static.buffers()
+    for name, src in fresh.buffers().items():
+        dst = dst_all[name]
+        if dst.dim() != src.dim() or dst.shape[1:] != src.shape[1:] or (src.dim() and dst.shape[0] < src.shape[0]):
             raise RuntimeError(f"graphs: scheduler buffer {name!r} {tuple(src.shape)} does not fit the "
-                               f"captured {None if dst is None else tuple(dst.shape)}; this is a bug")
+                               f"captured {tuple(dst.shape)}; this is a bug")
         (dst[: src.shape[0]] if src.dim() else dst).copy_(src)
 
 
 class StepGraph:
     """Static buffers of one ``StepKey`` and the (captured or plain) runner of its guided step."""
 
-    def __init__(self, key: StepKey, unet: Engine, scheduler_config: dict, latents: torch.Tensor,
-                 text: torch.Tensor, capacity: int, needs_noise: bool, runtime: GraphRuntime):
-        dev = latents.device
+    def __init__(self, key: StepKey, unet: Engine, scheduler_config: dict, run: LoopState,
+                 capacity: int, needs_noise: bool, runtime: GraphRuntime):
+        dev = run.latents.device
         self.key, self.unet, self.capacity = key, unet, capacity
-        self.latents = latents.clone()  # (B, C, h, w) float32, updated in place by every step
-        self.text = text.clone()  # (2B|B, S, D)
+        latents = run.latents.clone()  # (B, C, h, w) float32, updated in place by every step
+        noise = torch.zeros((capacity, *latents.shape), device=dev) if needs_noise else None  # by step index
+        self.state = LoopState(latents, run.text.clone(), run.guidance.clone(), key.guided, noise,
+                               torch.ones(capacity, dtype=torch.bool, device=dev))
         self.i = torch.zeros((), dtype=torch.long, device=dev)  # step index, advanced in the graph
-        self.g = torch.ones((), dtype=torch.float32, device=dev)  # guidance scale
         # Tables sized for ``capacity`` steps; shorter runs use a prefix. State from begin().
         self.sched = make_scheduler(key.scheduler, scheduler_config)
         self.sched.set_timesteps(capacity, dev)
-        self.sched.begin(self.latents)
-        self._state0 = {k: v.clone() for k, v in vars(self.sched).items() if isinstance(v, torch.Tensor)}
-        # Ancestral noise of every step, indexed by the absolute step index.
-        self.noise = torch.zeros((capacity, *latents.shape), device=dev) if needs_noise else None
-        self.finite = torch.ones(capacity, dtype=torch.bool, device=dev)
+        self.sched.begin(latents)
+        self._state0 = {k: v.clone() for k, v in self.sched.buffers().items() if k in self.sched.state}
         self.run = runtime.build(self.step, self._reset, f"the guided step {key}")
 
     def _reset(self) -> None:
@@ -204,32 +206,30 @@ class StepGraph:
             getattr(self.sched, k).copy_(v)
 
     def step(self) -> None:
-        """One guided step on the static buffers: exactly the plain loop's math."""
-        i, sched = self.i, self.sched
-        x = torch.cat([self.latents, self.latents]) if self.key.guided else self.latents  # (2B|B, C, h, w)
-        x = sched.scale_model_input(x, i)
-        t = at(sched.timesteps, i).reshape(1)  # (1,); at(): a tensor index without .item()
-        eps = self.unet(sample=x, timestep=t, encoder_hidden_states=self.text)["noise_pred"]
-        if self.key.guided:
-            uncond, cond = eps.chunk(2)
-            eps = uncond + self.g * (cond - uncond)  # u + g·(t − u)
-        noise = None if self.noise is None else at(self.noise, i)
-        new = sched.step(eps, i, self.latents, noise)
-        # Checked once after the loop. (finite[i] = ... would call i.item(): a host sync.)
-        self.finite.index_copy_(0, i.reshape(1), torch.isfinite(new).all().reshape(1))
-        self.latents.copy_(new)
-        i.add_(1)
+        """One guided step on the static buffers: the plain loop's ``guided_step`` itself."""
+        self.state.latents.copy_(guided_step(self.unet, self.sched, self.state, self.i))
+        self.i.add_(1)
+
+    def load(self, sched: Scheduler, run: LoopState, first: int) -> None:
+        """Fill the static inputs from a run (the graph path's host-side work)."""
+        s, n = self.state, len(sched.timesteps)
+        s.latents.copy_(run.latents)
+        s.text.copy_(run.text)
+        s.guidance.copy_(run.guidance)
+        load_scheduler_state(self.sched, sched)
+        if run.noise is not None:
+            s.noise[:n].copy_(run.noise)
+        s.finite.fill_(True)
+        self.i.fill_(first)
 
 
 class GraphRunner:
-    """The graphed denoising loop of one pipeline; same signature as ``Pipeline.denoise``."""
+    """The graphed denoising loop of one pipeline; same signature as ``loop.denoise``."""
 
-    def __init__(self, unet: Engine, device: torch.device, capture: bool, scheduler_config: dict,
-                 plain_denoise: Callable[..., torch.Tensor]):
+    def __init__(self, unet: Engine, device: torch.device, capture: bool, scheduler_config: dict):
         self.runtime = GraphRuntime(device, capture)
         self.unet = unet
         self.scheduler_config = scheduler_config
-        self.plain_denoise = plain_denoise
         self._steps: dict[StepKey, StepGraph] = {}
         self.failed = False  # the step's capture failed (or cannot work): the plain loop runs
         if self.runtime.capture and not getattr(unet, "graph_safe", False):
@@ -250,42 +250,34 @@ class GraphRunner:
             return engine
         return GraphedEngine(engine, self.runtime)
 
-    def denoise(self, sched: Scheduler, latents: torch.Tensor, text: torch.Tensor, guidance_scale: float,
-                guided: bool, first: int, step_noise: torch.Tensor | None, timer, callback, progress: bool,
-                finite: torch.Tensor | None = None) -> torch.Tensor:
+    def denoise(self, unet: Engine, sched: Scheduler, run: LoopState, first: int, timer: Timer | None = None,
+                callback: StepCallback | None = None, progress: bool = False) -> torch.Tensor:
         from tqdm.auto import tqdm
 
+        timer = timer or (lambda stage: contextlib.nullcontext())
         n = len(sched.timesteps)
-        b, _, h, w = latents.shape
-        key = StepKey(b, h, w, guided, sched.name)
+        b, _, h, w = run.latents.shape
+        key = StepKey(b, h, w, run.guided, sched.name)
         with self.runtime.lock, torch.no_grad():
             g = None if self.failed else self._steps.get(key)
             if not self.failed and (g is None or g.capacity < n):
                 with timer("graph_capture"):  # once per shape (and when a run needs more steps)
-                    g = StepGraph(key, self.unet, self.scheduler_config, latents, text,
+                    g = StepGraph(key, self.unet, self.scheduler_config, run,
                                   max(n, 0 if g is None else g.capacity), sched.needs_noise, self.runtime)
                 if g.run is None:
                     self.failed = True
                 else:
                     self._steps[key] = g
             if self.failed:
-                return self.plain_denoise(sched, latents, text, guidance_scale, guided, first, step_noise,
-                                          timer, callback, progress, finite)
+                return denoise(unet, sched, run, first, timer, callback, progress)
             with timer("scheduler"):  # filling the static inputs is the graph path's host-side work
-                g.latents.copy_(latents)
-                g.text.copy_(text)
-                g.g.fill_(guidance_scale)
-                load_scheduler_state(g.sched, sched)
-                if step_noise is not None:
-                    g.noise[first:n].copy_(step_noise)
-                g.finite.fill_(True)
-                g.i.fill_(first)
+                g.load(sched, run, first)
             # "unet" covers the whole captured step here: U-Net + guidance + scheduler update.
             for k in tqdm(range(first, n), disable=not progress, unit="step"):
                 with timer("unet"):
                     g.run()
                 if callback is not None:
-                    callback(k, sched.timesteps[k : k + 1], g.latents.clone())
-            if finite is not None:
-                finite[first:n].copy_(g.finite[first:n])
-            return g.latents.clone()
+                    callback(k, sched.timesteps[k : k + 1], g.state.latents.clone())
+            run.finite.copy_(g.state.finite[:n])
+            run.latents = g.state.latents.clone()
+            return run.latents

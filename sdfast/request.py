@@ -7,22 +7,19 @@ bad input before it creates a single output file.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import rules
 from .errors import InvalidArgument, MissingFile
+from .rules import MAX_SIDE, MIN_SIDE  # noqa: F401  (re-exported: the sides every request may have)
 from .schedulers import SCHEDULERS
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from .models import ModelInfo
-
-MIN_SIDE, MAX_SIDE = 64, 2048
-MAX_STEPS = 1000
-MAX_SEED = 2**64 - 1
 
 
 def load_init_image(image: Image.Image | str | Path) -> Image.Image:
@@ -70,10 +67,11 @@ class Request:
         return self.steps - min(int(self.steps * self.strength), self.steps)
 
     @classmethod
-    def build(cls, info: ModelInfo, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+    def build(cls, info: ModelInfo, *, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
               height: int | None = None, width: int | None = None, steps: int = 50,
               guidance_scale: float = 7.5, seed: int = 0, scheduler: str = "lms",
               image: Image.Image | str | Path | None = None, strength: float = 0.8) -> Request:
+        """Check every rule of the API contract against ``info``'s model (keywords only)."""
         prompts = _prompts(prompt, "prompt")
         if not prompts:
             raise InvalidArgument("prompt: the list is empty; pass a string or a non-empty list of strings")
@@ -88,18 +86,10 @@ class Request:
                     f"negative_prompt: a list must have one entry per prompt, but has {len(negatives)} "
                     f"for {len(prompts)} prompts; pass {len(prompts)} negative prompts or one string"
                 )
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-            raise InvalidArgument(f"steps: must be an integer from 1 to {MAX_STEPS} but is {steps!r}")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float) \
-                or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise InvalidArgument(
-                f"guidance_scale: must be a finite number >= 0 but is {guidance_scale!r}; "
-                "7.5 is the usual value, <= 1 disables classifier-free guidance"
-            )
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-            raise InvalidArgument(f"seed: must be an integer from 0 to 2**64-1 but is {seed!r}")
-        if scheduler not in SCHEDULERS:
-            raise InvalidArgument(f"scheduler: unknown {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        rules.check_steps(steps, int(info.scheduler_config.get("num_train_timesteps", 1000)))
+        guidance_scale = rules.check_guidance(guidance_scale)
+        rules.check_int("seed", seed, 0, rules.MAX_SEED, hi_text="2**64-1")
+        rules.check_choice("scheduler", scheduler, SCHEDULERS)
 
         init = None
         if image is not None:
@@ -118,9 +108,8 @@ class Request:
         height = info.native_size if height is None else height
         width = info.native_size if width is None else width
         for arg, v in (("height", height), ("width", width)):
-            _check_side(arg, v, info.vae_scale_factor)
-        return cls(prompts, negatives, height, width, steps, float(guidance_scale), seed, scheduler,
-                   init, float(strength))
+            rules.check_side(arg, v, info.vae_scale_factor, "the VAE scale factor")
+        return cls(prompts, negatives, height, width, steps, guidance_scale, seed, scheduler, init, float(strength))
 
 
 def _prompts(value: str | list[str], arg: str) -> list[str]:
@@ -129,16 +118,3 @@ def _prompts(value: str | list[str], arg: str) -> list[str]:
     if isinstance(value, list | tuple) and all(isinstance(p, str) for p in value):
         return list(value)
     raise InvalidArgument(f"{arg}: must be a string or a list of strings, not {type(value).__name__}")
-
-
-def _check_side(arg: str, value: int, factor: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgument(f"{arg}: must be an integer number of pixels, not {value!r}")
-    if not MIN_SIDE <= value <= MAX_SIDE:
-        raise InvalidArgument(f"{arg}: must be between {MIN_SIDE} and {MAX_SIDE} pixels but is {value}")
-    if value % factor:
-        lo = value - value % factor
-        raise InvalidArgument(
-            f"{arg}: must be a multiple of {factor} (the VAE scale factor) but is {value}; "
-            f"use {lo} or {lo + factor}"
-        )

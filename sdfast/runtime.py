@@ -1,7 +1,9 @@
 """The classifier-free-guided denoising loop over four Engines.
 
 No backend-specific branch lives here: the loop calls ``engine(**inputs)`` and gets tensors.
-Latents and all scheduler math stay float32 whatever the engines' precision.
+Latents and all scheduler math stay float32 whatever the engines' precision. The guided step
+itself is ``loop.guided_step``; this module prepares its inputs (text, seeded noise), runs
+the plain or the graphed loop, and decodes.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,9 +23,10 @@ from .components import Precision
 from .engines import Engine, check_request, load_engines
 from .errors import InvalidArgument
 from .graphs import GraphRunner
+from .loop import LoopState, StepCallback, denoise
 from .models import ModelInfo, load_tokenizer, resolve_model
 from .request import Request
-from .safety import DecodeFallback, StepFlags
+from .safety import DecodeFallback, check_finite
 from .schedulers import Scheduler, make_scheduler
 
 if TYPE_CHECKING:
@@ -31,16 +34,47 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: callback(step_index, timestep, latents) after every step; latents are (B, C, h, w) float32.
-StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+__all__ = ["GenerationOutput", "Pipeline", "StepCallback", "load", "resolve_device"]
 
 
 @dataclass
 class GenerationOutput:
     images: list[Image.Image]
     latents: torch.Tensor  # (B, C, H/f, W/f) final latents, before VAE decode
-    timings: dict[str, float]  # seconds per stage
+    timings: dict[str, float]  # seconds per stage (of the whole batch the request ran in)
     request: Request = field(repr=False)
+    steps: int = 0  # denoising steps that ran (img2img runs fewer than request.steps)
+    model: str = ""
+    backend: str = ""
+    dtype: str = ""
+
+    def metadata(self, k: int = 0) -> dict[str, Any]:
+        """What the PNG of image ``k`` records (A1111-style generation parameters)."""
+        from . import __version__
+
+        r = self.request
+        meta: dict[str, Any] = {
+            "prompt": r.prompts[k], "negative_prompt": r.negative_prompts[k], "seed": r.seed, "steps": r.steps,
+            "guidance_scale": r.guidance_scale, "scheduler": r.scheduler, "height": r.height, "width": r.width,
+            "model": self.model, "backend": self.backend, "dtype": self.dtype, "sdfast_version": __version__,
+        }
+        if r.batch > 1:
+            meta["batch_index"] = k
+        if r.image is not None:
+            meta["strength"] = r.strength
+        return meta
+
+    def save(self, path: str | Path) -> list[Path]:
+        """Write the images as PNGs with their generation metadata: ``path`` for one image,
+        ``stem-0.png``, ``stem-1.png``, ... for several. Returns the paths written."""
+        from .media import save_png
+
+        path = Path(path)
+        paths = [path] if len(self.images) == 1 else \
+            [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(len(self.images))]
+        for k, (image, p) in enumerate(zip(self.images, paths, strict=True)):
+            save_png(image, p, self.metadata(k))
+        return paths
 
 
 class StageTimer:
@@ -71,6 +105,23 @@ class _Stage:
         t[self.stage] = t.get(self.stage, 0.0) + time.perf_counter() - self.t0
 
 
+#: what requests must share to run in one loop (one U-Net call per step over all their rows).
+BATCH_KEYS = ("height", "width", "steps", "scheduler", "guided", "start_step")
+
+
+def check_batchable(requests: list[Request]) -> None:
+    if not requests:
+        raise InvalidArgument("requests: the list is empty; pass at least one Request")
+    first = requests[0]
+    for r in requests[1:]:
+        for key in BATCH_KEYS:
+            if getattr(r, key) != getattr(first, key):
+                raise InvalidArgument(
+                    f"requests: a batch must share {', '.join(BATCH_KEYS)}, but {key} is {getattr(first, key)!r} "
+                    f"and {getattr(r, key)!r}; run those requests in separate batches"
+                )
+
+
 class Pipeline:
     """Text → image (and image → image) on a set of engines."""
 
@@ -88,27 +139,35 @@ class Pipeline:
         # cuda_graphs: the static-buffer loop (captured on CUDA, plain calls on CPU); see graphs.py.
         self.graphs: GraphRunner | None = None
         if cuda_graphs:
-            self.graphs = GraphRunner(self.engines["unet"], device, device.type == "cuda",
-                                      info.scheduler_config, self.denoise)
+            self.graphs = GraphRunner(self.engines["unet"], device, device.type == "cuda", info.scheduler_config)
             for name in ("text_encoder", "vae_decoder"):
                 self.engines[name] = self.graphs.wrap(self.engines[name])
-        self._decode_fallback = DecodeFallback(fp32_vae_decoder if precision is not Precision.FP32 else None)
+        # The fp16 black-image guard: only a reduced-precision VAE decoder needs it.
+        vae_precision = getattr(self.engines["vae_decoder"], "precision", precision)
+        self._decode_fallback = DecodeFallback(fp32_vae_decoder, enabled=vae_precision is not Precision.FP32)
+
+    def __repr__(self) -> str:
+        graphs = "off" if self.graphs is None else self.graphs.mode
+        return (f"Pipeline(model={self.info.name!r}, backend={self.backend!r}, device={str(self.device)!r}, "
+                f"dtype={self.precision.value!r}, native_size={self.info.native_size}, cuda_graphs={graphs!r})")
 
     # -- stages ------------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """(B,) strings → (B, S) token ids, truncated with a warning that quotes the dropped text."""
+        """(N,) strings → (N, S) token ids: BOS, tokens, EOS, padding; over-long text is cut to
+        BOS + the first S-2 tokens + EOS (what transformers' truncation keeps) with a warning
+        that quotes the dropped text. Each text is tokenized once."""
         s = self.info.max_tokens
         with self._tokenizer_lock:
-            ids = self.tokenizer(texts, padding="max_length", max_length=s, truncation=True,
-                                 return_tensors="pt").input_ids  # (N, S)
-            for text in texts:
-                full = self.tokenizer(text, verbose=False).input_ids  # its own over-length warning is ours
-                if len(full) > s:
-                    # Kept: BOS + the first S-2 tokens + EOS. Quote what fell off, like diffusers.
-                    dropped = self.tokenizer.decode(full[s - 1 : -1])
-                    log.warning("prompt truncated to %d tokens, the text encoder's limit; dropped: %r",
-                                s, dropped)
-        return ids.to(self.device)
+            full = self.tokenizer(texts, verbose=False).input_ids  # ragged, untruncated
+        pad = self.tokenizer.pad_token_id
+        rows = []
+        for ids in full:
+            if len(ids) > s:
+                dropped = self.tokenizer.decode(ids[s - 1 : -1])
+                log.warning("prompt truncated to %d tokens, the text encoder's limit; dropped: %r", s, dropped)
+                ids = ids[: s - 1] + ids[-1:]
+            rows.append(ids + [pad] * (s - len(ids)))
+        return torch.tensor(rows, dtype=torch.long).to(self.device)  # (N, S)
 
     def encode_text(self, prompts: list[str], negatives: list[str], guided: bool) -> torch.Tensor:
         """→ (2B, S, D) as [uncond..., cond...] under guidance, else (B, S, D)."""
@@ -162,23 +221,21 @@ class Pipeline:
                  callback: StepCallback | None = None, progress: bool = False,
                  profile: bool = False) -> GenerationOutput:
         """Run the guided loop. ``profile`` synchronizes CUDA around each stage for exact timings."""
-        req = Request.build(self.info, prompt, negative_prompt, height, width, steps, guidance_scale,
-                            seed, scheduler, image, strength)
+        req = Request.build(self.info, prompt=prompt, negative_prompt=negative_prompt, height=height,
+                            width=width, steps=steps, guidance_scale=guidance_scale, seed=seed,
+                            scheduler=scheduler, image=image, strength=strength)
         return self.run(req, callback=callback, progress=progress, profile=profile)
 
     def run(self, req: Request, callback: StepCallback | None = None, progress: bool = False,
             profile: bool = False) -> GenerationOutput:
-        check_request(self.engines, req.batch, req.height, req.width, req.guided)
-        timer = StageTimer(self.device, sync=profile)
-        t_start = time.perf_counter()
-        b, f = req.batch, self.info.vae_scale_factor
-        shape = (b, self.info.latent_channels, req.height // f, req.width // f)  # (B, C, h, w)
+        """Run one checked request."""
+        return self.run_batch([req], callback=callback, progress=progress, profile=profile)[0]
 
-        with timer("text_encoder"):
-            text = self.encode_text(req.prompts, req.negative_prompts, req.guided)  # (2B|B, S, D)
-
-        sched = make_scheduler(req.scheduler, self.info.scheduler_config)
-        sched.set_timesteps(req.steps, self.device)
+    def _initial_latents(self, req: Request, sched: Scheduler, shape: tuple[int, ...], timer: StageTimer
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A request's starting latents (B, C, h, w) and ancestral noise (N, B, C, h, w) or None,
+        all drawn from its own seed's generator in diffusers' order: latents (img2img: the VAE
+        posterior sample, then the noise), then one draw per remaining step."""
         generator = torch.Generator("cpu").manual_seed(req.seed)
         first = req.start_step
         if req.image is None:
@@ -189,51 +246,69 @@ class Pipeline:
                 init = self.encode_image(req.image, req.height, req.width, generator).expand(shape)
             noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
             latents = sched.add_noise(init, noise, first)
-        # Ancestral noise for every remaining step, drawn now from the same generator (in the
-        # order diffusers draws it inside step), uploaded once: the loop never touches the host RNG.
-        step_noise = None
-        if sched.needs_noise:
-            step_noise = torch.stack(
-                [torch.randn(shape, generator=generator, dtype=torch.float32) for _ in range(first, req.steps)]
-            ).to(self.device)
-        sched.begin(latents)
+        if not sched.needs_noise:
+            return latents, None
+        # Uploaded once, indexed by the absolute step: the loop never touches the host RNG.
+        step_noise = torch.zeros((len(sched.timesteps), *shape), dtype=torch.float32)
+        for i in range(first, len(sched.timesteps)):
+            step_noise[i] = torch.randn(shape, generator=generator, dtype=torch.float32)
+        return latents, step_noise.to(self.device)
 
-        flags = StepFlags(len(sched.timesteps), self.device)
-        denoise = self.denoise if self.graphs is None else self.graphs.denoise
-        latents = denoise(sched, latents, text, req.guidance_scale, req.guided, first, step_noise,
-                          timer, callback, progress, flags.flags)
-        flags.check(first, sched.timesteps, "try dtype='fp32' or a lower guidance_scale")
+    def run_batch(self, requests: list[Request], callback: StepCallback | None = None, progress: bool = False,
+                  profile: bool = False) -> list[GenerationOutput]:
+        """Run several checked requests in one loop, one U-Net call per step over all their rows.
+
+        They must share ``BATCH_KEYS``; each keeps its own prompts, seed (its latents and noise
+        come from its own generator, exactly what it draws alone) and guidance scale (per-row
+        guidance). Whether a row is bit-identical to its lone run then depends only on whether
+        the engines compute a row independently of the batch size (see sdfast/serve)."""
+        check_batchable(requests)
+        head = requests[0]
+        batch = sum(r.batch for r in requests)
+        check_request(self.engines, batch, head.height, head.width, head.guided)
+        timer = StageTimer(self.device, sync=profile)
+        t_start = time.perf_counter()
+        f = self.info.vae_scale_factor
+
+        with timer("text_encoder"):
+            text = self.encode_text([p for r in requests for p in r.prompts],
+                                    [p for r in requests for p in r.negative_prompts], head.guided)  # (2B|B, S, D)
+        sched = make_scheduler(head.scheduler, self.info.scheduler_config)
+        sched.set_timesteps(head.steps, self.device)
+        parts = [self._initial_latents(r, sched, (r.batch, self.info.latent_channels, r.height // f, r.width // f),
+                                       timer) for r in requests]
+        latents = torch.cat([lat for lat, _ in parts])  # (B, C, h, w)
+        noise = None if parts[0][1] is None else torch.cat([n for _, n in parts], dim=1)  # (N, B, C, h, w)
+        guidance = [r.guidance_scale for r in requests for _ in range(r.batch)]
+        sched.begin(latents)
+        state = LoopState.create(latents, text, guidance, head.guided, noise, len(sched.timesteps))
+
+        first = head.start_step
+        run = denoise if self.graphs is None else self.graphs.denoise
+        latents = run(self.engines["unet"], sched, state, first, timer, callback, progress)
+        check_finite(state.finite, first, sched.timesteps, self._numerics_hint(head))
 
         with timer("vae_decode"):
-            image = self.decode(latents)
-        images = self.to_pil(image)
+            images = self.to_pil(self.decode(latents))
         timer.totals["total"] = time.perf_counter() - t_start
-        timer.totals["steps"] = float(req.steps - first)
-        return GenerationOutput(images=images, latents=latents, timings=timer.totals, request=req)
+        outs, row = [], 0
+        for r in requests:
+            outs.append(GenerationOutput(images=images[row : row + r.batch], latents=latents[row : row + r.batch],
+                                         timings=dict(timer.totals), request=r, steps=r.steps - first,
+                                         model=self.info.name, backend=self.backend, dtype=self.precision.value))
+            row += r.batch
+        return outs
 
-    def denoise(self, sched: Scheduler, latents: torch.Tensor, text: torch.Tensor, guidance_scale: float,
-                guided: bool, first: int, step_noise: torch.Tensor | None, timer: StageTimer,
-                callback: StepCallback | None, progress: bool, finite: torch.Tensor | None = None) -> torch.Tensor:
-        from tqdm.auto import tqdm
-
-        unet = self.engines["unet"]
-        for k, i in enumerate(tqdm(range(first, len(sched.timesteps)), disable=not progress, unit="step")):
-            t = sched.timesteps[i : i + 1]  # (1,)
-            with timer("scheduler"):
-                x = torch.cat([latents, latents]) if guided else latents  # (2B|B, C, h, w)
-                x = sched.scale_model_input(x, i)
-            with timer("unet"):
-                eps = unet(sample=x, timestep=t, encoder_hidden_states=text)["noise_pred"]
-            with timer("scheduler"):
-                if guided:
-                    uncond, cond = eps.chunk(2)
-                    eps = uncond + guidance_scale * (cond - uncond)  # u + g·(t − u)
-                latents = sched.step(eps, i, latents, None if step_noise is None else step_noise[k])
-                if finite is not None:
-                    finite[i] = torch.isfinite(latents).all()  # device write; checked after the loop
-            if callback is not None:
-                callback(i, t, latents)
-        return latents
+    def _numerics_hint(self, req: Request) -> str:
+        """What could actually help when the latents blow up, given this pipeline's settings."""
+        hints = []
+        if self.precision is not Precision.FP32:
+            hints.append(f"load the pipeline with dtype='fp32' (this run was {self.precision.value})")
+        if req.guided and req.guidance_scale > 15:
+            hints.append(f"lower guidance_scale ({req.guidance_scale:g}; 5-10 is the usual range)")
+        if not hints:
+            hints.append("the model's weights or the engines are likely broken: check them with `sdfast parity`")
+        return "; or ".join(hints)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -250,8 +325,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def load(model: str | Path | ModelInfo = "tiny", backend: str = "torch", device: str | torch.device = "cpu",
          dtype: str | Precision = "fp32", engines: str | Path | None = None, attention: str = "sdpa",
-         cuda_graphs: bool | None = None) -> Pipeline:
-    """Load a model for generation. See DESIGN.md's API contract.
+         cuda_graphs: bool | None = None, modules: dict[str, torch.nn.Module] | None = None) -> Pipeline:
+    """Load a model for generation: the one way a Pipeline is assembled (the CLI, bench and the
+    device check all come here, so they run with the safety setup users get). See DESIGN.md's
+    API contract.
 
     dtype: "fp32" (the parity reference, default), "fp16", "bf16", or "auto": fp16 on CUDA, bf16
     on CPUs with bf16 units, else fp32; with ``engines``, the precision they were exported in.
@@ -259,7 +336,12 @@ def load(model: str | Path | ModelInfo = "tiny", backend: str = "torch", device:
     attention: "sdpa" | "xformers" | "math" for the torch backend (other backends ignore it).
     cuda_graphs: None = on for CUDA, off for CPU; True on CPU runs the static-buffer loop
     uncaptured (how the tests check the graphed step's logic).
+    modules: torch backend only: already loaded torch modules to run (bench shares them with
+    diffusers' pipeline) instead of loading the folder again.
     """
+    from . import backends
+
+    record = backends.get(backend)
     dev = resolve_device(device)
     info = model if isinstance(model, ModelInfo) else resolve_model(model)
     if dtype == "auto" and engines is not None:
@@ -270,14 +352,14 @@ def load(model: str | Path | ModelInfo = "tiny", backend: str = "torch", device:
     else:
         precision = Precision.resolve(dtype, dev)
     engine_set = load_engines(info, backend, dev, precision, None if engines is None else str(engines),
-                              options={"attention": attention})
+                              options={"attention": attention, "modules": modules})
     if cuda_graphs is None:
         cuda_graphs = dev.type == "cuda"
+    fallback = None
+    if record.eager_vae_fallback:
+        def fallback() -> Engine:  # the fp16-overflow fallback, built on first need
+            from .engines.torch import load_component
 
-    def fp32_vae_decoder() -> Engine:  # the fp16-overflow fallback, built on first need
-        from .engines.torch import load_component
+            return load_component(info, "vae_decoder", dev, Precision.FP32)
 
-        return load_component(info, "vae_decoder", dev, Precision.FP32)
-
-    return Pipeline(info, engine_set, dev, precision, backend, cuda_graphs=cuda_graphs,
-                    fp32_vae_decoder=fp32_vae_decoder)
+    return Pipeline(info, engine_set, dev, precision, backend, cuda_graphs=cuda_graphs, fp32_vae_decoder=fallback)

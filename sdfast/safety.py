@@ -1,7 +1,8 @@
 """Numerical safety nets of the loop, without host syncs inside it.
 
-- ``StepFlags``: one device-side "latents are finite" flag per step, written by the loop (plain
-  or graphed) and read once after it; a NaN/inf stops the run naming the first bad step.
+- ``check_finite``: the loop (plain or graphed) writes one device-side "latents are finite"
+  flag per step (``LoopState.finite``); this reads them once after it, and a NaN/inf stops
+  the run naming the first bad step.
 - ``DecodeFallback``: a VAE decode that yields NaN/inf in reduced precision is redone in fp32
   (the known fp16 black-image failure), with one warning; the fp32 decoder is built lazily.
 """
@@ -23,31 +24,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class StepFlags:
-    """(N,) bool on the device; ``flags[i]`` is True while the latents after step i are finite."""
-
-    def __init__(self, steps: int, device: torch.device):
-        self.flags = torch.ones(steps, dtype=torch.bool, device=device)
-
-    def record(self, i: int, latents: torch.Tensor) -> None:
-        self.flags[i] = torch.isfinite(latents).all()  # a device write, no sync
-
-    def check(self, first: int, timesteps: torch.Tensor, hint: str) -> None:
-        """One host sync for the whole run; raise NumericalError naming the first bad step."""
-        bad = (~self.flags[first:]).nonzero()
-        if len(bad):
-            i = first + int(bad[0, 0])
-            n = len(self.flags)
-            raise NumericalError(
-                f"latents became NaN or inf at step {i} of {n} (timestep {float(timesteps[i]):g}); {hint}"
-            )
+def check_finite(finite: torch.Tensor, first: int, timesteps: torch.Tensor, hint: str) -> None:
+    """``finite``: (N,) bool, False where the latents after step i were not finite. One host
+    sync for the whole run; raise NumericalError naming the first bad step."""
+    bad = (~finite[first:]).nonzero()
+    if len(bad):
+        i = first + int(bad[0, 0])
+        raise NumericalError(
+            f"latents became NaN or inf at step {i} of {len(finite)} (timestep {float(timesteps[i]):g}); {hint}"
+        )
 
 
 class DecodeFallback:
     """Checks a reduced-precision decode and redoes it with a lazily built fp32 decoder."""
 
-    def __init__(self, load_fp32: Callable[[], Engine] | None):
+    def __init__(self, load_fp32: Callable[[], Engine] | None, enabled: bool = True):
         self._load = load_fp32
+        self._enabled = enabled
         self._engine: Engine | None = None
         self._warned = False
         self._lock = threading.Lock()
@@ -56,9 +49,13 @@ class DecodeFallback:
         """``image`` decoded from ``latent`` (already divided by the scaling factor)."""
         if bool(torch.isfinite(image).all()):  # a sync, but the image goes to the host next anyway
             return image
+        if not self._enabled:
+            raise NumericalError("vae_decoder: the fp32 decode produced NaN or inf; the latents are broken "
+                                 "(check the engines with `sdfast parity`)")
         if self._load is None:
-            raise NumericalError("vae_decoder: the decode produced NaN or inf and no fp32 decoder is "
-                                 "available; load the pipeline with dtype='fp32'")
+            raise NumericalError("vae_decoder: the reduced-precision decode produced NaN or inf and this backend "
+                                 "has no eager fp32 decoder to redo it; export the VAE in fp32 (the default, "
+                                 "without --vae-precision fp16) or load with dtype='fp32'")
         with self._lock:
             if not self._warned:
                 log.warning("VAE decode produced NaN/inf in reduced precision (the fp16 black-image "

@@ -70,7 +70,7 @@ def test_img2img_matches_diffusers(tiny_pipe, tiny_info, diffusers_pipe, schedul
     lat, img = run_diffusers(pipe, tiny_info, scheduler, prompt="a green square", image=init, strength=0.6,
                              num_inference_steps=10, guidance_scale=7.5, seed=5)
     out = tiny_pipe.generate("a green square", image=init, strength=0.6, steps=10, seed=5, scheduler=scheduler)
-    assert out.timings["steps"] == 6
+    assert out.steps == 6
     assert_parity(out, lat, img)
 
 

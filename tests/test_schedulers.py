@@ -209,7 +209,7 @@ def test_most_steps_stay_finite(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_bad_steps_is_rejected_naming_the_argument(name: str, steps: int) -> None:
     sched = make_scheduler(name, SD15_CONFIG)
-    with pytest.raises(ValueError, match=rf"^steps: must be between 1 and 1000 but is {steps}"):
+    with pytest.raises(ValueError, match=rf"^steps: must be an integer from 1 to 1000 but is {steps}"):
         sched.set_timesteps(steps)
 
 
@@ -217,7 +217,7 @@ def test_unknown_scheduler_name_lists_the_choices() -> None:
     with pytest.raises(ValueError) as err:
         make_scheduler("foo", SD15_CONFIG)
     assert str(err.value) == (
-        "scheduler: unknown name 'foo'; choose one of lms, euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras"
+        "scheduler: unknown 'foo'; choose one of lms, euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras"
     )
 
 

@@ -9,6 +9,7 @@ import torch
 from ..components import ComponentSpec, Precision, ShapeProfile
 from ..errors import InvalidArgument
 from ..models import ModelInfo
+from ..rules import check_side
 
 
 @runtime_checkable
@@ -71,12 +72,9 @@ def check_request(engines: dict[str, Engine], batch: int, height: int, width: in
             continue
         multiple = getattr(engine, "size_multiple", None)
         for arg, v in (("height", height), ("width", width)):
-            if multiple and v % multiple:
-                lo = v - v % multiple
-                raise InvalidArgument(
-                    f"{arg}: exported engines serve sides that are multiples of {multiple} (VAE factor × "
-                    f"U-Net downsampling) but {arg} is {v}; use {lo or multiple} or {lo + multiple}"
-                )
+            if multiple:
+                check_side(arg, v, multiple, f"exported engines serve multiples of {multiple}: VAE factor × "
+                           "U-Net downsampling")
         reasons = profile.covers(batch, height, width)
         if reasons:
             flags = _covering_flags(profile, batch, height, width)

@@ -23,11 +23,12 @@ class TorchEngine:
 
     graph_safe = True
 
-    def __init__(self, spec: ComponentSpec, module: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+    def __init__(self, spec: ComponentSpec, module: torch.nn.Module, device: torch.device, precision: Precision):
         self.spec = spec
         self.module = module
         self.device = device
-        self.dtype = dtype
+        self.precision = precision
+        self.dtype = precision.torch_dtype
 
     @torch.inference_mode()
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -78,7 +79,7 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
     mods = modules or load_torch_modules(info, dtype=precision.torch_dtype, device=device)
     set_attention(mods, attention)
     return {
-        name: TorchEngine(SPECS[name], module, device, precision.torch_dtype)
+        name: TorchEngine(SPECS[name], module, device, precision)
         for name, module in component_modules(mods).items()
     }
 
@@ -86,4 +87,4 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
 def load_component(info: ModelInfo, name: str, device: torch.device, precision: Precision) -> TorchEngine:
     """One eager engine, loading only the module it needs (the fp32 VAE fallback of fp16 runs)."""
     mods = load_torch_modules(info, dtype=precision.torch_dtype, device=device, parts=(COMPONENT_MODULE[name],))
-    return TorchEngine(SPECS[name], component_modules(mods)[name], device, precision.torch_dtype)
+    return TorchEngine(SPECS[name], component_modules(mods)[name], device, precision)

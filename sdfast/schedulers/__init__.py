@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..rules import check_choice
 from .base import Scheduler
 from .ddim import DDIMScheduler
 from .dpmpp_2m import DPMPP2MKarrasScheduler, DPMPP2MScheduler
@@ -26,9 +27,7 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
 
 def make_scheduler(name: str, config: dict[str, Any]) -> Scheduler:
     """Build scheduler ``name`` from a model folder's ``scheduler_config.json`` (a dict)."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"scheduler: unknown name {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[name](config)
+    return SCHEDULERS[check_choice("scheduler", name, SCHEDULERS)](config)
 
 
 __all__ = ["SCHEDULERS", "Scheduler", "make_scheduler"]

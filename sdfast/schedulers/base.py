@@ -10,6 +10,14 @@ Per-run state (the LMS derivative history, DPM-Solver's previous output) lives i
 created by ``begin`` and updated in place by ``step``, so the same buffers are reused by every
 replay. One scheduler object serves one generation at a time; the pipeline builds a fresh one
 per call (cheap: a few small tables), which keeps concurrent ``generate`` calls independent.
+
+The buffer contract is explicit, not guessed: every scheduler names its per-step ``tables``
+(tensors built by ``set_timesteps``, first dim = step or step + 1) and its per-run ``state``
+(tensors built by ``begin``); ``buffers()`` returns exactly those, and ``host_values`` names the
+Python values that change with the step count but are read outside ``step`` only. A CUDA graph
+copies ``buffers()`` of a fresh scheduler into its static one (graphs.py); a test checks that
+every registered scheduler declares every tensor it holds and nothing that ``step`` reads
+lives in an undeclared Python number.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ..rules import check_steps
 
 StepIndex = int | torch.Tensor
 
@@ -127,6 +137,12 @@ class Scheduler:
     #: Config options implemented only at this value (the diffusers default); another value in
     #: scheduler_config.json is refused rather than silently ignored.
     fixed_options: dict[str, Any] = {"rescale_betas_zero_snr": False}
+    #: per-step tensors made by ``set_timesteps`` (first dim: step, or step + 1).
+    tables: tuple[str, ...] = ("timesteps",)
+    #: per-run tensors made by ``begin`` and updated in place by ``step``.
+    state: tuple[str, ...] = ()
+    #: Python values that depend on the step count but are read outside ``step`` only.
+    host_values: tuple[str, ...] = ("num_inference_steps",)
 
     def __init__(self, config: dict[str, Any]):
         self.config = dict(config)
@@ -156,14 +172,19 @@ class Scheduler:
         return spacing
 
     def check_steps(self, num_inference_steps: int) -> None:
-        """Reject a step count the training schedule cannot be divided into."""
-        t_max = self.schedule.num_train_timesteps
-        is_int = isinstance(num_inference_steps, (int, np.integer)) and not isinstance(num_inference_steps, bool)
-        if not is_int or not 1 <= num_inference_steps <= t_max:
-            raise ValueError(
-                f"steps: must be between 1 and {t_max} but is {num_inference_steps!r}; "
-                f"pass an integer number of denoising steps in that range (e.g. 25 or 50)"
-            )
+        """Reject a step count the training schedule cannot be divided into (``rules.check_steps``)."""
+        check_steps(num_inference_steps, self.schedule.num_train_timesteps)
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The declared tables and state (after ``set_timesteps`` and ``begin``), by name."""
+        out = {}
+        for name in self.tables + self.state:
+            value = getattr(self, name, None)
+            if not isinstance(value, torch.Tensor):
+                raise RuntimeError(f"scheduler {self.name!r}: declared buffer {name!r} is {type(value).__name__}, "
+                                   "not a tensor; call set_timesteps and begin first")
+            out[name] = value
+        return out
 
     # -- tables -----------------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps: int, device: torch.device | str = "cpu") -> None:
@@ -206,6 +227,8 @@ class SigmaScheduler(Scheduler):
         "use_exponential_sigmas": False,
         "use_beta_sigmas": False,
     }
+    tables = ("timesteps", "sigmas", "_in_denom")
+    host_values = ("num_inference_steps", "_init_noise_sigma")
 
     def set_timesteps(self, num_inference_steps: int, device: torch.device | str = "cpu") -> None:
         self.check_steps(num_inference_steps)

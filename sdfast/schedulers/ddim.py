@@ -13,6 +13,7 @@ class DDIMScheduler(Scheduler):
     name = "ddim"
     default_spacing = "leading"
     fixed_options = {**Scheduler.fixed_options, "thresholding": False}
+    tables = ("timesteps", "_sqrt_alpha", "_sqrt_one_minus_alpha", "_sqrt_alpha_prev", "_sqrt_one_minus_alpha_prev")
 
     def __init__(self, config: dict):
         super().__init__(config)

@@ -43,6 +43,8 @@ class DPMPP2MScheduler(Scheduler):
     #: Karras sigmas instead of the training sigmas at evenly spaced timesteps. The name picks
     #: the algorithm, so the config's algorithm_type, solver_order and use_karras_sigmas are not read.
     karras = False
+    tables = ("timesteps", "_alpha", "_sigma", "_ratio", "_phi", "_corr")
+    state = ("_prev", "_has_prev")
     fixed_options = {
         **Scheduler.fixed_options,
         "thresholding": False,

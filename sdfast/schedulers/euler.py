@@ -11,6 +11,7 @@ from .base import SigmaScheduler, StepIndex, at
 class EulerScheduler(SigmaScheduler):
     name = "euler"
     default_spacing = "linspace"
+    tables = (*SigmaScheduler.tables, "_dt")
     fixed_options = {
         **SigmaScheduler.fixed_options,
         "interpolation_type": "linear",

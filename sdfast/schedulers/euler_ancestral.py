@@ -17,6 +17,7 @@ class EulerAncestralScheduler(SigmaScheduler):
     name = "euler_a"
     needs_noise = True
     default_spacing = "linspace"
+    tables = (*SigmaScheduler.tables, "_sigma_up", "_dt")
 
     def _build_step_tables(self, sigmas: torch.Tensor, device: torch.device | str) -> None:
         sigma_from, sigma_to = sigmas[:-1], sigmas[1:]

@@ -43,6 +43,8 @@ def lms_coefficients(sigmas: np.ndarray, order: int = ORDER) -> np.ndarray:
 class LMSScheduler(SigmaScheduler):
     name = "lms"
     default_spacing = "linspace"
+    tables = (*SigmaScheduler.tables, "_coeffs")
+    state = ("_slopes",)
 
     def _build_step_tables(self, sigmas: torch.Tensor, device: torch.device | str) -> None:
         self._coeffs = torch.from_numpy(lms_coefficients(sigmas.numpy())).float().to(device)  # (N, 4)

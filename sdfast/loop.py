@@ -1,0 +1,89 @@
+"""The guided denoising step, written once.
+
+``guided_step`` is the whole classifier-free-guided step — batch the latents for the
+[uncond, cond] halves, scale the U-Net input, call the U-Net, combine ``u + g·(t − u)``, take the
+scheduler step, flag non-finite latents — over one explicit ``LoopState``. The plain loop
+(``denoise``) calls it with a Python step index; the graph runner (graphs.py) captures the same
+function once per shape with the step index, guidance and noise in device tensors and replays
+it. Every per-step or per-request value is a tensor in the state, so nothing is read from the
+host inside the step: no ``.item()``, no sync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .schedulers.base import Scheduler, StepIndex, at
+
+#: callback(step_index, timestep, latents) after every step; latents are (B, C, h, w) float32.
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+#: a stage timer: ``with timer("unet"): ...`` (runtime.StageTimer); None times nothing.
+Timer = Callable[[str], contextlib.AbstractContextManager]
+
+
+def _no_timer(stage: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def guide(eps: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+    """(2B, C, h, w) noise predictions as [uncond..., cond...] → (B, C, h, w) guided ones;
+    ``guidance`` is (B, 1, 1, 1): every row keeps its own scale."""
+    uncond, cond = eps.chunk(2)
+    return uncond + guidance * (cond - uncond)  # u + g·(t − u)
+
+
+@dataclass
+class LoopState:
+    """Everything one denoising loop reads besides the engines and the scheduler."""
+
+    latents: torch.Tensor  # (B, C, h, w) float32
+    text: torch.Tensor  # (2B, S, D) as [uncond..., cond...] when guided, else (B, S, D)
+    guidance: torch.Tensor  # (B, 1, 1, 1) float32 per-row guidance scale (read only when guided)
+    guided: bool
+    noise: torch.Tensor | None  # (N, B, C, h, w) ancestral noise by absolute step index, or None
+    finite: torch.Tensor  # (N,) bool; finite[i] is False when the latents after step i are not
+
+    @classmethod
+    def create(cls, latents: torch.Tensor, text: torch.Tensor, guidance: list[float] | torch.Tensor,
+               guided: bool, noise: torch.Tensor | None, steps: int) -> LoopState:
+        g = torch.as_tensor(guidance, dtype=torch.float32).reshape(-1, 1, 1, 1).to(latents.device)  # (B, 1, 1, 1)
+        finite = torch.ones(steps, dtype=torch.bool, device=latents.device)
+        return cls(latents, text, g, guided, noise, finite)
+
+
+def guided_step(unet, sched: Scheduler, s: LoopState, i: StepIndex, timer: Timer | None = None) -> torch.Tensor:
+    """One guided step at step index ``i`` (an int, or a 0-d long device tensor); returns the
+    new latents and records whether they are finite in ``s.finite[i]``."""
+    timer = timer or _no_timer
+    with timer("scheduler"):
+        x = torch.cat([s.latents, s.latents]) if s.guided else s.latents  # (2B|B, C, h, w)
+        x = sched.scale_model_input(x, i)
+        t = at(sched.timesteps, i).reshape(1)  # (1,)
+    with timer("unet"):
+        eps = unet(sample=x, timestep=t, encoder_hidden_states=s.text)["noise_pred"]  # (2B|B, C, h, w)
+    with timer("scheduler"):
+        if s.guided:
+            eps = guide(eps, s.guidance)  # (B, C, h, w)
+        new = sched.step(eps, i, s.latents, None if s.noise is None else at(s.noise, i))
+        ok = torch.isfinite(new).all()
+        if isinstance(i, torch.Tensor):  # finite[i] = ... would call i.item(): a host sync
+            s.finite.index_copy_(0, i.reshape(1), ok.reshape(1))
+        else:
+            s.finite[i] = ok  # a device write, checked once after the loop
+    return new
+
+
+def denoise(unet, sched: Scheduler, s: LoopState, first: int, timer: Timer | None = None,
+            callback: StepCallback | None = None, progress: bool = False) -> torch.Tensor:
+    """The plain loop: ``guided_step`` for steps ``first .. N-1``; returns the final latents."""
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(first, len(sched.timesteps)), disable=not progress, unit="step"):
+        s.latents = guided_step(unet, sched, s, i, timer)
+        if callback is not None:
+            callback(i, sched.timesteps[i : i + 1], s.latents)
+    return s.latents
