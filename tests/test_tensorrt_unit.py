@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import pytest
 import torch
@@ -118,3 +119,144 @@ def test_tensorrt_fp16_engines_match_eager(tiny_info, tiny_pipe, tmp_path):
     pipe = sdfast.load(tiny_info.path, backend="tensorrt", device="cuda", dtype="fp16", engines=out)
     rows = end_to_end_parity(tiny_pipe, pipe, PROFILE, Precision.FP16, ("lms",), steps=8)
     assert all(r.passed for r in rows), rows
+
+
+# -- the engine's Python logic with a fake ``tensorrt`` (issue 19 item 4) -------------------------
+
+class _FakeContext:
+    """Copies each input's mean into its outputs, reading and writing the bound addresses; it
+    sleeps before reading, so a second thread that shares it unguarded overwrites the inputs."""
+
+    def __init__(self, engine):
+        self.engine, self.addr, self.shapes, self.handles = engine, {}, {}, []
+
+    def set_tensor_address(self, name, ptr):
+        self.addr[name] = ptr
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+
+    def get_tensor_shape(self, name):
+        b, _, h, w = self.shapes["latent"]
+        f = self.engine.factor
+        return (b, 3, h * f, w * f)
+
+    def execute_async_v3(self, handle):
+        import ctypes
+        import time
+
+        import numpy as np
+
+        self.handles.append(handle)
+        time.sleep(0.02)  # the enqueue returns at once on a GPU; here it gives the other thread a window
+        shape = self.shapes["latent"]
+        n = int(np.prod(shape))
+        x = np.frombuffer((ctypes.c_float * n).from_address(self.addr["latent"]), dtype=np.float32)
+        out_shape = self.get_tensor_shape("image")
+        m = int(np.prod(out_shape))
+        y = np.frombuffer((ctypes.c_float * m).from_address(self.addr["image"]), dtype=np.float32)
+        y[:] = x.reshape(shape[0], -1).mean(axis=1).repeat(m // shape[0])
+        return True
+
+
+class _FakeEngine:
+    def __init__(self, factor):
+        self.factor, self.names, self.contexts = factor, ["latent", "image"], []
+        self.num_io_tensors = 2
+
+    def get_tensor_name(self, i):
+        return self.names[i]
+
+    def get_tensor_mode(self, name):
+        return "IN" if name == "latent" else "OUT"
+
+    def get_tensor_dtype(self, name):
+        return "FLOAT"
+
+    def create_execution_context(self):
+        self.contexts.append(_FakeContext(self))
+        return self.contexts[-1]
+
+
+def _fake_tensorrt(factor):
+    import types
+
+    engine = _FakeEngine(factor)
+    runtime = types.SimpleNamespace(deserialize_cuda_engine=lambda plan: engine)
+    return types.SimpleNamespace(
+        Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None}),
+        Runtime=lambda logger: runtime,
+        TensorIOMode=types.SimpleNamespace(INPUT="IN", OUTPUT="OUT"),
+        DataType=types.SimpleNamespace(FLOAT="FLOAT", HALF="HALF", INT32="INT32", INT64="INT64", BOOL="BOOL"),
+    ), engine
+
+
+class _FakeStreams:
+    """Records the engine's stream protocol per call: wait on the caller, enqueue, caller waits."""
+
+    handle = 777  # the engine's own stream; the caller's is another
+
+    def __init__(self):
+        import threading
+
+        self.events, self._lock = [], threading.Lock()
+
+    def current(self):
+        import threading
+
+        return f"caller-{threading.get_ident()}"
+
+    def enter(self, caller):
+        import contextlib
+
+        with self._lock:
+            self.events.append(("engine stream waits for", caller))
+        return contextlib.nullcontext()
+
+    def leave(self, caller, outputs):
+        with self._lock:
+            self.events.append(("caller waits for engine stream", caller))
+
+
+def test_tensorrt_engine_runs_on_its_own_stream_between_two_waits(tiny_info, monkeypatch):
+    from sdfast.engines.tensorrt import TensorRTEngine
+
+    trt, engine = _fake_tensorrt(tiny_info.vae_scale_factor)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    streams = _FakeStreams()
+    e = TensorRTEngine(SPECS["vae_decoder"], b"plan", tensor_records("vae_decoder", PROFILE, tiny_info), tiny_info,
+                       torch.device("cpu"), Precision.FP32, PROFILE, streams=streams)
+    out = e(latent=torch.full((1, 4, 8, 8), 0.5))["image"]
+    assert out.shape == (1, 3, 64, 64) and torch.all(out == 0.5)
+    assert engine.contexts[0].handles == [_FakeStreams.handle]  # never torch's current stream
+    caller = streams.current()
+    assert streams.events == [("engine stream waits for", caller), ("caller waits for engine stream", caller)]
+    assert out.data_ptr() != e.buffers["image"].data_ptr()  # cloned out: the next call cannot overwrite it
+
+
+def test_two_threads_through_one_tensorrt_engine_get_their_own_results(tiny_info, monkeypatch):
+    import threading
+
+    from sdfast.engines.tensorrt import TensorRTEngine
+
+    trt, engine = _fake_tensorrt(tiny_info.vae_scale_factor)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    e = TensorRTEngine(SPECS["vae_decoder"], b"plan", tensor_records("vae_decoder", PROFILE, tiny_info), tiny_info,
+                       torch.device("cpu"), Precision.FP32, PROFILE, streams=_FakeStreams())
+    jobs = {0: torch.full((1, 4, 8, 8), 1.0), 1: torch.full((2, 4, 16, 12), 2.0)}
+    got: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    start = threading.Barrier(2)
+
+    def work(n):
+        start.wait()
+        for _ in range(4):
+            got[n].append(e(latent=jobs[n])["image"])
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in jobs]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(engine.contexts) == 1  # one context, shared under the engine's lock
+    for n, x in jobs.items():
+        want_shape = (x.shape[0], 3, x.shape[2] * 8, x.shape[3] * 8)
+        for y in got[n]:
+            assert y.shape == want_shape and torch.all(y == x[0, 0, 0, 0]), (n, y.shape, y.unique())

@@ -1,17 +1,31 @@
 """TensorRT engines over an ``sdfast export --format tensorrt`` folder.
 
 UNVERIFIED: written against the documented TensorRT 10/11 Python API without a GPU or
-TensorRT at hand; the buffer and profile logic is tested on the CPU, the rest is not.
+TensorRT at hand; the buffer, profile, stream-order and locking logic is tested on the CPU
+with a fake ``tensorrt`` module, the rest is not.
 
 Buffers are allocated once, as torch tensors sized for the profile's max shapes, and bound by
-address when the engine is made; a call copies its inputs in, sets the input shapes, enqueues
-on torch's current stream (no host sync) and returns views of the output buffers, cloned
-unless the caller asked for the raw buffers (the CUDA-graph path does, on purpose).
+address when the engine is made. A call runs on the engine's own non-default stream:
+
+1. that stream waits for torch's current stream (whose kernels made the inputs);
+2. on it, the inputs are copied into the buffers, the shapes set, ``execute_async_v3``
+   enqueued (on the legacy default stream, torch's usual current stream, TensorRT would
+   synchronize every enqueue) and the outputs cloned out of the buffers;
+3. torch's current stream waits for it, and the outputs are marked as used there.
+
+No host sync anywhere. Threads: one execution context and one buffer set, guarded by a lock,
+rather than one context per thread. TensorRT allows concurrent use only with a context per
+thread, but every context holds its own activation memory (GBs for the SD U-Net) and one SD
+call fills the GPU, so two contexts would time-slice the same hardware at twice the memory.
+The lock is held only while the call *enqueues* (microseconds of host time); every touch of
+the buffers is on the one stream, so calls from any thread run in lock order on the device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +58,43 @@ def torch_dtype(trt, dtype) -> torch.dtype:
     return table[dtype]
 
 
+class CudaStreams:
+    """The engine's own CUDA stream and its ordering with torch's current stream."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)  # torch's pool streams are non-blocking
+
+    @property
+    def handle(self) -> int:
+        return self.stream.cuda_stream
+
+    def current(self):
+        return torch.cuda.current_stream(self.device)
+
+    def enter(self, caller):
+        """Wait for ``caller``'s work, then make the engine's stream current."""
+        self.stream.wait_stream(caller)
+        return torch.cuda.stream(self.stream)
+
+    def leave(self, caller, outputs: list[torch.Tensor]) -> None:
+        for y in outputs:  # allocated on our stream, used on the caller's: keep the allocator honest
+            y.record_stream(caller)
+        caller.wait_stream(self.stream)
+
+
 class TensorRTEngine(ExportedEngine):
     def __init__(self, spec: ComponentSpec, plan: bytes, component: dict[str, Any], info: ModelInfo,
-                 device: torch.device, precision: Precision, profile: ShapeProfile, clone_outputs: bool = True):
+                 device: torch.device, precision: Precision, profile: ShapeProfile, clone_outputs: bool = True,
+                 streams=None):
         import tensorrt as trt
 
         super().__init__(spec, device, precision, profile, size_multiple(info))
         self.clone_outputs = clone_outputs
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        with torch.cuda.device(device):
+        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with on_device:
             self.engine = self._runtime.deserialize_cuda_engine(plan)
             if self.engine is None:
                 raise RuntimeError(f"TensorRT could not deserialize the {spec.name} plan")
@@ -67,25 +108,31 @@ class TensorRTEngine(ExportedEngine):
         self.buffers = allocate_buffers(component, self.dtypes, device)
         for n, buf in self.buffers.items():
             self.context.set_tensor_address(n, buf.data_ptr())
+        # ``streams``: CudaStreams(device) unless a test passes a fake (the CPU tests do).
+        self.streams = streams if streams is not None else CudaStreams(device)
+        self._lock = threading.Lock()  # one context and one buffer set: see the module doc
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        for t in self.spec.inputs:
-            x = inputs[t.name]
-            buf = self.buffers[t.name][: x.numel()].view(x.shape)
-            buf.copy_(x, non_blocking=True)  # casts to the plan's dtype on the device
-            self.context.set_input_shape(t.name, tuple(x.shape))
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"TensorRT failed to enqueue {self.spec.name}")
-        out = {}
-        for t in self.spec.outputs:
-            shape = tuple(self.context.get_tensor_shape(t.name))
-            y = self.buffers[t.name][: math.prod(shape)].view(shape)
-            if y.dtype != torch.float32:
-                y = y.float()  # a new tensor: never aliases the buffer
-            elif self.clone_outputs:
-                y = y.clone()
-            out[t.name] = y
+        with self._lock:
+            caller = self.streams.current()
+            with self.streams.enter(caller):
+                for t in self.spec.inputs:
+                    x = inputs[t.name]
+                    buf = self.buffers[t.name][: x.numel()].view(x.shape)
+                    buf.copy_(x, non_blocking=True)  # casts to the plan's dtype on the device
+                    self.context.set_input_shape(t.name, tuple(x.shape))
+                if not self.context.execute_async_v3(self.streams.handle):
+                    raise RuntimeError(f"TensorRT failed to enqueue {self.spec.name}")
+                out = {}
+                for t in self.spec.outputs:
+                    shape = tuple(self.context.get_tensor_shape(t.name))
+                    y = self.buffers[t.name][: math.prod(shape)].view(shape)
+                    if y.dtype != torch.float32:
+                        y = y.float()  # a new tensor: never aliases the buffer
+                    elif self.clone_outputs:
+                        y = y.clone()
+                    out[t.name] = y
+            self.streams.leave(caller, list(out.values()))
         return out
 
 
