@@ -1,4 +1,8 @@
-"""Tier 2: our eager pipeline equals diffusers' own pipelines on the same folder, scheduler and seed."""
+"""End-to-end parity on latents and pixels, at DESIGN.md's limits.
+
+Tier 2: our eager pipeline equals diffusers' own pipelines on the same folder, scheduler and seed.
+Tier 1 end to end: the whole pipeline on ONNX Runtime engines equals the eager one.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,13 @@ from PIL import Image
 from sdfast.bench import diffusers_scheduler
 from sdfast.schedulers import SCHEDULERS
 
+# DESIGN.md: latents <= 1e-4 relative where the computation is the same (3e-4 is allowed where only
+# float order differs; every case here, ONNX Runtime included, holds the tighter bound: measured
+# <= 3e-6 relative on the tiny model, ONNX Runtime vs eager and eager vs diffusers), images <= 2/255 max
+# and <= 1/255 mean.
 LATENT_RTOL = 1e-4  # max |ours - ref| relative to max |ref|
-IMAGE_ATOL = 2  # on 0..255
+IMAGE_ATOL = 2  # max, on 0..255
+IMAGE_MEAN_ATOL = 1.0  # mean, on 0..255
 
 
 def run_diffusers(pipe, info, scheduler, **kw):
@@ -22,15 +31,19 @@ def run_diffusers(pipe, info, scheduler, **kw):
     return lat, (img * 255).round().astype(np.uint8)
 
 
+def pixels(out) -> np.ndarray:
+    return np.stack([np.asarray(im) for im in out.images])  # (B, H, W, 3) uint8
+
+
 def assert_parity(out, ref_latents, ref_images):
+    assert out.latents.shape == ref_latents.shape
     err = (out.latents - ref_latents).abs().max().item()
     scale = ref_latents.abs().max().item()
-    print(f"latents max abs diff {err:.3g} (ref max {scale:.3g})")
+    print(f"latents max abs diff {err:.3g} (ref max {scale:.3g}, relative {err / scale:.2g})")
     assert err <= LATENT_RTOL * scale
-    ours = np.stack([np.asarray(im) for im in out.images]).astype(int)
-    pix = np.abs(ours - ref_images.astype(int))
+    pix = np.abs(pixels(out).astype(int) - ref_images.astype(int))
     print(f"pixels max diff {pix.max()} mean {pix.mean():.4f}")
-    assert pix.max() <= IMAGE_ATOL
+    assert pix.max() <= IMAGE_ATOL and pix.mean() <= IMAGE_MEAN_ATOL
 
 
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
@@ -114,3 +127,35 @@ def test_callback_sees_every_step_in_order(tiny_pipe):
     assert [i for i, _ in seen] == list(range(5))
     assert all(s == out.latents.shape for _, s in seen)
     assert {"text_encoder", "unet", "scheduler", "vae_decode", "total"} <= set(out.timings)
+
+
+# -- tier 1 end to end: ONNX Runtime engines vs the eager pipeline -----------------------------
+
+@pytest.fixture(scope="module")
+def ort_pipe(tiny_info, onnx_dynamic):
+    pytest.importorskip("onnxruntime")
+    import sdfast
+
+    return sdfast.load(tiny_info.path, backend="onnxruntime", engines=onnx_dynamic)
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_onnxruntime_pipeline_matches_eager_latents_and_pixels(tiny_pipe, ort_pipe, scheduler):
+    kw = dict(steps=6, seed=5, scheduler=scheduler)
+    ref = tiny_pipe.generate("a red circle on a blue background", **kw)
+    out = ort_pipe.generate("a red circle on a blue background", **kw)
+    assert_parity(out, ref.latents, pixels(ref))
+
+
+@pytest.mark.parametrize("case", [
+    dict(height=128, width=96),
+    dict(prompt=["a red circle", "a yellow square"], negative_prompt=["", "white"]),
+    dict(guidance_scale=1.0),
+    dict(image="init", strength=0.6),
+], ids=["128x96", "batch-2-negative", "unguided", "img2img"])
+def test_onnxruntime_variants_match_eager_latents_and_pixels(tiny_pipe, ort_pipe, case):
+    kw = dict(prompt="a blue triangle", steps=6, seed=2, scheduler="euler_a") | case
+    if kw.get("image") == "init":
+        kw["image"] = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    ref, out = tiny_pipe.generate(**kw), ort_pipe.generate(**kw)
+    assert_parity(out, ref.latents, pixels(ref))
