@@ -66,12 +66,12 @@ LEGACY_FORMATS = {"aoti": "inductor"}
 
 def _backend_for(fmt: str) -> str:
     """The --backend that runs artifact format ``fmt`` (also the `sdfast export --format` name)."""
-    try:
-        from . import backends
+    from . import backends
 
+    try:
         return backends.for_format(fmt).name
-    except Exception:  # an unknown format: name it as it is, the message stays readable
-        return {"onnx": "onnxruntime"}.get(fmt, fmt)
+    except InvalidArgument:  # a format this sdfast does not know: name it as it is
+        return fmt
 
 
 def package_version(module: str) -> str | None:
@@ -400,3 +400,66 @@ def check_export_out(out: Path | str, protect: Path | None = None) -> Path:
                               f"them), and export replaces --out as a whole; {fix}")
     check_output_path(path, "out", directory=True)
     return path
+
+
+# -- what engines check on load -----------------------------------------------------------------
+
+#: the element type names engines report (ORT's "tensor(float16)" → "float16", torch dtypes' names).
+FLOAT_TYPES = {Precision.FP32: "float32", Precision.FP16: "float16", Precision.BF16: "bfloat16"}
+
+
+def check_io(m: Manifest, root: Path, info: ModelInfo, component: str,
+             inputs: list[tuple[str, str | None, list[int | None]]],
+             outputs: list[tuple[str, str | None, list[int | None]]]) -> None:
+    """Refuse an engine file whose real I/O is not the component the manifest says it is.
+
+    ``inputs``/``outputs``: (name, element type or None if unknown, dims with None for a
+    symbolic dim), as the engine library reports them. Names, order, element types and rank
+    must match the component spec; a dim the profile fixes must be that size or symbolic, and
+    a dim the profile lets vary must be symbolic (else the manifest's profile was widened). A
+    file swapped in under a recomputed hash is caught here, before the first call."""
+    spec = SPECS[component]
+    path = m.file(root, component)
+    hint = rebuild_hint(m, root, info, m.format)
+    for which, have, tensors in (("inputs", inputs, spec.inputs), ("outputs", outputs, spec.outputs)):
+        names = [n for n, _, _ in have]
+        if names != [t.name for t in tensors]:
+            raise ArtifactMismatch(f"engines: {path} has {which} {names} but {component} has {[t.name for t in tensors]} "
+                                   f"(a swapped or foreign file); {hint}")
+        shapes = m.profile.shapes(spec, info, which)
+        for (name, kind, dims), t in zip(have, tensors, strict=True):
+            want = "int64" if t.kind == "int64" else FLOAT_TYPES[m.precision(component)]
+            if kind is not None and kind != want:
+                raise ArtifactMismatch(f"engines: {path} {which[:-1]} {name} is {kind} but the manifest says {want} "
+                                       f"(a foreign file or an edited precision); {hint}")
+            lo, _, hi = shapes[name]
+            if len(dims) != len(lo):
+                raise ArtifactMismatch(f"engines: {path} {which[:-1]} {name} has rank {len(dims)} but {component} "
+                                       f"needs {len(lo)} ({', '.join(t.dims)}); {hint}")
+            for axis, (d, a, b) in enumerate(zip(dims, lo, hi, strict=True)):
+                if d is None:
+                    continue
+                if a == b and d != a:
+                    raise ArtifactMismatch(f"engines: {path} {which[:-1]} {name} has size {d} on axis {axis} "
+                                           f"({t.dims[axis]}) but the model and profile need {a}; {hint}")
+                if a != b:
+                    raise ArtifactMismatch(f"engines: {path} {which[:-1]} {name} is fixed at {d} on axis {axis} "
+                                           f"({t.dims[axis]}) but the manifest's profile spans {a}..{b} (a "
+                                           f"widened profile or a foreign file); {hint}")
+
+
+def check_precision(m: Manifest, root: Path, asked: Precision, what: str = "graphs") -> None:
+    """Refuse a --dtype other than the precision the artifacts were built in, with a fix that works."""
+    core = m.precision("unet")
+    if core is asked:
+        return
+    fix = f"pass --dtype {core.value} (or --dtype auto, which takes the export's precision)"
+    try:
+        from . import backends
+
+        buildable = asked.value in backends.for_format(m.format).precisions
+    except InvalidArgument:
+        buildable = False
+    if buildable:
+        fix += f", or export again with --precision {asked.value}"
+    raise InvalidArgument(f"dtype: {root} holds {core.value} {what} but --dtype {asked.value} was asked for; {fix}")

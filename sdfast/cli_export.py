@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from .backends import BACKENDS, FORMATS, ExportJob, for_format
 from .components import Precision, ShapeProfile, size_multiple
@@ -28,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help=f"export engines for a model ({', '.join(FORMATS)})", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="diffusers model folder, hub id or built-in name (default tiny)")
-    p.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write (replaced atomically)")
+    p.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write: new, empty, or an earlier sdfast export (replaced atomically)")
     p.add_argument("--format", default="onnx", choices=FORMATS, help="artifact format (default onnx)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="text encoder and U-Net precision")
     p.add_argument("--vae-precision", default=None, choices=["fp32", "fp16"],
@@ -90,13 +89,16 @@ def profile_from_args(args: argparse.Namespace, info) -> ShapeProfile:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .artifacts import check_export_out
     from .models import resolve_model
 
     info = resolve_model(args.model)
     profile = profile_from_args(args, info)
     record = for_format(args.format)
     record.require()
-    job = ExportJob(info=info, out=Path(args.out), profile=profile, precision=Precision(args.precision),
+    # Before any work: --out is replaced as a whole, so it must be new, empty or an earlier export.
+    out_dir = check_export_out(args.out, protect=info.path)
+    job = ExportJob(info=info, out=out_dir, profile=profile, precision=Precision(args.precision),
                     vae_precision=Precision(args.vae_precision) if args.vae_precision else None,
                     model_arg=args.model, flags={f.dest: getattr(args, f.dest) for f in record.flags})
     out = record.exporter(job)

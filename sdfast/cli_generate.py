@@ -29,9 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the prompt; unquoted words are joined into one prompt")
     p.add_argument("-p", "--prompt", dest="prompts", action="append", default=None, metavar="PROMPT",
                    help="one prompt of a batch; repeat for several (instead of the positional PROMPT)")
-    add_model_arguments(p)
-    # Without --backend, --engines DIR runs on the backend its manifest names (torch without one).
-    p.set_defaults(backend=None)
+    add_model_arguments(p, backend_from_engines=True)
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (default: empty)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's native size)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's native size)")
@@ -54,18 +52,45 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, backend_from_engines: bool = False) -> None:
+    """--model, --backend, --engines, --device, --dtype. ``backend_from_engines``: without
+    --backend, --engines DIR runs on the backend its manifest names (``resolve_backend``)."""
     from .backends import BACKENDS
     from .models import builtin_models
 
     names = ", ".join(builtin_models())
     p.add_argument("--model", default="tiny", help=f"diffusers model folder, hub id, or built-in ({names}); default tiny")
-    p.add_argument("--backend", default="torch", choices=list(BACKENDS), help="engine backend (default: the one --engines DIR was exported for, else torch)")
+    p.add_argument("--backend", default=None if backend_from_engines else "torch", choices=list(BACKENDS),
+                   help="engine backend (default: the one --engines DIR was exported for, else torch)"
+                   if backend_from_engines else "engine backend (default torch)")
     p.add_argument("--engines", default=None, metavar="DIR", help="artifact folder from `sdfast export` (non-torch backends)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="compute precision. auto (default): fp16 on CUDA, bf16 on CPUs with bf16 units "
                         "(AMX/AVX512-BF16, ~3x faster than fp32 there), else fp32; fp32 is the parity reference")
+
+
+def resolve_backend(backend: str | None, engines: str | None) -> str:
+    """--backend as given; else the backend of --engines DIR's manifest; else torch."""
+    if backend is not None or engines is None:
+        return backend or "torch"
+    from .artifacts import read_manifest
+    from .backends import for_format
+
+    return for_format(read_manifest(engines).format).name
+
+
+def prompts_from_args(args: argparse.Namespace) -> list[str]:
+    """One prompt from the positional words (joined: the shell split an unquoted prompt), or
+    one per -p/--prompt; both at once is refused, since which one is meant is unclear."""
+    if args.prompt and args.prompts:
+        raise InvalidArgument(f"prompt: both a positional prompt ({' '.join(args.prompt)!r}) and -p/--prompt were "
+                              f"given; pass the prompt once, or every prompt of the batch with -p")
+    if args.prompts:
+        return list(args.prompts)
+    if not args.prompt:
+        raise InvalidArgument('prompt: none given; pass one, e.g. sdfast generate "a red circle on a blue background"')
+    return [" ".join(args.prompt)]
 
 
 def _out_paths(out: str, n: int) -> list[Path]:
@@ -77,25 +102,44 @@ def _out_paths(out: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(n)]
 
 
+def check_outputs(args: argparse.Namespace, n: int) -> list[Path]:
+    """Every output of the run, checked before any work (writable, not a folder, names that fit)."""
+    from .artifacts import check_output_dir, check_output_path
+    from .media import check_animation_path
+
+    outs = _out_paths(args.out, n)
+    for path in outs:
+        check_output_path(path, "out")
+    if args.animation:
+        check_animation_path(args.animation)
+        check_output_path(args.animation, "animation")
+    if args.save_steps:
+        check_output_dir(args.save_steps, "save-steps")
+        check_output_path(Path(args.save_steps) / "step-0000.png", "save-steps")
+    targets = [p.absolute() for p in outs] + ([Path(args.animation).absolute()] if args.animation else [])
+    if len(set(targets)) != len(targets):
+        raise InvalidArgument("out: --out and --animation name the same file; give each its own path")
+    return outs
+
+
 def run(args: argparse.Namespace) -> int:
     from . import __version__
-    from .media import check_animation_path, save_animation, save_png
+    from .artifacts import output_group
+    from .media import write_animation, write_png
     from .models import resolve_model
     from .request import Request
     from .runtime import load
 
-    outs = _out_paths(args.out, len(args.prompt))
-    if args.animation:
-        check_animation_path(args.animation)
-    if args.save_steps and Path(args.save_steps).exists() and not Path(args.save_steps).is_dir():
-        raise InvalidArgument(f"save-steps: {args.save_steps!r} exists and is not a folder; pass a folder path")
+    prompts = prompts_from_args(args)
+    outs = check_outputs(args, len(prompts))
     info = resolve_model(args.model)
     # Every rule is checked here, before loading weights and before the run writes anything.
-    req = Request.build(info, prompt=args.prompt if len(args.prompt) > 1 else args.prompt[0],
+    req = Request.build(info, prompt=prompts if len(prompts) > 1 else prompts[0],
                         negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                         steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
                         scheduler=args.scheduler, image=args.init_image, strength=args.strength)
-    pipe = load(info, backend=args.backend, device=args.device, dtype=args.dtype, engines=args.engines,
+    backend = resolve_backend(args.backend, args.engines)
+    pipe = load(info, backend=backend, device=args.device, dtype=args.dtype, engines=args.engines,
                 attention=args.attention, cuda_graphs=args.cuda_graphs)
 
     frames: list = []
@@ -117,27 +161,25 @@ def run(args: argparse.Namespace) -> int:
     }
     if req.image is not None:
         meta.update(init_image=str(args.init_image), strength=req.strength)
-    if args.save_steps:
-        _write_frames(frames, Path(args.save_steps))
-    if args.animation:
-        save_animation(frames + [out.images[0]], args.animation)
-    for k, (img, path) in enumerate(zip(out.images, outs, strict=True)):
-        m = dict(meta, prompt=req.prompts[k], negative_prompt=req.negative_prompts[k], batch_index=k) \
-            if req.batch > 1 else meta
-        save_png(img, path, m)
+    written = [str(p) for p in outs]
+    # All outputs appear together at the end, or none (a failed write discards every one).
+    with output_group() as group:
+        if args.save_steps:
+            folder = Path(args.save_steps)
+            for k, im in enumerate(frames):
+                im.save(group.path(folder / f"step-{k:04d}.png"), format="PNG")
+            if frames:
+                written.append(f"{len(frames)} frames in {folder}{'/' if not str(folder).endswith('/') else ''}")
+        if args.animation:
+            write_animation(frames + [out.images[0]], group.path(args.animation), Path(args.animation).suffix)
+            written.append(str(args.animation))
+        for k, (img, path) in enumerate(zip(out.images, outs, strict=True)):
+            m = dict(meta, prompt=req.prompts[k], negative_prompt=req.negative_prompts[k], batch_index=k) \
+                if req.batch > 1 else meta
+            write_png(img, group.path(path), m)
     if not args.quiet:
         t = out.timings
-        print(f"wrote {', '.join(map(str, outs))} ({t['total']:.2f} s; U-Net {t.get('unet', 0):.2f} s "
-              f"over {out.steps} steps)")
+        chosen = f"{pipe.precision.value}, chosen by --dtype auto" if args.dtype == "auto" else pipe.precision.value
+        print(f"wrote {', '.join(written)} ({t['total']:.2f} s; U-Net {t.get('unet', 0):.2f} s over {out.steps} "
+              f"steps; {pipe.backend}, {chosen})")
     return 0
-
-
-def _write_frames(frames: list, folder: Path) -> None:
-    """Frames are kept in memory during the run and written only after it succeeded, each one
-    atomically; nothing else in ``folder`` is touched (it may be a folder the user cares about)."""
-    from .media import atomic_path
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for k, im in enumerate(frames):
-        with atomic_path(folder / f"step-{k:04d}.png") as tmp:
-            im.save(tmp, format="PNG")

@@ -23,14 +23,19 @@ ANIMATION_SUFFIXES = (".gif", ".mp4")
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> None:
-    """PNG with one tEXt chunk per metadata key plus ``sdfast`` holding them all as JSON."""
+    """PNG with one tEXt chunk per metadata key plus ``sdfast`` holding them all as JSON (atomic)."""
+    with atomic_path(path) as tmp:
+        write_png(image, tmp, metadata)
+
+
+def write_png(image: Image.Image, file: str | os.PathLike, metadata: dict[str, Any] | None = None) -> None:
+    """``save_png`` into ``file`` as it is: a temporary path that the caller renames into place."""
     info = PngImagePlugin.PngInfo()
     for key, value in (metadata or {}).items():
         info.add_text(key, value if isinstance(value, str) else json.dumps(value))
     if metadata:
         info.add_text("sdfast", json.dumps(metadata, sort_keys=True))
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+    image.save(file, format="PNG", pnginfo=info)
 
 
 def read_png_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -73,19 +78,25 @@ def ffmpeg_exe() -> str | None:
 
 def save_animation(frames: Sequence[Image.Image], path: str | os.PathLike, fps: float = 8.0,
                    hold_last_s: float = 1.0) -> None:
-    """GIF with Pillow, MP4 with ffmpeg; the final frame is held ``hold_last_s`` seconds."""
+    """GIF with Pillow, MP4 with ffmpeg; the final frame is held ``hold_last_s`` seconds (atomic)."""
     check_animation_path(path)
+    with atomic_path(path) as tmp:
+        write_animation(frames, tmp, Path(path).suffix, fps, hold_last_s)
+
+
+def write_animation(frames: Sequence[Image.Image], file: str | os.PathLike, suffix: str, fps: float = 8.0,
+                    hold_last_s: float = 1.0) -> None:
+    """``save_animation`` into ``file`` as it is, in the format ``suffix`` names (.gif or .mp4)."""
     if not frames:
         raise InvalidArgument("animation: no frames to write")
     hold = max(1, round(hold_last_s * fps))
     seq = list(frames) + [frames[-1]] * hold
-    suffix = Path(path).suffix.lower()
-    with atomic_path(path) as tmp:
-        if suffix == ".gif":
-            seq[0].save(tmp, format="GIF", save_all=True, append_images=seq[1:],
-                        duration=round(1000 / fps), loop=0)
-        else:
-            _write_mp4(seq, tmp, fps)
+    if suffix.lower() == ".gif":
+        seq[0].save(file, format="GIF", save_all=True, append_images=seq[1:], duration=round(1000 / fps), loop=0)
+    elif suffix.lower() == ".mp4":
+        _write_mp4(seq, Path(file), fps)
+    else:
+        raise InvalidArgument(f"animation: {suffix!r} is not .gif or .mp4")
 
 
 def _write_mp4(frames: Sequence[Image.Image], path: Path, fps: float) -> None:

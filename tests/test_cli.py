@@ -50,10 +50,20 @@ def test_generate_mp4_when_ffmpeg_is_available(tiny_info, tmp_path):
 
 
 def test_batch_of_prompts_writes_numbered_files(tiny_info, tmp_path):
-    assert main(["generate", "a", "b", "--model", str(tiny_info.path), "--steps", "2",
+    assert main(["generate", "-p", "a", "--prompt", "b", "--model", str(tiny_info.path), "--steps", "2",
                  "--out", str(tmp_path / "o.png"), "--quiet"]) == 0
     assert read_png_metadata(tmp_path / "o-1.png")["prompt"] == "b"
     assert (tmp_path / "o-0.png").is_file() and not (tmp_path / "o.png").exists()
+
+
+def test_unquoted_prompt_words_are_one_prompt(tiny_info, tmp_path, capsys):
+    # `sdfast generate a red circle`: the shell split one prompt; it must not become a batch of 3.
+    assert main(["generate", "a", "red", "circle", "--model", str(tiny_info.path), "--steps", "2",
+                 "--out", str(tmp_path / "o.png")]) == 0
+    assert read_png_metadata(tmp_path / "o.png")["prompt"] == "a red circle"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.png"]
+    line = capsys.readouterr().out
+    assert "chosen by --dtype auto" in line  # the precision auto picked is said, not hidden
 
 
 @pytest.mark.parametrize(
@@ -94,6 +104,14 @@ def test_help_teaches(capsys):
     text = capsys.readouterr().out
     for flag in ("--negative-prompt", "--guidance-scale", "--save-steps", "--animation", "--init-image"):
         assert flag in text
+    # every flag the help names exists (the old text spoke of a --prompt flag that did not)
+    import re
+
+    from sdfast.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["generate"]
+    parser_flags = {f for a in sub._actions for f in a.option_strings}
+    assert set(re.findall(r"(?<![\w-])(--[a-z][\w-]+)", text)) <= parser_flags
 
 
 def test_info_json_runs(capsys):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch._inductor
 
-from ..artifacts import Manifest, load_manifest, rebuild_hint
+from ..artifacts import Manifest, check_precision, load_manifest, rebuild_hint
 from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, size_multiple
 from ..errors import ArtifactMismatch, InvalidArgument
 from ..models import ModelInfo
@@ -61,10 +61,34 @@ def _check_runtime(m: Manifest, root: Path, info: ModelInfo, device: torch.devic
                 f"engines: {root} was compiled for compute capability {m.device.get('compute_capability')} "
                 f"({m.device.get('gpu')}) but this GPU has {major}.{minor}; {hint}"
             )
-    core = m.precision("unet")
-    if core is not precision:
-        raise InvalidArgument(f"dtype: {root} holds {core.value} packages but dtype {precision.value} was asked "
-                              f"for; pass dtype {core.value!r} or export with --precision {precision.value}")
+    check_precision(m, root, precision, "packages")
+
+
+def check_package(runner, m: Manifest, root: Path, info: ModelInfo, name: str) -> None:
+    """Refuse a package that is not the component the manifest says it is (a swapped or foreign
+    file under a recomputed hash): sdfast's exporter stores the component and its I/O names in
+    the package metadata; packages without them are held to the input and output counts."""
+    hint = rebuild_hint(m, root, info, FORMAT)
+    path = m.file(root, name)
+    spec = SPECS[name]
+    meta = dict(runner.get_metadata()) if hasattr(runner, "get_metadata") else {}
+    if "sdfast_component" in meta:
+        have = (meta["sdfast_component"], meta.get("sdfast_inputs", ""), meta.get("sdfast_outputs", ""))
+        want = (name, ",".join(spec.input_names), ",".join(spec.output_names))
+        if have != want:
+            raise ArtifactMismatch(f"engines: {path} is the package of {have[0]} ({have[1]} -> {have[2]}), not "
+                                   f"{name} ({want[1]} -> {want[2]}) (a swapped or foreign file); {hint}")
+        return
+    try:
+        from torch.utils import _pytree as pytree
+
+        in_spec, out_spec = (pytree.treespec_loads(s) for s in runner.loader.get_call_spec())
+        n_in, n_out = in_spec.num_leaves, out_spec.num_leaves
+    except (AttributeError, ValueError, TypeError):
+        return  # no call spec to read: the hash and the first call are all the checks there are
+    if (n_in, n_out) != (len(spec.inputs), len(spec.outputs)):
+        raise ArtifactMismatch(f"engines: {path} takes {n_in} input(s) and returns {n_out}, but {name} takes "
+                               f"{len(spec.inputs)} and returns {len(spec.outputs)} (a swapped or foreign file); {hint}")
 
 
 def load(info: ModelInfo, device: torch.device, precision: Precision, engines: str | None = None
@@ -80,9 +104,15 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
     multiple = size_multiple(info)
     out = {}
     for name in SPECS:
-        runner = torch._inductor.aoti_load_package(
-            str(m.file(root, name)), run_single_threaded=device.type == "cuda",
-            device_index=device.index if device.index is not None else -1,
-        )
+        try:
+            runner = torch._inductor.aoti_load_package(
+                str(m.file(root, name)), run_single_threaded=device.type == "cuda",
+                device_index=device.index if device.index is not None else -1,
+            )
+        except Exception as e:  # torch raises RuntimeError, zipfile errors, ...: one line, not a traceback
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ArtifactMismatch(f"engines: torch cannot load {m.file(root, name)} ({first}); "
+                                   f"{rebuild_hint(m, root, info, FORMAT)}") from None
+        check_package(runner, m, root, info, name)
         out[name] = InductorEngine(SPECS[name], runner, device, m.precision(name), m.profile, multiple)
     return out

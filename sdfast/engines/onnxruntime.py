@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import Manifest, load_manifest
+from ..artifacts import Manifest, check_io, check_precision, load_manifest, rebuild_hint
 from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, output_shapes, size_multiple
-from ..errors import InvalidArgument
+from ..errors import ArtifactMismatch, InvalidArgument
 from ..models import ModelInfo
 from .base import ExportedEngine, engine_inputs
 
@@ -184,18 +184,29 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
     _check_precision(manifest, precision, root)
     if device.type == "cpu" and any(manifest.precision(c) is Precision.FP16 for c in SPECS):
         log.info("fp16 graphs on the CPU provider: ORT inserts fp32 casts where it has no fp16 kernel")
-    return {
-        name: OrtEngine(SPECS[name], open_session(manifest.file(root, name), device, manifest.precision(name)),
-                        info, device, manifest.precision(name), manifest.profile)
-        for name in SPECS
-    }
+    hint = rebuild_hint(manifest, root, info, "onnx")
+    out = {}
+    for name in SPECS:
+        path = manifest.file(root, name)
+        try:
+            session = open_session(path, device, manifest.precision(name))
+        except InvalidArgument:
+            raise
+        except Exception as e:  # ORT raises its own pybind types (Fail, InvalidGraph, ...): one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ArtifactMismatch(f"engines: ONNX Runtime cannot open {path} ({first}); {hint}") from None
+        check_io(manifest, root, info, name, _ort_io(session.get_inputs()), _ort_io(session.get_outputs()))
+        out[name] = OrtEngine(SPECS[name], session, info, device, manifest.precision(name), manifest.profile)
+    return out
+
+
+def _ort_io(args) -> list[tuple[str, str | None, list[int | None]]]:
+    """ORT's NodeArgs as (name, element type, dims with None for symbolic) for ``check_io``."""
+    kinds = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+             "tensor(int64)": "int64"}
+    return [(a.name, kinds.get(a.type, a.type), [d if isinstance(d, int) else None for d in a.shape]) for a in args]
 
 
 def _check_precision(manifest: Manifest, precision: Precision, root: Path) -> None:
     # The graphs fix their own precision; --dtype must name it (VAE may stay fp32 by design).
-    core = manifest.precision("unet")
-    if core is not precision:
-        raise InvalidArgument(
-            f"dtype: {root} holds {core.value} graphs but --dtype {precision.value} was asked for; "
-            f"pass --dtype {core.value} or export with --precision {precision.value}"
-        )
+    check_precision(manifest, root, precision, "graphs")

@@ -35,8 +35,17 @@ from typing import Any
 
 import torch
 import torch._inductor
+from tqdm.auto import tqdm
 
-from ..artifacts import Manifest, export_command, gpu_record, model_record, staging_dir, tensor_records
+from ..artifacts import (
+    Manifest,
+    check_export_out,
+    export_command,
+    gpu_record,
+    model_record,
+    staging_dir,
+    tensor_records,
+)
 from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, sample_inputs, size_multiple
 from ..errors import InvalidArgument
 from ..models import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
@@ -126,10 +135,18 @@ def export_component(module: torch.nn.Module, name: str, info: ModelInfo, profil
     which = 2 if any(lo != hi and opt == 1 for lo, opt, hi in dims.values()) else 1
     inputs = sample_inputs(spec, info, profile, which=which, dtype=dtype)
     args = tuple(inputs[n].to(device) for n in spec.input_names)
+    # The package carries its component's I/O, so the loader can refuse a swapped or foreign file.
+    configs = {**configs, "aot_inductor.metadata": package_metadata(spec)}
     with torch.no_grad():
         ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes(spec, info, profile), strict=False)
         path = torch._inductor.aoti_compile_and_package(ep, package_path=str(dest), inductor_configs=configs)
     return Path(path)
+
+
+def package_metadata(spec: ComponentSpec) -> dict[str, str]:
+    """What ``engines/inductor.py`` checks against the component spec on load."""
+    return {"sdfast_component": spec.name, "sdfast_inputs": ",".join(spec.input_names),
+            "sdfast_outputs": ",".join(spec.output_names)}
 
 
 def export_inductor(info: ModelInfo, out: Path | str, profile: ShapeProfile,
@@ -138,9 +155,9 @@ def export_inductor(info: ModelInfo, out: Path | str, profile: ShapeProfile,
     """Compile every component into ``out`` (replaced atomically), sealed with a manifest."""
     from ..runtime import resolve_device
 
-    out = Path(out)
     device = resolve_device(options.device)
     profile.validate(info)
+    out = check_export_out(out, protect=info.path)  # before any work: never replace what we did not write
     configs = inductor_configs(device, options.autotune)
     dtypes = {name: options.component_precision(name).torch_dtype for name in components}
     extra = ["--device", device.type]
@@ -151,7 +168,9 @@ def export_inductor(info: ModelInfo, out: Path | str, profile: ShapeProfile,
     cmd = export_command(model_arg or str(info.path), out, "inductor", options.precision.value, profile, extra)
     with staging_dir(out) as tmp:
         comps = {}
-        for name in components:
+        bar = tqdm(components, desc="export inductor", unit="component", disable=None)
+        for name in bar:
+            bar.set_postfix_str(name)
             module = prepare_module(info, name, dtypes[name], device, options)
             t0 = time.perf_counter()
             export_component(module, name, info, profile, dtypes[name], device, tmp / f"{name}.pt2", configs)

@@ -39,14 +39,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from ..artifacts import Manifest, export_command, model_record, staging_dir, tensor_records
+from ..artifacts import Manifest, check_export_out, export_command, model_record, staging_dir, tensor_records
 from ..components import SPECS, Precision, ShapeProfile, sample_inputs
+from ..errors import InvalidArgument
 from ..models import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
+#: opsets this exporter writes: 17 is the first with LayerNormalization (CLIP); the TorchScript
+#: exporter stops at torch's ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET (20 in torch 2.x).
+MIN_OPSET = 17
 #: protobuf's hard limit for one serialized message; larger models must keep weights outside.
 PROTOBUF_LIMIT = 2**31
 #: Weights above this go to external data. Not only past protobuf's limit: writing weights
@@ -72,6 +77,22 @@ class OnnxExportOptions:
         if name in VAE_COMPONENTS:
             return self.vae_precision or Precision.FP32
         return self.precision
+
+    def validate(self) -> None:
+        top = max_opset()
+        if isinstance(self.opset, bool) or not isinstance(self.opset, int) or not MIN_OPSET <= self.opset <= top:
+            raise InvalidArgument(f"opset: {self.opset!r} is not an opset this exporter writes; use {MIN_OPSET}..{top} "
+                                  f"(default {OPSET})")
+        for arg, p in (("precision", self.precision), ("vae_precision", self.vae_precision)):
+            if p is not None and p not in (Precision.FP32, Precision.FP16):
+                raise InvalidArgument(f"{arg}: ONNX export builds fp32 or fp16 graphs, not {p}; "
+                                      f"use --{arg.replace('_', '-')} fp32 or fp16")
+
+
+def max_opset() -> int:
+    from torch.onnx import _constants
+
+    return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))
 
 
 def prepare_module(info: ModelInfo, name: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -100,6 +121,9 @@ def trace_component(module: torch.nn.Module, name: str, info: ModelInfo, profile
         # TracerWarnings name the Python branches that tracing freezes; see the module doc.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # The tracer's own folding skips Slice ops with steps != 1 and says so per op; our
+        # optimizer folds what it left (see the module doc), so the warning is noise here.
+        warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
         torch.onnx.export(
             module, tuple(inputs[n] for n in spec.input_names), str(raw), dynamo=False,
             opset_version=options.opset, input_names=spec.input_names, output_names=spec.output_names,
@@ -165,8 +189,9 @@ def export_onnx(info: ModelInfo, out: Path | str, profile: ShapeProfile,
                 options: OnnxExportOptions = OnnxExportOptions(), model_arg: str | None = None,
                 components: tuple[str, ...] = tuple(SPECS)) -> Path:
     """Export all four components into ``out`` (replaced atomically) and seal it with a manifest."""
-    out = Path(out)
+    options.validate()
     profile.validate(info)
+    out = check_export_out(out, protect=info.path)  # before any work: never replace what we did not write
     dtypes = {name: options.component_precision(name).torch_dtype for name in components}
     if options.precision is not Precision.FP32:
         vae = options.vae_precision or Precision.FP32
@@ -178,7 +203,9 @@ def export_onnx(info: ModelInfo, out: Path | str, profile: ShapeProfile,
     cmd = export_command(model_arg or str(info.path), out, "onnx", options.precision.value, profile, extra)
     with staging_dir(out) as tmp:
         comps = {}
-        for name in components:
+        bar = tqdm(components, desc="export onnx", unit="component", disable=None)
+        for name in bar:
+            bar.set_postfix_str(name)
             t0 = time.perf_counter()
             export_component(info, name, profile, dtypes[name], tmp / f"{name}.onnx", options)
             log.info("exported %s in %.1f s", name, time.perf_counter() - t0)
