@@ -1,12 +1,13 @@
-"""Micro-benchmarks (pytest-benchmark): scheduler step, guidance combine, one U-Net step.
+"""Micro-benchmarks (pytest-benchmark): scheduler step, guidance combine, guided step, one U-Net step.
 
     pytest bench/ --benchmark-only                      # fast ones (tiny model)
     pytest bench/ --benchmark-only -m slow              # SD 1.5 architecture U-Net at 256x256
     pytest bench/ --benchmark-only --benchmark-autosave # save JSON for --benchmark-compare
+    pytest bench/ --benchmark-disable                   # each once, untimed: the CI smoke
 
 Shapes follow SD 1.5 at 512x512 unless said otherwise: latents (1, 4, 64, 64), guided U-Net
-batch 2. Each benchmark checks its output's shape and finiteness, so a broken fast path fails
-instead of timing garbage.
+batch 2. Each benchmark checks its output (shape and finiteness, or the value where it is known),
+so a broken fast path fails instead of timing garbage.
 """
 
 from __future__ import annotations
@@ -37,14 +38,44 @@ def test_scheduler_step(benchmark, name):
 
 
 def test_guidance_combine(benchmark):
-    eps = torch.randn((2 * LATENT_SHAPE[0], *LATENT_SHAPE[1:]))  # (2B, C, h, w): [uncond, cond]
+    """sdfast's own combine (``loop.guide``, what every guided step runs) on SD 1.5's shape."""
+    from sdfast.loop import guide
 
-    def combine(eps: torch.Tensor, g: float = 7.5) -> torch.Tensor:
-        uncond, cond = eps.chunk(2)
-        return uncond + g * (cond - uncond)
+    g = torch.Generator().manual_seed(0)
+    uncond = torch.randn(LATENT_SHAPE, generator=g)
+    cond = torch.randn(LATENT_SHAPE, generator=g)
+    eps = torch.cat([uncond, cond])  # (2B, C, h, w): [uncond, cond], as the U-Net returns them
+    scale = torch.full((LATENT_SHAPE[0], 1, 1, 1), 7.5)  # (B, 1, 1, 1) per-row guidance
+    out = benchmark(guide, eps, scale)
+    torch.testing.assert_close(out, uncond + 7.5 * (cond - uncond))  # u + g·(t − u); swapped halves fail
 
-    out = benchmark(combine, eps)
-    assert out.shape == LATENT_SHAPE
+
+def test_guided_step_without_unet(benchmark):
+    """One whole guided step (``loop.guided_step``: batching, input scaling, combine, scheduler
+    update, finiteness flag) around a U-Net that costs nothing: sdfast's per-step overhead."""
+    from sdfast.loop import LoopState, guided_step
+
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(LATENT_SHAPE, generator=g)
+    uncond, cond = torch.randn(LATENT_SHAPE, generator=g), torch.randn(LATENT_SHAPE, generator=g)
+    text = torch.zeros((2 * LATENT_SHAPE[0], 77, 768))  # (2B, S, D): SD 1.5's CLIP output
+    rows = []
+
+    def unet(sample, timestep, encoder_hidden_states):
+        rows.append(sample.shape[0])
+        return {"noise_pred": torch.cat([uncond, cond])}
+
+    sched = make_scheduler("euler", SD15_SCHEDULER_CONFIG)
+    sched.set_timesteps(STEPS, "cpu")
+    sched.begin(latents)
+    state = LoopState.create(latents, text, [7.5], True, None, STEPS)
+    i = STEPS // 2
+    out = benchmark(guided_step, unet, sched, state, i)
+    assert set(rows) == {2 * LATENT_SHAPE[0]}  # the U-Net saw [uncond, cond] rows
+    ref = make_scheduler("euler", SD15_SCHEDULER_CONFIG)  # euler keeps no state between steps
+    ref.set_timesteps(STEPS, "cpu")
+    ref.begin(latents)
+    torch.testing.assert_close(out, ref.step(uncond + 7.5 * (cond - uncond), i, latents, None))
 
 
 def _unet_inputs(info, height: int, width: int, batch: int = 1) -> dict[str, torch.Tensor]:
