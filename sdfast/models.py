@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from .errors import InvalidArgument, MissingFile
+from .model_folder import check_config, check_model_folder
+from .model_folder import read_json as _read_json
 
 log = logging.getLogger(__name__)
 
@@ -32,45 +34,12 @@ PACKAGED_TINY = DATA_DIR / "models" / "tiny"
 #: diffusers' AutoencoderKL class default, used only for old folders whose vae config lacks the key.
 DIFFUSERS_DEFAULT_SCALING_FACTOR = 0.18215
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
-#: (component folder, config file) that every SD 1.x/2.x folder has.
-REQUIRED_CONFIGS = (
-    ("text_encoder", "config.json"),
-    ("unet", "config.json"),
-    ("vae", "config.json"),
-    ("scheduler", "scheduler_config.json"),
-)
-REQUIRED_TOKENIZER_FILES = ("vocab.json", "merges.txt")
-
-
 def cache_dir() -> Path:
     return Path(os.environ.get("SDFAST_CACHE", Path.home() / ".cache" / "sdfast"))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InvalidArgument(f"model: {path} is not valid JSON ({e}); restore the file from the model release") from e
-
-
-def check_model_folder(path: Path, weights: bool = True) -> None:
-    """Raise MissingFile naming the first missing file of a diffusers SD folder."""
-    for sub, cfg in REQUIRED_CONFIGS:
-        if not (path / sub / cfg).is_file():
-            raise MissingFile(
-                f"model: {path} lacks {sub}/{cfg}; a Stable Diffusion folder needs "
-                "text_encoder/, tokenizer/, unet/, vae/ and scheduler/ (diffusers layout)"
-            )
-    for sub in ("text_encoder", "unet", "vae") if weights else ():
-        if not any(p.suffix in WEIGHT_SUFFIXES for p in (path / sub).iterdir()):
-            raise MissingFile(
-                f"model: {path / sub} has no weights file (*.safetensors or *.bin); "
-                "download the complete model folder"
-            )
-    for name in REQUIRED_TOKENIZER_FILES:
-        if not (path / "tokenizer" / name).is_file():
-            raise MissingFile(f"model: {path} lacks tokenizer/{name}; copy the tokenizer folder of the model release")
+def _config(path: Path, part: str) -> dict[str, Any]:
+    return check_config(path, part, _read_json(path))
 
 
 @dataclass(frozen=True)
@@ -95,11 +64,11 @@ class ModelInfo:
         return cls(
             path=path,
             name=name or path.name,
-            text_encoder_config=_read_json(path / "text_encoder" / "config.json"),
-            unet_config=_read_json(path / "unet" / "config.json"),
-            vae_config=_read_json(path / "vae" / "config.json"),
-            scheduler_config=_read_json(path / "scheduler" / "scheduler_config.json"),
-            tokenizer_config=_read_json(tok_cfg_path) if tok_cfg_path.is_file() else {},
+            text_encoder_config=_config(path / "text_encoder" / "config.json", "text_encoder"),
+            unet_config=_config(path / "unet" / "config.json", "unet"),
+            vae_config=_config(path / "vae" / "config.json", "vae"),
+            scheduler_config=_config(path / "scheduler" / "scheduler_config.json", "scheduler"),
+            tokenizer_config=_config(tok_cfg_path, "tokenizer") if tok_cfg_path.is_file() else {},
             random_weights=random_weights,
         )
 
@@ -309,7 +278,12 @@ def _download(repo_id: str) -> Path:
 def load_tokenizer(info: ModelInfo):
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(info.path / "tokenizer")
+    try:
+        return CLIPTokenizer.from_pretrained(info.path / "tokenizer")
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise InvalidArgument(f"model: cannot load {info.path / 'tokenizer'} ({type(e).__name__}: {first}); "
+                              f"copy the tokenizer folder of the model release") from None
 
 
 #: torch module name -> (library, class name, folder); the component wrappers draw on these.
@@ -343,7 +317,7 @@ def load_torch_modules(info: ModelInfo, dtype: torch.dtype = torch.float32, devi
             if info.random_weights:
                 mods[part] = _random_module(cls, getattr(info, f"{part}_config"), RANDOM_SEEDS[part])
             else:
-                mods[part] = cls.from_pretrained(info.path / part, torch_dtype=dtype)
+                mods[part] = _from_pretrained(cls, info.path / part, dtype)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -352,6 +326,18 @@ def load_torch_modules(info: ModelInfo, dtype: torch.dtype = torch.float32, devi
         if m.dtype != dtype:
             m.to(dtype)
     return mods
+
+
+def _from_pretrained(cls, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """``cls.from_pretrained`` with a broken folder as one line naming it, not a library traceback."""
+    try:
+        return cls.from_pretrained(folder, torch_dtype=dtype)
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise InvalidArgument(f"model: cannot load {folder} ({type(e).__name__}: {first}); restore the folder "
+                              f"from the model release") from None
 
 
 def _random_module(cls, config: dict[str, Any], seed: int) -> torch.nn.Module:

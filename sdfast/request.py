@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import rules
-from .errors import InvalidArgument, MissingFile
+from .errors import InvalidArgument
+from .images import load_init_image  # the one reader of init images (formats, bombs, arrays)
 from .rules import MAX_SIDE, MIN_SIDE  # noqa: F401  (re-exported: the sides every request may have)
 from .schedulers import SCHEDULERS
 
@@ -20,21 +21,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from .models import ModelInfo
-
-
-def load_init_image(image: Image.Image | str | Path) -> Image.Image:
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    path = Path(image)
-    if not path.is_file():
-        raise MissingFile(f"image: no file at {str(path)!r}; pass the path of a PNG or JPEG init image")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise InvalidArgument(f"image: {str(path)!r} is not a readable image ({e}); pass a PNG or JPEG file") from e
 
 
 @dataclass(frozen=True)

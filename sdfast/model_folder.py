@@ -1,0 +1,119 @@
+"""Checks on a diffusers model folder, before any weight is loaded: each failure is one line
+naming the file and what is wrong with it (a missing file, JSON that is not an object, a config
+key missing or of the wrong type, a safetensors file that is empty, truncated or not one)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidArgument, MissingFile
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+#: (component folder, config file) that every SD 1.x/2.x folder has.
+REQUIRED_CONFIGS = (
+    ("text_encoder", "config.json"),
+    ("unet", "config.json"),
+    ("vae", "config.json"),
+    ("scheduler", "scheduler_config.json"),
+)
+REQUIRED_TOKENIZER_FILES = ("vocab.json", "merges.txt")
+#: config keys sdfast reads (ModelInfo, components), with their JSON types; None: optional.
+CONFIG_KEYS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
+    "text_encoder": {"hidden_size": (int, True), "max_position_embeddings": (int, True), "vocab_size": (int, True)},
+    "unet": {"in_channels": (int, True), "sample_size": (int, True), "block_out_channels": (list, True)},
+    "vae": {"block_out_channels": (list, True), "scaling_factor": ((int, float), False),
+            "latent_channels": (int, False)},
+    "scheduler": {"num_train_timesteps": (int, False)},
+    "tokenizer": {"model_max_length": (int, False)},
+}
+_FIX = "restore the file from the model release"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; InvalidArgument naming the file for anything else."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"model: {path} is not valid JSON ({e}); {_FIX}") from None
+    if not isinstance(d, dict):
+        raise InvalidArgument(f"model: {path} holds a JSON {type(d).__name__}, not an object; {_FIX}")
+    return d
+
+
+def check_config(path: Path, part: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a config that lacks a key sdfast reads or has it with the wrong type."""
+    for key, (typ, required) in CONFIG_KEYS.get(part, {}).items():
+        if key not in config or config[key] is None:
+            if required:
+                raise InvalidArgument(f"model: {path} lacks {key!r}, which a {part} config needs; {_FIX}")
+            continue
+        v = config[key]
+        if isinstance(v, bool) or not isinstance(v, typ):
+            want = " or ".join(t.__name__ for t in (typ if isinstance(typ, tuple) else (typ,)))
+            raise InvalidArgument(f"model: {path} has {key} = {v!r} ({type(v).__name__}), not {want}; {_FIX}")
+        if typ is list and (not v or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)):
+            raise InvalidArgument(f"model: {path} has {key} = {v!r}, not a non-empty list of positive integers; {_FIX}")
+        if typ is int and v < 1:
+            raise InvalidArgument(f"model: {path} has {key} = {v!r}, not a positive integer; {_FIX}")
+    return config
+
+
+def check_safetensors(path: Path) -> None:
+    """Read only the header: refuse an empty, truncated or non-safetensors file, naming it."""
+    size = path.stat().st_size
+    fix = "download the file again (a copy or download was cut short?)"
+    if size == 0:
+        raise InvalidArgument(f"model: {path} is empty (0 bytes); {fix}")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if n <= 1 or n > 100 << 20:
+            raise InvalidArgument(f"model: {path} is not a safetensors file (bad header length); {fix}")
+        if n > size - 8:
+            raise InvalidArgument(f"model: {path} is truncated: its header alone needs {n + 8} bytes but the file "
+                                  f"has {size}; {fix}")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InvalidArgument(f"model: {path} is not a safetensors file (its header is not JSON); {fix}") from None
+    if not isinstance(header, dict):
+        raise InvalidArgument(f"model: {path} is not a safetensors file (its header is not an object); {fix}")
+    end = 0
+    for name, rec in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = rec.get("data_offsets") if isinstance(rec, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise InvalidArgument(f"model: {path} is not a safetensors file (tensor {name!r} has no offsets); {fix}")
+        end = max(end, offsets[1])
+    if 8 + n + end > size:
+        raise InvalidArgument(f"model: {path} is truncated: its header needs {8 + n + end} bytes but the file has "
+                              f"{size}; {fix}")
+
+
+def check_model_folder(path: Path, weights: bool = True) -> None:
+    """Raise MissingFile / InvalidArgument naming the first missing or broken file of an SD folder."""
+    for sub, cfg in REQUIRED_CONFIGS:
+        if not (path / sub / cfg).is_file():
+            raise MissingFile(
+                f"model: {path} lacks {sub}/{cfg}; a Stable Diffusion folder needs "
+                "text_encoder/, tokenizer/, unet/, vae/ and scheduler/ (diffusers layout)"
+            )
+    for sub in ("text_encoder", "unet", "vae") if weights else ():
+        files = [p for p in (path / sub).iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()]
+        if not files:
+            raise MissingFile(
+                f"model: {path / sub} has no weights file (*.safetensors or *.bin); "
+                "download the complete model folder"
+            )
+        for f in files:
+            if f.suffix == ".safetensors":
+                check_safetensors(f)
+            elif f.stat().st_size == 0:
+                raise InvalidArgument(f"model: {f} is empty (0 bytes); download the file again")
+    for name in REQUIRED_TOKENIZER_FILES:
+        if not (path / "tokenizer" / name).is_file():
+            raise MissingFile(f"model: {path} lacks tokenizer/{name}; copy the tokenizer folder of the model release")
