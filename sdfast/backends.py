@@ -72,8 +72,10 @@ class Backend:
     engines: str
     #: the artifact format (manifest ``format``, ``sdfast export --format``); None: runs the folder.
     format: str | None = None
-    #: builds the artifact folder; None for the torch backend.
-    exporter: Callable[[ExportJob], Path] | None = None
+    #: module under ``sdfast.export`` whose ``export_job(job: ExportJob) -> Path`` builds the
+    #: artifact folder; None for the torch backend. Named, not imported: reading this table
+    #: loads no exporter, and exporters may import this module.
+    exporter: str | None = None
     flags: tuple[Flag, ...] = ()
     #: import names the backend needs beyond sdfast's own dependencies.
     requires: tuple[str, ...] = ()
@@ -105,36 +107,12 @@ class Backend:
         self.require()
         return importlib.import_module(f"sdfast.engines.{self.engines}")
 
-
-# -- exporters: lazy adapters from an ExportJob to each exporter's own options -------------------
-
-def _export_onnx(job: ExportJob) -> Path:
-    from .export.onnx import OnnxExportOptions, export_onnx
-
-    options = OnnxExportOptions(precision=job.precision, vae_precision=job.vae_precision,
-                                external_data=True if job.flags.get("external_data") else None,
-                                opset=job.flags.get("opset", 17))
-    return export_onnx(job.info, job.out, job.profile, options, model_arg=job.model_arg)
-
-
-def _export_tensorrt(job: ExportJob) -> Path:
-    from .export.tensorrt import TensorRTBuildOptions, export_tensorrt
-
-    options = TensorRTBuildOptions(precision=job.precision, vae_precision=job.vae_precision,
-                                   builder_optimization_level=job.flags.get("builder_optimization_level", 3),
-                                   timing_cache=job.flags.get("timing_cache"), onnx_dir=job.flags.get("onnx_dir"))
-    return export_tensorrt(job.info, job.out, job.profile, options, model_arg=job.model_arg)
-
-
-def _export_inductor(job: ExportJob) -> Path:
-    import torch
-
-    from .export.inductor import InductorExportOptions, export_inductor
-
-    device = job.flags.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    options = InductorExportOptions(precision=job.precision, vae_precision=job.vae_precision, device=device,
-                                    autotune=job.flags.get("autotune") or "default")
-    return export_inductor(job.info, job.out, job.profile, options, model_arg=job.model_arg)
+    def export(self, job: ExportJob) -> Path:
+        """Build the artifact folder ``job.out`` (the exporter checks and writes it atomically)."""
+        if self.exporter is None:
+            raise InvalidArgument(f"format: the {self.name} backend runs the model folder itself; nothing to export")
+        self.require()
+        return importlib.import_module(f"sdfast.export.{self.exporter}").export_job(job)
 
 
 #: ONNX opsets the exporter accepts: 17 is the first with LayerNormalization; the TorchScript
@@ -145,7 +123,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("torch", "eager PyTorch, runs the model folder directly (the parity reference)", engines="torch",
             precisions=("fp32", "fp16", "bf16"), options=("attention", "modules"), eager_vae_fallback=True),
     Backend("onnxruntime", "ONNX graphs on ONNX Runtime (CPU; CUDA with onnxruntime-gpu)", engines="onnxruntime",
-            format="onnx", exporter=_export_onnx, requires=("onnx", "onnxruntime", "onnxscript"), extra="onnx",
+            format="onnx", exporter="onnx", requires=("onnx", "onnxruntime", "onnxscript"), extra="onnx",
             flags=(
                 Flag("--external-data", "external_data", action="store_true", default=False,
                      help="onnx: keep weights in NAME.onnx.data however small (models over 256 MB always do)"),
@@ -154,7 +132,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
                      help="onnx: ONNX opset, 17-20 (default 17, the first with LayerNormalization)"),
             )),
     Backend("tensorrt", "TensorRT plans built from the ONNX graphs (NVIDIA GPUs; unverified)", engines="tensorrt",
-            format="tensorrt", exporter=_export_tensorrt, requires=("tensorrt", "onnx", "onnxruntime", "onnxscript"),
+            format="tensorrt", exporter="tensorrt", requires=("tensorrt", "onnx", "onnxruntime", "onnxscript"),
             extra="gpu", devices=("cuda",),
             flags=(
                 Flag("--onnx", "onnx_dir", metavar="DIR",
@@ -165,7 +143,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
                      help="tensorrt: timing cache, read and updated (default: in the sdfast cache)"),
             )),
     Backend("inductor", "AOTInductor packages compiled by torch.export (CPU and CUDA)", engines="inductor",
-            format="inductor", exporter=_export_inductor,
+            format="inductor", exporter="inductor",
             flags=(
                 Flag("--device", "device", choices=("cpu", "cuda"),
                      help="inductor: compile for cpu or cuda (default: cuda when available)"),
@@ -183,7 +161,7 @@ def get(name: str, arg: str = "backend") -> Backend:
     try:
         return BACKENDS[name]
     except (KeyError, TypeError):
-        raise InvalidArgument(f"{arg}: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}") from None
+        raise InvalidArgument(f"{arg}: unknown {name!r}; choose one of {', '.join(BACKENDS)}") from None
 
 
 def for_format(fmt: str) -> Backend:

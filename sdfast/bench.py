@@ -26,7 +26,7 @@ The table, JSON and plot are written by ``sdfast.bench_report``.
 from __future__ import annotations
 
 import gc
-import importlib.util
+import importlib
 import logging
 import math
 import os
@@ -49,10 +49,6 @@ from .models import ModelInfo, builtin_models, cache_dir, load_tokenizer, load_t
 log = logging.getLogger(__name__)
 
 STAGES = ("text_encoder", "unet_step", "scheduler_step", "vae_decode", "total")
-#: backend -> export format that makes its engines (the torch backend runs the folder directly).
-EXPORT_FORMATS = {"onnxruntime": "onnx", "tensorrt": "tensorrt", "inductor": "inductor"}
-#: what `sdfast export --precision` offers (DESIGN.md).
-EXPORT_PRECISIONS = ("fp32", "fp16")
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
 
 
@@ -322,31 +318,21 @@ def add_throughput(row: dict[str, Any], flops: StageFlops, steps: int, batch: in
 
 # -- engines for exported backends -----------------------------------------------------------
 
-def export_available(fmt: str) -> str | None:
-    """None if ``sdfast export --format fmt`` exists in this build, else why not."""
-    if importlib.util.find_spec("sdfast.cli_export") is None:
-        return "`sdfast export` is not in this build (sdfast/cli_export.py is missing)"
-    try:
-        found = importlib.util.find_spec(f"sdfast.export.{fmt}") is not None
-    except ModuleNotFoundError:
-        found = False
-    if not found:
-        return f"the {fmt} exporter is not in this build (sdfast/export/{fmt}.py is missing)"
-    return None
-
-
 def ensure_engines(cfg: BenchConfig, info: ModelInfo, backend: str, dtype: str, batch: int,
                    height: int, width: int) -> tuple[Path | None, float | None, str | None]:
     """(engines dir, export seconds or None if reused, skip reason)."""
+    from . import backends
+
     if cfg.engines is not None:
         return Path(cfg.engines), None, None
-    fmt = EXPORT_FORMATS[backend]
-    if dtype not in EXPORT_PRECISIONS:
-        return None, None, (f"`sdfast export` builds {' and '.join(EXPORT_PRECISIONS)} engines, not {dtype}; "
-                            f"bench {backend} with --dtype {EXPORT_PRECISIONS[0]}")
-    missing = export_available(fmt)
+    record = backends.get(backend)
+    fmt = record.format
+    if dtype not in record.precisions:
+        return None, None, (f"`sdfast export --format {fmt}` builds {' and '.join(record.precisions)} engines, "
+                            f"not {dtype}; bench {backend} with --dtype {record.precisions[0]}")
+    missing = record.missing()
     if missing:
-        return None, None, f"{missing}, and no --engines folder was given"
+        return None, None, f"{backend} {missing}, and no --engines folder was given"
     dest = (cache_dir() / "engines" /
             f"{info.name.replace('/', '--')}-{info.fingerprint[:12]}-{fmt}-{dtype}-{height}x{width}-b{batch}")
     if (dest / "manifest.json").is_file():
@@ -369,15 +355,14 @@ def ensure_engines(cfg: BenchConfig, info: ModelInfo, backend: str, dtype: str, 
 
 def validate(cfg: BenchConfig) -> tuple[ModelInfo, torch.device, int, int]:
     """Check every value before anything runs; returns (info, device, height, width)."""
-    from .backends import BACKENDS
+    from . import backends
     from .request import Request
-    from .runtime import resolve_device
+    from .hardware import resolve_device
 
     if not cfg.backends:
         raise InvalidArgument("backends: the list is empty; pass e.g. --backends torch,onnxruntime")
     for b in cfg.backends:
-        if b not in BACKENDS:
-            raise InvalidArgument(f"backends: unknown {b!r}; choose from {', '.join(BACKENDS)} (comma-separated)")
+        backends.get(b, arg="backends")
     for d in cfg.dtypes:
         Precision.parse(d)
     for b in cfg.batches:
@@ -399,19 +384,15 @@ def validate(cfg: BenchConfig) -> tuple[ModelInfo, torch.device, int, int]:
 def make_runner(backend: str, cfg: BenchConfig, info: ModelInfo, device: torch.device, precision: Precision,
                 modules: dict[str, torch.nn.Module] | None, batch: int, height: int, width: int,
                 engines_dir: str | None) -> Runner:
-    """The diffusers row and the torch rows share ``modules``; other backends load their engines."""
-    from .engines.torch import load as load_torch_engines
-    from .runtime import Pipeline, load
+    """The diffusers row and the torch rows share ``modules``; every sdfast row is assembled by
+    ``sdfast.load``, so it runs with the same graphs and safety setup users get."""
+    from .runtime import load
 
     if backend == "diffusers":
         pipe = diffusers_pipeline(info, modules, cfg.scheduler)
         return diffusers_runner(pipe, cfg, batch, height, width, device)
-    if backend == "torch":
-        engines = load_torch_engines(info, device, precision, modules=modules)
-        # The modules are shared with the diffusers row; CUDA graphs as sdfast.load sets them.
-        pipe = Pipeline(info, engines, device, precision, backend, cuda_graphs=device.type == "cuda")
-        return sdfast_runner(pipe, cfg, batch, height, width)
-    pipe = load(info, backend=backend, device=device, dtype=precision.value, engines=engines_dir)
+    pipe = load(info, backend=backend, device=device, dtype=precision.value, engines=engines_dir,
+                modules=modules if backend == "torch" else None)
     return sdfast_runner(pipe, cfg, batch, height, width)
 
 

@@ -101,6 +101,6 @@ def run(args: argparse.Namespace) -> int:
     job = ExportJob(info=info, out=out_dir, profile=profile, precision=Precision(args.precision),
                     vae_precision=Precision(args.vae_precision) if args.vae_precision else None,
                     model_arg=args.model, flags={f.dest: getattr(args, f.dest) for f in record.flags})
-    out = record.exporter(job)
+    out = record.export(job)
     print(f"wrote {out} ({profile.describe()})")
     return 0

@@ -177,7 +177,7 @@ def run_parity(model: str, backend: str, engines: str | None = None, device: str
                seed: int = 0) -> ParityReport:
     """Load eager fp32 and ``backend`` on the same model and measure every tier."""
     from . import load
-    from .runtime import resolve_device
+    from .hardware import resolve_device
 
     candidate_dtype = dtype
     profile = None

@@ -23,6 +23,7 @@ from .components import Precision
 from .engines import Engine, check_request, load_engines
 from .errors import InvalidArgument
 from .graphs import GraphRunner
+from .hardware import resolve_device
 from .loop import LoopState, StepCallback, denoise
 from .models import ModelInfo, load_tokenizer, resolve_model
 from .request import Request
@@ -309,18 +310,6 @@ class Pipeline:
         if not hints:
             hints.append("the model's weights or the engines are likely broken: check them with `sdfast parity`")
         return "; or ".join(hints)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise InvalidArgument(f"device: {device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgument("device: 'cuda' was asked for but no CUDA device is available; use device='cpu'")
-    if dev.type not in ("cpu", "cuda"):
-        raise InvalidArgument(f"device: {dev.type!r} is not supported; use 'cpu' or 'cuda'")
-    return dev
 
 
 def load(model: str | Path | ModelInfo = "tiny", backend: str = "torch", device: str | torch.device = "cpu",

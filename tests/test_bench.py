@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from sdfast import bench
+from sdfast.backends import get as get_backend
 from sdfast.cli import main
 
 STAGES = {"text_encoder", "unet_step", "scheduler_step", "vae_decode", "total"}
@@ -61,7 +62,7 @@ def test_bench_onnxruntime_row_or_clear_skip(tmp_path, capsys):
                  "--width", "64", "--repeat", "1", "--warmup", "1", "--json", str(out))
     assert rc == 0
     report = json.loads(out.read_text())
-    missing = bench.export_available("onnx")
+    missing = get_backend("onnxruntime").missing()
     backends = [r["backend"] for r in report["results"]]
     if missing:
         assert backends == ["diffusers"]

@@ -26,12 +26,11 @@ Choices, and why:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch._inductor
@@ -48,7 +47,11 @@ from ..artifacts import (
 )
 from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, sample_inputs, size_multiple
 from ..errors import InvalidArgument
+from ..hardware import resolve_device
 from ..models import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
+
+if TYPE_CHECKING:
+    from ..backends import ExportJob
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +156,6 @@ def export_inductor(info: ModelInfo, out: Path | str, profile: ShapeProfile,
                     options: InductorExportOptions = InductorExportOptions(), model_arg: str | None = None,
                     components: tuple[str, ...] = tuple(SPECS)) -> Path:
     """Compile every component into ``out`` (replaced atomically), sealed with a manifest."""
-    from ..runtime import resolve_device
-
     device = resolve_device(options.device)
     profile.validate(info)
     out = check_export_out(out, protect=info.path)  # before any work: never replace what we did not write
@@ -187,13 +188,10 @@ def export_inductor(info: ModelInfo, out: Path | str, profile: ShapeProfile,
     return out
 
 
-def export_cli(info: ModelInfo, args: argparse.Namespace, profile: ShapeProfile) -> Path:
-    """``sdfast export --format inductor``: reads --precision, --vae-precision, and when the
-    export CLI has them --device (default: cuda when available) and --autotune."""
-    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-    options = InductorExportOptions(
-        precision=Precision(args.precision),
-        vae_precision=Precision(args.vae_precision) if getattr(args, "vae_precision", None) else None,
-        device=device, autotune=getattr(args, "autotune", None) or "default",
-    )
-    return export_inductor(info, args.out, profile, options, model_arg=args.model)
+def export_job(job: ExportJob) -> Path:
+    """``sdfast export --format inductor`` (the backend record's entry point): --device defaults
+    to cuda when available, --autotune to 'default'."""
+    device = job.flags.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    options = InductorExportOptions(precision=job.precision, vae_precision=job.vae_precision, device=device,
+                                    autotune=job.flags.get("autotune") or "default")
+    return export_inductor(job.info, job.out, job.profile, options, model_arg=job.model_arg)

@@ -37,6 +37,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -45,6 +46,9 @@ from ..artifacts import Manifest, check_export_out, export_command, model_record
 from ..components import SPECS, Precision, ShapeProfile, sample_inputs
 from ..errors import InvalidArgument
 from ..models import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
+
+if TYPE_CHECKING:
+    from ..backends import ExportJob
 
 log = logging.getLogger(__name__)
 
@@ -215,3 +219,11 @@ def export_onnx(info: ModelInfo, out: Path | str, profile: ShapeProfile,
                  export_command=cmd).seal(tmp)
     log.info("wrote %s (%s)", out, profile.describe())
     return out
+
+
+def export_job(job: ExportJob) -> Path:
+    """``sdfast export --format onnx`` (the backend record's entry point)."""
+    options = OnnxExportOptions(precision=job.precision, vae_precision=job.vae_precision,
+                                external_data=True if job.flags.get("external_data") else None,
+                                opset=job.flags.get("opset", OPSET))
+    return export_onnx(job.info, job.out, job.profile, options, model_arg=job.model_arg)

@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..artifacts import (
     Manifest,
@@ -33,6 +34,9 @@ from ..artifacts import (
 from ..components import SPECS, Precision, ShapeProfile
 from ..errors import ArtifactMismatch, InvalidArgument
 from ..models import ModelInfo, cache_dir
+
+if TYPE_CHECKING:
+    from ..backends import ExportJob
 
 log = logging.getLogger(__name__)
 
@@ -174,3 +178,11 @@ def _onnx_source(info: ModelInfo, profile: ShapeProfile, options: TensorRTBuildO
     export_onnx(info, scratch, profile, OnnxExportOptions(precision=options.precision,
                                                           vae_precision=options.vae_precision))
     return scratch
+
+
+def export_job(job: ExportJob) -> Path:
+    """``sdfast export --format tensorrt`` (the backend record's entry point)."""
+    options = TensorRTBuildOptions(precision=job.precision, vae_precision=job.vae_precision,
+                                   builder_optimization_level=job.flags.get("builder_optimization_level", 3),
+                                   timing_cache=job.flags.get("timing_cache"), onnx_dir=job.flags.get("onnx_dir"))
+    return export_tensorrt(job.info, job.out, job.profile, options, model_arg=job.model_arg)
