@@ -38,14 +38,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from .media import atomic_path
     from .parity import run_parity
+    from .rules import check_choice, check_steps
     from .schedulers import SCHEDULERS
 
     schedulers = tuple(s for s in args.schedulers.split(",") if s)
-    unknown = [s for s in schedulers if s not in SCHEDULERS]
-    if unknown or not schedulers:
-        raise InvalidArgument(f"schedulers: unknown {unknown or 'empty list'}; choose from {', '.join(SCHEDULERS)}")
-    if args.steps < 1:
-        raise InvalidArgument(f"steps: must be at least 1 but is {args.steps}")
+    if not schedulers:
+        raise InvalidArgument(f"schedulers: the list is empty; choose from {', '.join(SCHEDULERS)}")
+    for name in schedulers:
+        check_choice("schedulers", name, SCHEDULERS)
+    check_steps(args.steps)
     report = run_parity(args.model, args.backend, args.engines, args.device, args.dtype, args.steps, schedulers,
                         args.seed)
     print(report.table())
