@@ -38,6 +38,7 @@ from .errors import ArtifactMismatch, InvalidArgument, MissingFile
 from .fsio import (
     atomic_path,
     atomic_write,
+    check_names,
     check_output_dir,
     check_output_path,
     ordinary_mode,
@@ -48,7 +49,7 @@ from .fsio import (
 if TYPE_CHECKING:
     from .models import ModelInfo
 
-__all__ = ["atomic_path", "atomic_write", "check_output_dir", "check_output_path", "ordinary_mode",
+__all__ = ["atomic_path", "atomic_write", "check_names", "check_output_dir", "check_output_path", "ordinary_mode",
            "output_group", "staging_dir"]
 
 log = logging.getLogger(__name__)
@@ -383,6 +384,7 @@ def check_export_out(out: Path | str, protect: Path | None = None) -> Path:
     (the model folder) or any folder containing it, and the current folder or any above it.
     """
     raw = str(out)
+    check_names(out, "out")
     path = Path(out).expanduser().resolve()
     fix = "pass a new or empty folder, or an earlier sdfast export folder"
     if protect is not None:

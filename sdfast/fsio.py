@@ -168,10 +168,17 @@ def staging_dir(out: str | os.PathLike, complete: str | None = "manifest.json") 
 
 # -- checks before any work -------------------------------------------------------------------
 
+def _exists(p: Path) -> bool:
+    try:
+        return p.exists() or p.is_symlink()
+    except OSError:  # ENAMETOOLONG, ELOOP, ...: nothing usable there
+        return False
+
+
 def _existing_ancestor(path: Path, arg: str) -> Path:
     """The nearest ancestor of ``path`` that exists; refuse one that is not a folder."""
     p = path.parent
-    while not (p.exists() or p.is_symlink()):
+    while not _exists(p):
         p = p.parent
     if not p.is_dir():
         raise InvalidArgument(f"{arg}: {str(path)!r} lies under {str(p)!r}, which is a file, not a folder; "
@@ -179,10 +186,14 @@ def _existing_ancestor(path: Path, arg: str) -> Path:
     return p
 
 
-def _check_names(path: Path, anchor: Path, arg: str) -> None:
+def check_names(path: str | os.PathLike, arg: str) -> None:
+    """Refuse a path with a name longer than its file system allows (before anything stats it)."""
+    p = Path(path).expanduser().absolute()
+    anchor = p.parent
+    while not _exists(anchor):
+        anchor = anchor.parent
     limit = _name_max(anchor)
-    rel = path.relative_to(anchor) if path.is_relative_to(anchor) else Path(path.name)
-    for part in rel.parts:
+    for part in p.parts:
         if len(os.fsencode(part)) > limit:
             raise InvalidArgument(f"{arg}: the name {part[:40]!r}... is {len(os.fsencode(part))} bytes but this file "
                                   f"system allows {limit}; use a shorter name")
@@ -194,6 +205,7 @@ def check_output_path(path: str | os.PathLike, arg: str, directory: bool = False
     A file target may not be a folder; a folder target (``directory``) may not be a file. The
     nearest existing ancestor must be a writable folder and every new name must fit the file
     system's limit (temporary names are shortened to fit, so only the target's names count)."""
+    check_names(path, arg)
     p = Path(path).expanduser().absolute()
     if p.exists():
         if not directory and p.is_dir():
@@ -202,7 +214,6 @@ def check_output_path(path: str | os.PathLike, arg: str, directory: bool = False
         if directory and not p.is_dir():
             raise InvalidArgument(f"{arg}: {str(path)!r} is a file, not a folder; pass a folder")
     anchor = _existing_ancestor(p, arg)
-    _check_names(p, anchor, arg)
     writable_dir = p if directory and p.is_dir() else anchor if not p.parent.exists() else p.parent
     if not os.access(writable_dir, os.W_OK | os.X_OK):
         raise InvalidArgument(f"{arg}: cannot write into {str(writable_dir)!r} (not writable); "
