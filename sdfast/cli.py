@@ -22,6 +22,7 @@ COMMANDS = {
     "parity": "cli_parity",
     "bench": "cli_bench",
     "info": "cli_info",
+    "serve": "cli_serve",
 }
 
 EPILOG = """backend      --format     (`sdfast info` says which backends can run here)

@@ -1,0 +1,118 @@
+"""``sdfast serve``: the OpenAI-compatible image server, on uvicorn or as a Ray Serve deployment."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from .errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Serve POST /v1/images/generations (the OpenAI Images API; sdfast's seed, steps,
+guidance_scale, negative_prompt and scheduler in the same JSON body), GET /health (200 once warmed
+up) and GET /metrics (Prometheus).
+
+Requests that can share a U-Net call (same size, steps, scheduler, guidance on/off) are batched up
+to --max-batch images within --max-wait-ms; each keeps its own seed and guidance scale. Batching is
+switched on only where a warm-up probe finds batched images bit-identical to lone ones
+(--batch-invariance require, the default). On a CPU the default oneDNN kernels are not
+batch-invariant; --kernels batch-invariant makes them so, at some speed cost.
+
+  sdfast serve --model tiny --port 8000
+  python -c "from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-');
+             print(len(c.images.generate(prompt='a red circle', extra_body={'seed': 1, 'steps': 20}).data))"
+
+With --ray the same app runs as a Ray Serve deployment with --replicas copies, one pipeline each
+(see sdfast/serve/ray.py for `serve run` and multi-machine clusters).
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from .cli_generate import add_model_arguments
+
+    p = sub.add_parser("serve", help="serve the OpenAI Images API over HTTP, with request batching",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "math"],
+                   help="torch backend attention (default sdpa)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--max-batch", type=int, default=4, help="most images in one denoising loop (default 4)")
+    p.add_argument("--max-wait-ms", type=float, default=25.0,
+                   help="how long the oldest request waits for batch-mates (default 25)")
+    p.add_argument("--max-queue", type=int, default=64, help="queued requests before 429 (default 64)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request before 504 (default 300)")
+    p.add_argument("--api-key", default=os.environ.get("SDFAST_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $SDFAST_API_KEY; none = open)")
+    p.add_argument("--max-n", type=int, default=4, help="most images per request (default 4)")
+    p.add_argument("--max-prompt-chars", type=int, default=2000, help="longest prompt accepted (default 2000)")
+    p.add_argument("--max-side", type=int, default=None,
+                   help="largest image side (default: the engines' profile, or twice the native size)")
+    p.add_argument("--max-steps", type=int, default=150, help="most denoising steps per request (default 150)")
+    p.add_argument("--warmup-size", action="append", default=[], metavar="WxH",
+                   help="warm up at this size (repeatable; default the native size)")
+    p.add_argument("--batch-invariance", default="require", choices=["require", "allow"],
+                   help="require (default): batch only if batched images are bit-identical to lone ones "
+                        "on these engines; allow: batch regardless")
+    p.add_argument("--kernels", default="fast", choices=["fast", "batch-invariant"],
+                   help="fast (default): the usual CPU kernels (oneDNN); batch-invariant: kernels whose "
+                        "rows do not depend on the batch size (MKL strict CNR, no oneDNN/NNPACK), so "
+                        "batching is exact on a CPU at some speed cost")
+    p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment")
+    p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, one pipeline each (default 1)")
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs Ray reserves per replica (default 0)")
+    p.add_argument("--ray-address", default=None,
+                   help="an existing Ray cluster (e.g. 'auto' or ray://HEAD:10001); default: start one here")
+    p.set_defaults(handler=run)
+
+
+def _sizes(values: list[str]) -> list[tuple[int, int]]:
+    out = []
+    for v in values:
+        w, sep, h = v.partition("x")
+        if not sep or not w.isdigit() or not h.isdigit():
+            raise InvalidArgument(f"warmup-size: must be WIDTHxHEIGHT like 512x512, not {v!r}")
+        out.append((int(h), int(w)))
+    return out
+
+
+def config_from_args(args: argparse.Namespace):
+    from .serve.service import ServeConfig
+
+    if not 0 < args.port < 65536:
+        raise InvalidArgument(f"port: must be from 1 to 65535 but is {args.port}")
+    return ServeConfig(model=args.model, backend=args.backend, engines=args.engines, device=args.device,
+                       dtype=args.dtype, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                       max_queue=args.max_queue, timeout_s=args.timeout, api_key=args.api_key or None,
+                       max_prompt_chars=args.max_prompt_chars, max_n=args.max_n, max_side=args.max_side,
+                       max_steps=args.max_steps, warmup_sizes=_sizes(args.warmup_size),
+                       batch_invariance=args.batch_invariance, attention=args.attention,
+                       kernels=args.kernels)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ModuleNotFoundError as e:
+        raise InvalidArgument(f"serve: needs {e.name}, which is not installed; pip install 'sdfast[serve]'") from None
+    config = config_from_args(args)
+    if args.host not in ("127.0.0.1", "::1", "localhost") and not config.api_key:
+        log.warning("listening on %s without --api-key: anyone who can reach it can use it", args.host)
+    if args.ray:
+        from .serve.ray import run_ray
+
+        return run_ray(config, replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                       host=args.host, port=args.port, address=args.ray_address)
+
+    from .serve import ImageService, create_app
+    from .serve.service import load_pipeline
+
+    service = ImageService(load_pipeline(config), config)
+    # timeout_graceful_shutdown=None: on SIGTERM uvicorn waits for every in-flight request.
+    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info",
+                timeout_graceful_shutdown=None)
+    return 0

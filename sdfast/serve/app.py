@@ -1,0 +1,158 @@
+"""The HTTP face of an ImageService: the OpenAI Images API plus /health and /metrics.
+
+    POST /v1/images/generations   {"prompt", "n", "size": "WxH", "response_format": "b64_json",
+                                   + sdfast's "seed", "steps", "guidance_scale", "negative_prompt",
+                                   "scheduler"}  → {"created", "data": [{"b64_json"}]}
+    GET  /health                  200 once warmed up, 503 before and while draining
+    GET  /metrics                 Prometheus text
+
+Every refusal is a JSON body in OpenAI's error shape whose ``message`` is one line: for bad input
+exactly the text ``sdfast generate`` prints after ``error:``. No answer ever carries a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from ..errors import InvalidArgument, MissingFile
+from .batching import Closed, Expired, QueueFull
+from .service import ImageService
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20  # a prompt and a few numbers; anything larger is not a generation request
+
+
+def error_response(service: ImageService, status: int, kind: str, message: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    service.metrics.error(kind, status)
+    param = message.split(":", 1)[0] if kind == "invalid_argument" else None
+    body = {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
+                      "param": param, "code": kind}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def create_app(service: ImageService, drain_timeout_s: float | None = None) -> FastAPI:
+    """The app; its lifespan starts the warm-up and, at shutdown, drains the queue."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.start()
+        yield
+        # uvicorn has already waited for in-flight HTTP requests; this finishes anything queued.
+        await asyncio.to_thread(service.drain, drain_timeout_s)
+
+    app = FastAPI(title="sdfast", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+    key = service.config.api_key.encode() if service.config.api_key else None
+
+    def authorized(request: Request) -> bool:
+        if key is None:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # compare_digest: the time taken does not depend on how much of the key was right.
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse(service.health(), status_code=200 if service.ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type=service.metrics.content_type)
+
+    @app.post("/v1/images/generations")
+    async def generations(request: Request) -> JSONResponse:
+        t0 = time.perf_counter()
+        if not authorized(request):
+            return error_response(service, 401, "unauthorized",
+                                  "api key: missing or wrong; send the header 'Authorization: Bearer KEY'",
+                                  {"WWW-Authenticate": "Bearer"})
+        if not service.ready:
+            if service.state == "failed":
+                return error_response(service, 503, "not_ready", f"server: {service.state_detail}")
+            kind = "shutting_down" if service.state == "draining" else "not_ready"
+            return error_response(service, 503, kind, f"server: {service.state}; retry shortly",
+                                  {"Retry-After": "1"})
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            return error_response(service, 413, "payload_too_large",
+                                  f"body: at most {MAX_BODY_BYTES} bytes but has {len(raw)}")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            return error_response(service, 400, "invalid_argument", f"body: not valid JSON ({e})")
+        try:
+            req = service.parse(body)
+            future = service.submit(req)
+        except (InvalidArgument, MissingFile) as e:
+            return error_response(service, 400, "invalid_argument", _one_line(e))
+        except QueueFull as e:
+            return error_response(service, 429, "queue_full", str(e), {"Retry-After": str(e.retry_after_s)})
+        except Closed as e:
+            return error_response(service, 503, "shutting_down", str(e), {"Retry-After": "1"})
+        try:
+            done = await asyncio.wait_for(asyncio.wrap_future(future), service.config.timeout_s)
+            pngs = await asyncio.to_thread(service.pngs, done.output)
+        except (InvalidArgument, MissingFile) as e:  # raised by the pipeline itself (e.g. a profile check)
+            return error_response(service, 400, "invalid_argument", _one_line(e))
+        except (TimeoutError, Expired):
+            return error_response(service, 504, "timeout",
+                                  f"timeout: no image within {service.config.timeout_s:g} s; retry later")
+        except Exception as e:  # a bug or a numerical failure: logged in full, answered in one line
+            log.exception("generation failed")
+            return error_response(service, 500, "internal", _one_line(f"internal: {type(e).__name__}: {e}"))
+        service.metrics.requests.labels(status="200").inc()
+        service.metrics.latency.observe(time.perf_counter() - t0)
+        return JSONResponse({
+            "created": int(time.time()),
+            "data": [{"b64_json": base64.b64encode(p).decode("ascii"), "revised_prompt": None} for p in pngs],
+            # sdfast's own: how many requests shared this request's denoising loop.
+            "sdfast": {"batch_requests": done.batch_requests, "batch_images": done.batch_images},
+        })
+
+    return app
+
+
+def _one_line(e: object) -> str:
+    return " ".join(str(e).split("\n"))
+
+
+class BackgroundServer:
+    """uvicorn on a thread, on loopback and a free port: for tests and bench/serve_load.py.
+
+        with BackgroundServer(create_app(service)) as url: ...   # url = "http://127.0.0.1:PORT"
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                                     timeout_graceful_shutdown=None)
+        self.server = uvicorn.Server(self.config)
+        self.thread = threading.Thread(target=self.server.run, name="sdfast-uvicorn", daemon=True)
+        self.url = ""
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start (see its log)")
+            time.sleep(0.01)
+        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join()

@@ -1,0 +1,326 @@
+"""The serving core without HTTP: configuration, request checking, warm-up, the batcher, PNGs.
+
+The FastAPI app (app.py) and the Ray Serve deployment (ray.py) both wrap one ``ImageService``
+per pipeline; nothing here imports a web framework.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InvalidArgument
+from ..request import Request
+from .batching import Batcher
+from .metrics import ServeMetrics
+
+if TYPE_CHECKING:
+    from ..runtime import GenerationOutput, Pipeline
+
+log = logging.getLogger(__name__)
+
+#: OpenAI Images API fields we accept; ``user``, ``model``, ``quality`` and ``style`` are ignored.
+OPENAI_FIELDS = ("prompt", "n", "size", "response_format", "user", "model", "quality", "style")
+#: sdfast's own fields, sent by the openai client through ``extra_body``.
+SDFAST_FIELDS = ("seed", "steps", "guidance_scale", "negative_prompt", "scheduler")
+SIZE_RE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
+
+
+@dataclass
+class ServeConfig:
+    """Everything ``sdfast serve`` is told; picklable, so Ray can ship it to replicas."""
+
+    model: str = "tiny"
+    backend: str = "torch"
+    engines: str | None = None
+    device: str = "cpu"
+    dtype: str = "auto"
+    max_batch: int = 4  # images per denoising loop
+    max_wait_ms: float = 25.0
+    max_queue: int = 64
+    timeout_s: float = 300.0
+    api_key: str | None = None
+    max_prompt_chars: int = 2000
+    max_n: int = 4
+    max_side: int | None = None  # None: the engines' profile, or twice the native size for eager ones
+    max_steps: int = 150
+    warmup_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width); [] = native
+    batch_invariance: str = "require"  # "require": batch only if the warm-up probe proves it exact
+    attention: str = "sdpa"
+    kernels: str = "fast"  # or "batch-invariant": see use_batch_invariant_kernels
+
+
+def use_batch_invariant_kernels() -> None:
+    """Switch this process to CPU kernels whose result for a row does not depend on how many rows
+    share the call, measured on a Xeon with AVX-512/AMX (torch 2.13, MKL 2024.2, oneDNN 3.12):
+
+    - oneDNN (``torch.backends.mkldnn``) convolutions and matmuls pick blockings by the batch
+      size; off, convolutions run as im2col + MKL GEMM per image, and bf16 GEMMs get slow;
+    - NNPACK takes over convolutions from batch 16 up with other arithmetic; off;
+    - MKL's SGEMM picks kernels by the row count; ``MKL_CBWR=AUTO,STRICT`` (Conditional
+      Numerical Reproducibility, strict mode) fixes one order. MKL reads it at its first call,
+      so this has to run before the first matrix product in the process.
+
+    fp32 loses ~25-45 % of its speed on the tiny model, bf16 ~4-10x (no oneDNN): the price of
+    exact batching on a CPU. CUDA kernels are not covered (unverified: the probe decides there).
+    """
+    import os
+
+    import torch
+
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+    torch.backends.mkldnn.enabled = False
+    torch.backends.nnpack.set_flags(False)
+
+
+def load_pipeline(config: ServeConfig) -> Pipeline:
+    from ..runtime import load
+
+    if config.kernels not in ("fast", "batch-invariant"):
+        raise InvalidArgument(f"kernels: must be 'fast' or 'batch-invariant', not {config.kernels!r}")
+    if config.kernels == "batch-invariant":
+        use_batch_invariant_kernels()
+    return load(config.model, backend=config.backend, device=config.device, dtype=config.dtype,
+                engines=config.engines, attention=config.attention)
+
+
+class ImageService:
+    def __init__(self, pipe: Pipeline, config: ServeConfig):
+        if config.batch_invariance not in ("require", "allow"):
+            raise InvalidArgument(f"batch-invariance: must be 'require' or 'allow', not {config.batch_invariance!r}")
+        for arg in ("max_batch", "max_queue", "max_n", "max_prompt_chars", "max_steps"):
+            v = getattr(config, arg)
+            if not isinstance(v, int) or v < 1:
+                raise InvalidArgument(f"{arg.replace('_', '-')}: must be an integer >= 1 but is {v!r}")
+        if config.max_wait_ms < 0 or config.timeout_s <= 0:
+            raise InvalidArgument("max-wait-ms must be >= 0 and timeout must be > 0 seconds")
+        self.pipe = pipe
+        self.config = config
+        self.info = pipe.info
+        self.metrics = ServeMetrics()
+        self.profile = _profile(pipe)
+        self.max_images = config.max_batch
+        if self.profile is not None:
+            self.max_images = min(self.max_images, self.profile.max_batch)
+        self.max_side = config.max_side or (max(self.profile.max_height, self.profile.max_width)
+                                            if self.profile is not None else 2 * self.info.native_size)
+        self.state = "warming"  # -> "ready" -> "draining"; or "failed"
+        self.state_detail = ""
+        self.batch_invariant: bool | None = None
+        self.batcher = Batcher(None, pipe.run, max_images=self.max_images, max_wait_s=config.max_wait_ms / 1000,
+                               max_queue=config.max_queue, on_batch=self.metrics.on_batch,
+                               on_depth=self.metrics.queue_depth.set)
+        self.redecode = False
+        self._started = False
+        self._lock = threading.Lock()
+        self._warm_thread: threading.Thread | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    # -- life cycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Warm up in the background; /health answers 503 until done. Idempotent."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        self._warm_thread = threading.Thread(target=self._warmup, name="sdfast-warmup", daemon=True)
+        self._warm_thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        if self._warm_thread is not None:
+            self._warm_thread.join(timeout)
+        return self.ready
+
+    def _warmup(self) -> None:
+        try:
+            sizes = self.config.warmup_sizes or [(self.info.native_size, self.info.native_size)]
+            for h, w in sizes:
+                seconds = self.pipe.warmup(height=h, width=w, batch=1, steps=2)
+                log.info("warm-up at %dx%d took %.2f s", w, h, seconds)
+            self._enable_batching(sizes[0])
+        except Exception as e:  # warm-up failing is the operator's problem: say so on /health
+            log.exception("warm-up failed")
+            self.state, self.state_detail = "failed", f"warm-up failed: {type(e).__name__}: {e}"
+            return
+        if self.state == "warming":
+            self.state = "ready"
+            self.metrics.ready.set(1)
+
+    def _enable_batching(self, size: tuple[int, int]) -> None:
+        run_batch = getattr(self.pipe, "run_batch", None)
+        if run_batch is None:
+            log.warning("this Pipeline has no run_batch: every request runs its own loop")
+            return
+        if self.max_images < 2:
+            return
+        latents_same, images_same = probe_batch_invariance(self.pipe, size, self.max_images)
+        if latents_same and not images_same:
+            # The loop is exact but decoding all rows in one VAE call is not (measured: a 1-row
+            # decode differs from the same row among others). Decode each request's rows on their
+            # own, as its lone run does; this costs a second VAE pass per batched image.
+            self.redecode = True
+            latents_same, images_same = probe_batch_invariance(self.pipe, size, self.max_images, self._run_batch)
+        self.batch_invariant = latents_same and images_same
+        self.metrics.batch_invariant.set(int(self.batch_invariant))
+        if self.batch_invariant or self.config.batch_invariance == "allow":
+            self.batcher.run_batch = self._run_batch
+        if not self.batch_invariant:
+            log.warning("batched rows differ from lone runs on these engines (kernels are not batch-invariant "
+                        "here); %s", "batching anyway (--batch-invariance allow)" if self.batcher.run_batch
+                        else "batching is off; pass --batch-invariance allow to batch anyway")
+
+    def _run_batch(self, requests: list[Request]) -> list[GenerationOutput]:
+        outs = self.pipe.run_batch(requests)
+        if self.redecode and len(requests) > 1:
+            for out in outs:
+                out.images = self.pipe.to_pil(self.pipe.decode(out.latents))
+        return outs
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Stop intake and finish every queued request. True when all finished in time."""
+        self.state = "draining"
+        self.metrics.ready.set(0)
+        self.batcher.close()
+        return self.batcher.join(timeout)
+
+    # -- requests ------------------------------------------------------------------------------
+    def parse(self, body: Any) -> Request:
+        """JSON body → checked Request, or InvalidArgument with the CLI's one-line message."""
+        if not isinstance(body, dict):
+            raise InvalidArgument("body: must be a JSON object with at least a 'prompt' field")
+        unknown = sorted(set(body) - set(OPENAI_FIELDS) - set(SDFAST_FIELDS))
+        if unknown:
+            raise InvalidArgument(f"{unknown[0]}: not a field of this API; the fields are "
+                                  f"{', '.join(OPENAI_FIELDS + SDFAST_FIELDS)}")
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise InvalidArgument("prompt: required, and must be a string")
+        c = self.config
+        if len(prompt) > c.max_prompt_chars:
+            raise InvalidArgument(f"prompt: at most {c.max_prompt_chars} characters but has {len(prompt)}; "
+                                  "shorten it")
+        n = body.get("n", 1)
+        n = 1 if n is None else n
+        limit_n = min(c.max_n, self.max_images)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit_n:
+            raise InvalidArgument(f"n: must be an integer from 1 to {limit_n} (this server's limit) but is {n!r}")
+        fmt = body.get("response_format") or "b64_json"
+        if fmt != "b64_json":
+            raise InvalidArgument(f"response_format: {fmt!r} is not served (no image storage); use 'b64_json'")
+        height, width = self._size(body.get("size"))
+        negative = body.get("negative_prompt")
+        if negative is not None and not isinstance(negative, str):
+            raise InvalidArgument("negative_prompt: must be a string")
+        if negative is not None and len(negative) > c.max_prompt_chars:
+            raise InvalidArgument(f"negative_prompt: at most {c.max_prompt_chars} characters but has "
+                                  f"{len(negative)}; shorten it")
+        steps = body.get("steps", 50)
+        if isinstance(steps, int) and not isinstance(steps, bool) and steps > c.max_steps:
+            raise InvalidArgument(f"steps: at most {c.max_steps} on this server but is {steps}")
+        opts = {k: body[k] for k in ("guidance_scale", "seed", "scheduler") if body.get(k) is not None}
+        g = opts.get("guidance_scale")
+        if isinstance(g, int) and not isinstance(g, bool):
+            opts["guidance_scale"] = float(g)  # JSON 7 is the CLI's 7.0 (same value, same messages)
+        req = Request.build(self.info, prompt=prompt if n == 1 else [prompt] * n, negative_prompt=negative,
+                            height=height, width=width, steps=steps, **opts)
+        from ..engines import check_request
+
+        check_request(self.pipe.engines, req.batch, req.height, req.width, req.guided)
+        return req
+
+    def _size(self, size: Any) -> tuple[int, int]:
+        native = self.info.native_size
+        if size is None or size == "auto":
+            return native, native
+        m = SIZE_RE.match(size) if isinstance(size, str) else None
+        if m is None:
+            raise InvalidArgument(f"size: must be 'WIDTHxHEIGHT' in pixels, like '{native}x{native}', "
+                                  f"not {size!r}")
+        width, height = int(m.group(1)), int(m.group(2))
+        for arg, v in (("width", width), ("height", height)):
+            if v > self.max_side:
+                raise InvalidArgument(f"size: {arg} {v} is above this server's limit of {self.max_side} pixels; "
+                                      f"ask for at most {self.max_side}x{self.max_side}")
+        return height, width
+
+    def submit(self, req: Request):
+        """→ concurrent Future of the GenerationOutput (QueueFull / Closed when refused)."""
+        return self.batcher.submit(req, self.config.timeout_s)
+
+    def metadata(self, out: GenerationOutput, k: int) -> dict[str, Any]:
+        """The same PNG text chunks as ``sdfast generate`` writes for image k of this request."""
+        if hasattr(out, "metadata"):
+            return out.metadata(k)
+        from .. import __version__
+
+        req, pipe = out.request, self.pipe
+        meta = {
+            "prompt": req.prompts[0] if req.batch == 1 else req.prompts,
+            "negative_prompt": req.negative_prompts[0] if req.batch == 1 else req.negative_prompts,
+            "seed": req.seed, "steps": req.steps, "guidance_scale": req.guidance_scale,
+            "scheduler": req.scheduler, "height": req.height, "width": req.width,
+            "model": pipe.info.name, "backend": pipe.backend, "dtype": pipe.precision.value,
+            "sdfast_version": __version__,
+        }
+        if req.batch > 1:
+            meta.update(prompt=req.prompts[k], negative_prompt=req.negative_prompts[k], batch_index=k)
+        return meta
+
+    def pngs(self, out: GenerationOutput) -> list[bytes]:
+        """PNG bytes written by media.save_png, so they carry exactly the CLI's metadata."""
+        from ..media import save_png
+
+        result = []
+        with tempfile.TemporaryDirectory(prefix="sdfast-serve-") as tmp:
+            for k, image in enumerate(out.images):
+                path = Path(tmp) / f"{k}.png"
+                save_png(image, path, self.metadata(out, k))
+                result.append(path.read_bytes())
+        return result
+
+    def health(self) -> dict[str, Any]:
+        return {"status": self.state, "detail": self.state_detail, "model": self.info.name,
+                "backend": self.pipe.backend, "dtype": self.pipe.precision.value,
+                "max_batch": self.max_images if self.batcher.run_batch is not None else 1,
+                "batch_invariant": self.batch_invariant, "queue_depth": self.batcher.depth}
+
+
+def probe_batch_invariance(pipe: Pipeline, size: tuple[int, int], k: int,
+                           run_batch=None) -> tuple[bool, bool]:
+    """Run k short requests (distinct seeds and guidance scales) alone and as one batch; return
+    whether every batched (latent, image) is bit-identical to its lone run. That depends on the
+    kernels (a CPU GEMM may pick another blocking for another row count), so it is measured on
+    the engines actually served, not assumed."""
+    import numpy as np
+    import torch
+
+    h, w = size
+    # 3 steps of the default scheduler: LMS's multistep history is in play from the second step.
+    reqs = [Request.build(pipe.info, prompt=f"probe {i}", height=h, width=w, steps=3,
+                          guidance_scale=7.5 + i, seed=1000 + i) for i in range(k)]
+    alone = [pipe.run(r) for r in reqs]
+    t0 = time.perf_counter()
+    together = (run_batch or pipe.run_batch)(reqs)
+    log.info("batch-invariance probe: %d requests in one loop took %.2f s", k, time.perf_counter() - t0)
+    latents = all(torch.equal(a.latents, b.latents) for a, b in zip(alone, together, strict=True))
+    images = all(np.array_equal(np.asarray(ia), np.asarray(ib))
+                 for a, b in zip(alone, together, strict=True) for ia, ib in zip(a.images, b.images, strict=True))
+    return latents, images
+
+
+def _profile(pipe: Pipeline):
+    for engine in pipe.engines.values():
+        profile = getattr(engine, "profile", None)
+        if profile is not None:
+            return profile
+    return None
+
