@@ -97,14 +97,18 @@ _TEXT_SD21 = {  # OpenCLIP ViT-H/14 text tower, penultimate layer (23 of 24), as
     "projection_dim": 1024,
 }
 
-_UNET_SD21 = {
+_UNET_SD21_BASE = {
     **_UNET_SD15,
     "attention_head_dim": [5, 10, 20, 20],
     "cross_attention_dim": 1024,
     "use_linear_projection": True,
     "upcast_attention": False,
-    "sample_size": 64,  # 2.1-base; the 768-px 2.1 has 96
+    "sample_size": 64,  # 512 px
 }
+#: stabilityai/stable-diffusion-2-1: 768 px, v-prediction, attention upcast to fp32 (its fp16
+#: softmax overflows otherwise).
+_UNET_SD21 = {**_UNET_SD21_BASE, "upcast_attention": True, "sample_size": 96}
+_SCHEDULER_SD21 = {**SD15_SCHEDULER_CONFIG, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
 
 RECIPES: dict[str, dict[str, Any]] = {
     "random-sd15": {
@@ -117,10 +121,17 @@ RECIPES: dict[str, dict[str, Any]] = {
     "random-sd21": {
         "text_encoder": _TEXT_SD21,
         "unet": _UNET_SD21,
+        "vae": {**_VAE, "sample_size": 768},
+        "scheduler": _SCHEDULER_SD21,
+        # OpenCLIP pads with "!" (id 0), not with <|endoftext|> as OpenAI CLIP does.
+        "pad_token": "!",
+    },
+    "random-sd21-base": {
+        "text_encoder": _TEXT_SD21,
+        "unet": _UNET_SD21_BASE,
         "vae": _VAE,
         # SD 2.1-base's scheduler: SD 1.5's PNDM settings with explicit epsilon prediction.
         "scheduler": {**SD15_SCHEDULER_CONFIG, "prediction_type": "epsilon"},
-        # OpenCLIP pads with "!" (id 0), not with <|endoftext|> as OpenAI CLIP does.
         "pad_token": "!",
     },
 }

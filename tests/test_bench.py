@@ -220,4 +220,9 @@ def test_random_model_folder_is_made_once_with_the_release_configs():
     te = json.loads((sd21 / "text_encoder" / "config.json").read_text())
     assert (te["hidden_size"], te["num_hidden_layers"], te["hidden_act"]) == (1024, 23, "gelu")
     sched = json.loads((sd21 / "scheduler" / "scheduler_config.json").read_text())
-    assert sched["prediction_type"] == "epsilon"  # 2.1-base convention: our schedulers are epsilon-only
+    unet21 = json.loads((sd21 / "unet" / "config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction" and unet21["sample_size"] == 96  # the 768-px SD 2.1
+    assert unet21["upcast_attention"] is True
+    base = random_model_folder("random-sd21-base")
+    sched = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "epsilon"  # 2.1-base convention

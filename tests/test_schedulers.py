@@ -141,13 +141,32 @@ VARIANTS = {
     "trained_betas": {"trained_betas": [0.0001 + k * 2e-5 for k in range(1000)]},
     "no_offset": {"steps_offset": 0, "timestep_spacing": "leading"},
     "ddim_defaults": {"set_alpha_to_one": True, "clip_sample": True},
+    # stabilityai/stable-diffusion-2-1 (768 px) predicts v; its scheduler config says so.
+    "v_prediction": {"prediction_type": "v_prediction"},
+    "v_prediction_sd21": {"prediction_type": "v_prediction", "timestep_spacing": "leading", "steps_offset": 1},
+    "sample_prediction": {"prediction_type": "sample"},
 }
+
+
+@pytest.mark.parametrize("steps, t_start", [(10, 3), (7, 0)])
+@pytest.mark.parametrize("name", NAMES)
+def test_v_prediction_img2img_and_txt2img_match_diffusers(name: str, steps: int, t_start: int) -> None:
+    assert_matches_diffusers(name, {**SD15_CONFIG, "prediction_type": "v_prediction"}, steps, t_start)
+
+
+def test_unknown_prediction_type_is_refused_naming_the_config() -> None:
+    with pytest.raises(ValueError, match="^scheduler config: prediction_type 'flow' is not supported"):
+        make_scheduler("euler", {**SD15_CONFIG, "prediction_type": "flow"})
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("name", NAMES)
 def test_alternative_configs_match_diffusers(name: str, variant: str) -> None:
     config = {**SD15_CONFIG, **VARIANTS[variant]}
+    if config.get("prediction_type", "epsilon") not in SCHEDULERS[name].prediction_types:  # diffusers has none either
+        with pytest.raises(ValueError, match=f"prediction_type .* is not supported by {name!r}"):
+            make_scheduler(name, config)
+        return
     assert_matches_diffusers(name, config, 7)
 
 

@@ -29,9 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import InvalidArgument
 from ..rules import check_steps
 
 StepIndex = int | torch.Tensor
+#: what the U-Net predicts: the noise (SD 1.x, 2.x base), the velocity v = alpha·eps − sigma·x0
+#: (Salimans & Ho 2022; SD 2.x 768 px), or the clean sample.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def at(table: torch.Tensor, i: StepIndex) -> torch.Tensor:
@@ -132,6 +136,8 @@ class Scheduler:
     name: str = ""
     #: True when ``step`` needs fresh Gaussian noise (ancestral samplers).
     needs_noise: bool = False
+    #: model outputs this sampler turns into a step (those its diffusers counterpart supports).
+    prediction_types: tuple[str, ...] = PREDICTION_TYPES
     #: ``timestep_spacing`` when the config has none: the matching diffusers class's default.
     default_spacing: str = "linspace"
     #: Config options implemented only at this value (the diffusers default); another value in
@@ -147,10 +153,11 @@ class Scheduler:
     def __init__(self, config: dict[str, Any]):
         self.config = dict(config)
         self.schedule = NoiseSchedule.from_config(config)
-        if self.schedule.prediction_type != "epsilon":
-            raise ValueError(
-                f"scheduler config: prediction_type {self.schedule.prediction_type!r} is not supported "
-                "yet; sdfast supports 'epsilon' models (SD 1.x, SD 2.x base)"
+        if self.schedule.prediction_type not in self.prediction_types:
+            raise InvalidArgument(
+                f"scheduler config: prediction_type {self.schedule.prediction_type!r} is not supported by "
+                f"{self.name!r}, which runs {', '.join(map(repr, self.prediction_types))} models (SD 1.x: "
+                "epsilon, SD 2.x 768: v_prediction); fix scheduler_config.json or pick another scheduler"
             )
         for key, supported in self.fixed_options.items():
             if config.get(key, supported) != supported:
@@ -255,6 +262,16 @@ class SigmaScheduler(Scheduler):
 
     def scale_model_input(self, sample: torch.Tensor, i: StepIndex) -> torch.Tensor:
         return sample / at(self._in_denom, i)
+
+    def denoised(self, model_output: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The clean-sample estimate x0 = D(x; sigma) from the model output (k-diffusion's
+        VP → VE parameterization; ``prediction_type`` is a config constant, not a tensor value)."""
+        kind = self.schedule.prediction_type
+        if kind == "epsilon":
+            return x - sigma * model_output  # x = x0 + sigma * eps
+        if kind == "v_prediction":  # the VP latent is x / sqrt(sigma^2 + 1)
+            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+        return model_output  # "sample"
 
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, i: StepIndex) -> torch.Tensor:
         return original + noise * at(self.sigmas, i)  # x = x0 + sigma * eps

@@ -63,9 +63,18 @@ class DDIMScheduler(Scheduler):
     def step(
         self, model_output: torch.Tensor, i: StepIndex, sample: torch.Tensor, noise: torch.Tensor | None = None
     ) -> torch.Tensor:
-        eps = model_output
         # Song et al. 2021, eq. 12 with sigma_t = 0 (eta = 0):
-        x0 = (sample - at(self._sqrt_one_minus_alpha, i) * eps) / at(self._sqrt_alpha, i)  # 1. "predicted x0"
+        a, b = at(self._sqrt_alpha, i), at(self._sqrt_one_minus_alpha, i)
+        kind = self.schedule.prediction_type  # a config constant, not a tensor value
+        if kind == "epsilon":
+            eps = model_output
+            x0 = (sample - b * eps) / a  # 1. "predicted x0"
+        elif kind == "v_prediction":  # v = a·eps − b·x0 (Salimans & Ho 2022)
+            x0 = a * sample - b * model_output
+            eps = a * model_output + b * sample
+        else:  # "sample"
+            x0 = model_output
+            eps = (sample - a * x0) / b
         if self.clip_sample:  # config switch, not a tensor value
             x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
         direction = at(self._sqrt_one_minus_alpha_prev, i) * eps  # 2. "direction pointing to x_t"

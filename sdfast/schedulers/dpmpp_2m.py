@@ -129,7 +129,7 @@ class DPMPP2MScheduler(Scheduler):
         if prev is None:
             raise RuntimeError("scheduler: call begin(latents) before the first step to allocate the DPM-Solver state")
         # Lu et al. 2022, DPM-Solver++(2M), Algorithm 2:
-        x0 = (sample - at(self._sigma, i) * model_output) / at(self._alpha, i)  # 1. data prediction x_theta
+        x0 = self._data_prediction(model_output, sample, i)  # 1. data prediction x_theta
         corr = at(self._corr, i) * self._has_prev  # 2. 0 on first-order steps
         x = sample.float()
         # 3. x_{i+1} = (s_{i+1}/s_i) x - a_{i+1}(e^{-h}-1) [(1 + 1/2r) x0_i - (1/2r) x0_{i-1}]
@@ -137,6 +137,15 @@ class DPMPP2MScheduler(Scheduler):
         prev.copy_(x0)  # 4. keep x0_i for the next step
         self._has_prev.fill_(1.0)
         return x_next.to(model_output.dtype)
+
+    def _data_prediction(self, model_output: torch.Tensor, sample: torch.Tensor, i: StepIndex) -> torch.Tensor:
+        """x0 from the model output (diffusers' convert_model_output for dpmsolver++)."""
+        kind = self.schedule.prediction_type  # a config constant, not a tensor value
+        if kind == "epsilon":
+            return (sample - at(self._sigma, i) * model_output) / at(self._alpha, i)
+        if kind == "v_prediction":  # v = alpha·eps − sigma·x0 (Salimans & Ho 2022)
+            return at(self._alpha, i) * sample - at(self._sigma, i) * model_output
+        return model_output  # "sample"
 
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, i: StepIndex) -> torch.Tensor:
         # q(x_t | x_0) in VP form: alpha_t x_0 + sigma_t eps

@@ -30,7 +30,7 @@ class EulerScheduler(SigmaScheduler):
         sigma = at(self.sigmas, i)
         x = sample.float()
         # Karras et al. 2022, Algorithm 2 (s_churn = 0, so sigma_hat = sigma):
-        x0 = x - sigma * model_output  # 1. denoised estimate D(x; sigma) for an epsilon model
+        x0 = self.denoised(model_output, x, sigma)  # 1. denoised estimate D(x; sigma)
         d = (x - x0) / sigma  # 2. ODE slope dx/dsigma = (x - D(x; sigma)) / sigma   (eq. 3)
         x_next = x + d * at(self._dt, i)  # 3. Euler step to sigma_{i+1}
         return x_next.to(model_output.dtype)

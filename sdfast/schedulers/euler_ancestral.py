@@ -16,6 +16,7 @@ from .base import SigmaScheduler, StepIndex, at
 class EulerAncestralScheduler(SigmaScheduler):
     name = "euler_a"
     needs_noise = True
+    prediction_types = ("epsilon", "v_prediction")  # diffusers' EulerAncestral has no "sample"
     default_spacing = "linspace"
     tables = (*SigmaScheduler.tables, "_sigma_up", "_dt")
 
@@ -39,7 +40,7 @@ class EulerAncestralScheduler(SigmaScheduler):
         sigma = at(self.sigmas, i)
         x = sample.float()
         # k-diffusion sample_euler_ancestral:
-        x0 = x - sigma * model_output  # 1. denoised estimate for an epsilon model
+        x0 = self.denoised(model_output, x, sigma)  # 1. denoised estimate
         d = (x - x0) / sigma  # 2. ODE slope dx/dsigma (Karras et al. 2022, eq. 3)
         x_next = x + d * at(self._dt, i)  # 3. Euler step down to sigma_down
         x_next = x_next + noise * at(self._sigma_up, i)  # 4. add back noise up to sigma_{i+1}

@@ -63,7 +63,7 @@ class LMSScheduler(SigmaScheduler):
         sigma = at(self.sigmas, i)
         coeffs = at(self._coeffs, i)  # (4,)
         # k-diffusion sample_lms:
-        x0 = sample - sigma * model_output  # 1. denoised estimate for an epsilon model
+        x0 = self.denoised(model_output, sample, sigma)  # 1. denoised estimate
         d = (sample - x0) / sigma  # 2. ODE slope dx/dsigma (Karras et al. 2022, eq. 3)
         for k in range(ORDER - 1, 0, -1):  # 3. push d_i onto the history, dropping d_{i-4}
             slopes[k].copy_(slopes[k - 1])
