@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_pipeline_parity import assert_parity, run_diffusers
 
 import sdfast
 from sdfast.schedulers import SCHEDULERS
-
-from test_pipeline_parity import assert_parity, run_diffusers
 
 
 @pytest.fixture(scope="module")
