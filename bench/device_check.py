@@ -1,26 +1,33 @@
-"""One command for a CUDA machine: GPU tests, tier-3 parity and the headline benchmark.
+"""One command for a CUDA machine that always brings back what it measured.
 
-    python bench/device_check.py --out results/            # on the GPU machine (~8 min)
-    python bench/device_check.py --smoke --out /tmp/dc     # the same script on the CPU, tiny model (CI)
+    python bench/device_check.py --out "$OUT"            # on the device machine (~6 min; bench/README.md)
+    python bench/device_check.py --smoke --out /tmp/dc   # the same code on a CPU, tiny model (< 2 min)
 
-Sections, each recorded in ``DIR/device_check.json`` with its status, reason and seconds:
+Sections in order, with their estimate in seconds on an H100/H200 (``ESTIMATES``):
 
-1. ``gpu_tests``: ``pytest -m gpu tests/test_gpu.py`` (CUDA graphs captured and equal to the
-   plain loop, no host sync in replays, fp16 attention, the fp16 VAE fallback, CUDA AOTI).
-2. ``parity``: tier 3 — fp16 engines (eager + graphs, inductor + graphs) against the fp32
-   eager pipeline end to end: PSNR ≥ 35 dB, no NaN/inf (random weights: informative, the
-   real gate needs a real checkpoint).
-3. ``bench``: SD 1.5 architecture with random weights ("random-sd15"), 512×512, 50 steps,
-   batch 1 with guidance, for diffusers' eager fp16 pipeline, sdfast eager + CUDA graphs and
-   sdfast inductor + CUDA graphs: stage ms, it/s, end to end (CUDA events), peak GPU memory
-   and the U-Net's share of the fp16 tensor-core peak.
+1. ``environment`` (5): ``import diffusers`` (or why not), versions, the GPU.
+2. ``model`` (5): resolve ``--model`` (random-sd15: SD 1.5 architecture, random weights, no
+   download), FLOPs per stage (``sdfast.flops``), the GPU's peak.
+3. ``reference_fp32`` (20): ``sdfast.load(dtype="fp32")``, the one tier-3 reference image.
+4. ``sdfast_eager_graphs`` (20): ``sdfast.load(dtype="fp16")`` with CUDA graphs: tier-3 parity
+   (``sdfast.parity``'s PSNR and bound), then the benchmark; fails if the graphs fell back.
+5. ``diffusers_eager`` (15): diffusers' own StableDiffusionPipeline in fp16, same settings.
+6. ``sdfast_eager`` (12): sdfast fp16 without CUDA graphs (what the graphs buy).
+7. ``gpu_tests`` (45): ``pytest -m "gpu and not slow" tests/test_gpu*.py``, streamed to
+   ``gpu_tests.log`` (a timeout keeps what ran), JUnit XML beside it.
+8. ``aoti`` (180): AOTInductor compile of the U-Net (``--aoti``) in a subprocess killed at the
+   end of the budget; compiled vs eager call time and difference. Packages go to a temporary
+   folder, never under ``--out``. ``--aoti all`` also benchmarks the inductor pipeline (raise
+   ``--budget-s``: ~8 min).
 
-``--smoke`` runs every section's code on the CPU with the tiny model, a few steps and fp32
-(graphs run uncaptured, GPU tests are skipped); the AOTI compile is skipped there unless
-``--smoke-inductor`` (it takes minutes on a small CPU). The whole GPU run stays inside
-``--budget-s`` (480 s): sections that would start past it are skipped with that reason, and
-autotuning defaults to "none" (coordinate-descent or max-autotune of the SD U-Net alone takes
-longer than the budget).
+5+5+20+20+15+12+45+180 = 302 s of the default ``--budget-s 360``. A section whose estimate
+exceeds what is left is skipped with that reason; SIGALRM at the budget stops one that
+overruns. ``DIR/device_check.json`` is rewritten atomically (temp file + rename) as each
+section starts and ends (status, seconds, figures, error) and one line per section is printed
+and flushed, so a kill at any point leaves every finished section. ``--smoke``: CPU, tiny model
+at 64x64, graphs uncaptured, GPU tests skip, AOTI compiles the text encoder (the tiny U-Net
+takes ~80 s on a 2-core CPU). Everything CUDA here is UNVERIFIED until a device run's JSON is
+committed under bench/results/.
 """
 
 from __future__ import annotations
@@ -29,362 +36,453 @@ import argparse
 import gc
 import json
 import math
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PSNR_MIN_DB = 35.0  # apple/ml-stable-diffusion's ABSOLUTE_MIN_PSNR, DESIGN.md tier 3
-#: FLOPs of SD 1.5 at 512×512 batch 1 (2·MACs, counted on the meta device with sdfast.flops):
-#: one guided U-Net step (batch 2) and one VAE decode. Used when the live count is unavailable.
-SD15_512_UNET_STEP_FLOP = 1.61e12
-SD15_512_VAE_DECODE_FLOP = 2.51e12
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
 PROMPT = "a photograph of an astronaut riding a horse"
+REPORT = "device_check.json"
+#: section -> (estimate in s on an H100/H200, estimate in s for --smoke on a 2-core CPU).
+ESTIMATES: dict[str, tuple[float, float]] = {
+    "environment": (5, 10), "model": (5, 5), "reference_fp32": (20, 5), "sdfast_eager_graphs": (20, 5),
+    "diffusers_eager": (15, 5), "sdfast_eager": (12, 5), "gpu_tests": (45, 30), "aoti": (180, 45),
+}
+#: run even when --only leaves them out: every other section needs what they find.
+PREREQUISITES = ("environment", "model")
+GPU_TESTS_TIMEOUT_S = 150  # pytest's hard cap, if the budget leaves that much
 
 
-# -- small pieces ----------------------------------------------------------------------------------
-
-class Clock:
-    """End-to-end time: CUDA events on the GPU, perf_counter on the CPU (both in ms)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def time(self, fn) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
-        fn()
-        return 1e3 * (time.perf_counter() - t0)
+class SectionFailed(Exception):
+    """A section ran but what it found is a failure (figures so far are kept)."""
 
 
-def psnr(ref: np.ndarray, out: np.ndarray) -> float:
-    """20·log10(max|ref| / RMSE) on images in [0, 1] (the Core ML conversion gate's formula)."""
-    rmse = float(np.sqrt(np.mean((ref - out) ** 2)))
-    return math.inf if rmse == 0 else 20 * math.log10(float(np.abs(ref).max()) / rmse)
+class BudgetSpent(Exception):
+    """Raised by SIGALRM when --budget-s is spent in the middle of a section."""
 
 
-def images_array(out) -> np.ndarray:
-    return np.stack([np.asarray(im, dtype=np.float32) / 255 for im in out.images])
+def clean(obj: Any) -> Any:
+    """JSON-safe: non-finite floats become null (standard JSON has no NaN/inf)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean(v) for v in obj]
+    return obj if obj is None or isinstance(obj, (bool, int, str)) else str(obj)
 
 
-def reset_memory(device: torch.device) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write to a temporary name and rename: a reader (or a kill) never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(clean(data), fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def run_streamed(cmd: list[str], log: Path, timeout: float, env: dict[str, str] | None = None) -> int | None:
+    """Run ``cmd`` with stdout+stderr streamed into ``log``; its exit status, or None when it
+    was killed (with its whole process group) at ``timeout`` or by the budget alarm."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with open(log, "w") as fh:
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            return p.wait(timeout=max(1.0, timeout))
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def last_line(path: Path) -> str:
+    lines = [s for s in path.read_text(errors="replace").splitlines() if s.strip()] if path.is_file() else []
+    return lines[-1].strip()[:300] if lines else "(no output)"
+
+
+# -- measuring ---------------------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_memory_mb(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """ms of one call, synchronized at the end (generate ends in a host copy anyway)."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return 1e3 * (time.perf_counter() - t0)
 
 
-class Section:
-    """Runs one part of the check, recording status, reason, seconds and its result."""
+def images_u8(out) -> np.ndarray:
+    return np.stack([np.asarray(im) for im in out.images])  # (B, H, W, 3) uint8
 
-    def __init__(self, report: dict[str, Any], name: str, deadline: float):
-        self.report, self.name, self.deadline = report, name, deadline
 
-    def run(self, fn, *args, skip: str | None = None) -> Any:
-        entry: dict[str, Any] = {"status": "skipped", "reason": skip}
-        self.report["sections"][self.name] = entry
-        if skip is None and time.monotonic() > self.deadline:
-            entry["reason"] = "the run's time budget (--budget-s) was spent before this section"
-        if entry["reason"] is not None:
-            print(f"[{self.name}] skipped: {entry['reason']}", flush=True)
-            return None
+def parity_figures(ref: np.ndarray | None, img: np.ndarray, finite: bool) -> dict[str, Any]:
+    """Tier 3 with sdfast.parity's own PSNR and bound: PSNR >= 35 dB and finite."""
+    from sdfast.parity import FP16_MIN_PSNR, image_metrics
+
+    if ref is None:
+        return {"parity": None, "parity_note": "no fp32 reference (reference_fp32 did not finish ok)"}
+    m = image_metrics(ref, img)
+    return {"parity": {**m, "finite": finite, "min_psnr_db": FP16_MIN_PSNR,
+                       "pass": finite and m["psnr_db"] >= FP16_MIN_PSNR}}
+
+
+def bench_row(run: Callable[[], dict[str, float]], plain: Callable[[], Any], cfg: dict[str, Any],
+              device: torch.device, flops, peak: float | None) -> dict[str, Any]:
+    """``sdfast bench``'s own measurement (warm-up, then ``repeat`` runs timed stage by stage,
+    synchronized around each stage) plus the best of ``repeat`` plain, unsynchronized calls."""
+    from sdfast.bench import BenchConfig, add_throughput, measure
+
+    free_memory(device)
+    row = measure(run, BenchConfig(steps=cfg["steps"], repeat=cfg["repeat"], warmup=1), device)
+    row["it_per_s"] = 1e3 / (row["stages_ms"]["unet_step"] + row["stages_ms"]["scheduler_step"])
+    row["end_to_end_ms"] = min(timed(plain, device) for _ in range(cfg["repeat"]))
+    if flops is not None:
+        add_throughput(row, flops, cfg["steps"], 1, peak)
+    return row
+
+
+def sdfast_figures(pipe, cfg: dict[str, Any], device: torch.device, reference: np.ndarray | None,
+                   flops=None, peak: float | None = None) -> dict[str, Any]:
+    """Tier-3 parity at ``parity_steps``, then the benchmark at ``steps``, of one sdfast pipeline."""
+    from sdfast.bench import BenchConfig, sdfast_runner
+
+    kw = dict(height=cfg["height"], width=cfg["width"], guidance_scale=cfg["guidance"], scheduler=cfg["scheduler"])
+    out = pipe.generate(PROMPT, steps=cfg["parity_steps"], **kw)
+    fig = parity_figures(reference, images_u8(out), bool(torch.isfinite(out.latents).all()))
+    bc = BenchConfig(steps=cfg["steps"], guidance_scale=cfg["guidance"], scheduler=cfg["scheduler"], prompt=PROMPT)
+    runner = sdfast_runner(pipe, bc, 1, cfg["height"], cfg["width"])
+    fig.update(bench_row(runner, lambda: pipe.generate(PROMPT, steps=cfg["steps"], **kw), cfg, device, flops, peak))
+    fig["graphs"] = None if pipe.graphs is None else pipe.graphs.mode
+    return fig
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+class DeviceCheck:
+    def __init__(self, args: argparse.Namespace, out: Path, work: Path):
+        self.args, self.out, self.work, self.smoke = args, out, work, args.smoke
+        self.t0 = time.monotonic()
+        self.cfg = self.config(args)
+        self.device = torch.device(self.cfg["device"])
+        self.state: dict[str, Any] = {"reference": None}
+        self.running = False
+        self.report: dict[str, Any] = {
+            "schema": 1, "mode": "smoke" if args.smoke else "gpu", "config": self.cfg, "budget_s": args.budget_s,
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "finished": False,
+            "sections": {}, "rows": {},
+        }
+        self.write()
+
+    @staticmethod
+    def config(args: argparse.Namespace) -> dict[str, Any]:
+        if args.smoke:
+            return dict(model="tiny", device="cpu", dtype="fp16", height=64, width=64, steps=args.steps or 4,
+                        parity_steps=3, guidance=7.5, scheduler="lms", repeat=1, aoti=args.aoti or "text_encoder")
+        return dict(model=args.model, device="cuda", dtype="fp16", height=512, width=512, steps=args.steps or 50,
+                    parity_steps=20, guidance=7.5, scheduler="lms", repeat=args.repeat, aoti=args.aoti or "unet")
+
+    def write(self) -> None:
+        self.report["elapsed_s"] = time.monotonic() - self.t0
+        write_json(self.out / REPORT, self.report)
+
+    def left(self) -> float:
+        return self.args.budget_s - (time.monotonic() - self.t0)
+
+    def ok(self, name: str) -> bool:
+        return self.report["sections"].get(name, {}).get("status") == "ok"
+
+    def section(self, name: str, fn: Callable[[dict[str, Any]], str | None], needs: tuple[str, ...] = (),
+                skip: str | None = None) -> None:
+        est = ESTIMATES[name][1 if self.smoke else 0]
+        fig: dict[str, Any] = {}
+        entry: dict[str, Any] = {"status": "skipped", "estimate_s": est, "seconds": 0.0, "figures": fig,
+                                 "error": None}
+        self.report["sections"][name] = entry
+        missing = [n for n in needs if not self.ok(n)]
+        if skip is None and self.args.only and name not in self.args.only | set(PREREQUISITES):
+            skip = "not in --only"
+        if skip is None and missing:
+            skip = f"needs {', '.join(missing)}, which did not finish ok"
+        if skip is None and est > self.left():
+            skip = f"its estimate ({est:.0f} s) exceeds what is left of --budget-s ({max(0, self.left()):.0f} s)"
+        if skip is not None:
+            entry["error"] = skip
+            self.write()
+            self.line(name, entry, skip)
+            return
+        entry.update(status="running", started_at_s=time.monotonic() - self.t0)
+        self.write()
         t0 = time.monotonic()
+        note = None
         try:
-            result = fn(*args)
-            entry.update(status="ok", reason=None, result=result)
-        except Exception as e:  # the check goes on and reports which section failed and why
-            entry.update(status="failed", reason=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
-            print(f"[{self.name}] FAILED: {type(e).__name__}: {e}", flush=True)
-            result = None
-        entry["seconds"] = round(time.monotonic() - t0, 1)
-        return result
+            self.running = True
+            note = fn(fig)
+            entry["status"] = "ok"
+        except Exception as e:  # every failure is recorded; the next sections still run
+            entry.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0][:500])
+            if not isinstance(e, (SectionFailed, BudgetSpent)):
+                entry["traceback"] = traceback.format_exc()[-4000:]
+        finally:
+            self.running = False
+        free_memory(self.device)  # what the section loaded went out of scope with it
+        entry["seconds"] = time.monotonic() - t0
+        self.write()
+        self.line(name, entry, note if entry["status"] == "ok" else entry["error"])
+
+    def line(self, name: str, entry: dict[str, Any], note: str | None) -> None:
+        n = list(ESTIMATES).index(name) + 1
+        print(f"[device_check] {n}/{len(ESTIMATES)} {name}: {entry['status']} in {entry['seconds']:.1f} s "
+              f"(estimate {entry['estimate_s']:.0f} s, {max(0, self.left()):.0f} s left)"
+              + (f" - {note}" if note else ""), flush=True)
+
+    # -- sections ---------------------------------------------------------------------------------
+    def environment(self, fig: dict[str, Any]) -> str:
+        fig.update(python=sys.version.split()[0], torch=torch.__version__, torch_cuda=torch.version.cuda,
+                   cuda_available=torch.cuda.is_available())
+        try:
+            import diffusers
+            import transformers
+        except Exception as e:
+            raise SectionFailed(f"import diffusers/transformers failed ({type(e).__name__}: {e}); carry their "
+                                "wheels and install them first: bench/README.md, 'The device call'") from None
+        fig.update(diffusers=diffusers.__version__, transformers=transformers.__version__)
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise SectionFailed("no CUDA device is visible to torch; run with --smoke on a CPU machine")
+            props = torch.cuda.get_device_properties(self.device)
+            fig.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
+                       gpu_memory_gb=props.total_memory / 2**30)
+        from sdfast.bench import machine_info
+
+        self.report["machine"] = machine_info(self.device)
+        return f"diffusers {fig['diffusers']}, torch {torch.__version__}, {fig.get('gpu', 'cpu')}"
+
+    def model(self, fig: dict[str, Any]) -> str:
+        from sdfast.flops import count_stage_flops, device_peak
+        from sdfast.models import resolve_model
+
+        info = resolve_model(self.cfg["model"])
+        self.state["info"] = info
+        fig.update(name=info.name, random_weights=info.random_weights, fingerprint=info.fingerprint[:12])
+        f = count_stage_flops(info, self.cfg["height"], self.cfg["width"], 1, guided=True)
+        self.state["flops"] = f
+        fig["gflop"] = f.as_gflop(self.cfg["steps"])
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        peak = device_peak(self.device, dtype)
+        self.state["peak"] = peak.tflops
+        fig.update(peak_tflops=peak.tflops, peak_source=peak.source)
+        return f"{info.name}: U-Net step {f.unet_step / 1e9:.4g} GFLOP, peak {peak.tflops:.4g} TFLOP/s"
+
+    def reference_fp32(self, fig: dict[str, Any]) -> str:
+        import sdfast
+
+        pipe = sdfast.load(self.state["info"], device=self.device, dtype="fp32", cuda_graphs=False)
+        c = self.cfg
+        out = pipe.generate(PROMPT, height=c["height"], width=c["width"], steps=c["parity_steps"],
+                            guidance_scale=c["guidance"], scheduler=c["scheduler"])
+        ref = images_u8(out)
+        fig.update(steps=self.cfg["parity_steps"], finite=bool(torch.isfinite(out.latents).all()))
+        self.state["reference"] = ref
+        np.save(self.work / "reference.npy", ref)  # for the AOTI subprocess
+        return f"{self.cfg['parity_steps']} steps"
+
+    def sdfast_row(self, name: str, cuda_graphs: bool) -> Callable[[dict[str, Any]], str]:
+        def run(fig: dict[str, Any]) -> str:
+            import sdfast
+
+            pipe = sdfast.load(self.state["info"], device=self.device, dtype=self.cfg["dtype"], cuda_graphs=cuda_graphs)
+            fig.update(sdfast_figures(pipe, self.cfg, self.device, self.state["reference"], self.state.get("flops"),
+                                      self.state.get("peak")))
+            self.report["rows"][name] = fig
+            if cuda_graphs and self.device.type == "cuda" and fig["graphs"] != "captured":
+                raise SectionFailed(f"CUDA graphs mode is {fig['graphs']!r}, not 'captured': the capture failed "
+                                    "(its warning is in the log) and the row measured the plain loop")
+            return row_note(fig)
+
+        return run
+
+    def diffusers_eager(self, fig: dict[str, Any]) -> str:
+        from sdfast.bench import BenchConfig, diffusers_pipeline, diffusers_runner
+        from sdfast.components import Precision
+        from sdfast.models import load_torch_modules
+
+        c, dev, info = self.cfg, self.device, self.state["info"]
+        mods = load_torch_modules(info, dtype=Precision(c["dtype"]).torch_dtype, device=dev)
+        pipe = diffusers_pipeline(info, mods, c["scheduler"])
+
+        def generate(steps: int):
+            return pipe(prompt=PROMPT, height=c["height"], width=c["width"], guidance_scale=c["guidance"],
+                        output_type="pil", num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0))
+
+        img = images_u8(generate(c["parity_steps"]))
+        fig.update(parity_figures(self.state["reference"], img, True))  # uint8 PIL images: finite by type
+        bc = BenchConfig(steps=c["steps"], guidance_scale=c["guidance"], scheduler=c["scheduler"], prompt=PROMPT)
+        runner = diffusers_runner(pipe, bc, 1, c["height"], c["width"], dev)  # hooks only during its calls
+        fig.update(bench_row(runner, lambda: generate(c["steps"]), c, dev, self.state.get("flops"),
+                             self.state.get("peak")), graphs=None)
+        self.report["rows"]["diffusers_eager"] = fig
+        return row_note(fig)
+
+    def gpu_tests(self, fig: dict[str, Any]) -> str:
+        log, xml = self.out / "gpu_tests.log", self.out / "gpu_tests.xml"
+        files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_gpu*.py"))
+        # The marker expression on the command line replaces pyproject's addopts, so it has to
+        # say "not slow" itself: `-m gpu` alone would pull the slow AOTI test into this timeout.
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu and not slow", "-q", "-rs", "-p", "no:cacheprovider",
+               f"--junitxml={xml}", *files]
+        timeout = min(GPU_TESTS_TIMEOUT_S, self.left())
+        fig.update(command=" ".join(cmd[2:]), timeout_s=timeout, log=log.name)
+        rc = run_streamed(cmd, log, timeout)
+        fig.update(returncode=rc, summary=last_line(log))
+        if rc is None:
+            raise SectionFailed(f"pytest killed at its {timeout:.0f} s timeout; what ran is in {log.name}")
+        if rc != 0:
+            raise SectionFailed(f"pytest exited {rc}: {fig['summary']} (see {log.name})")
+        return fig["summary"]
+
+    def aoti(self, fig: dict[str, Any]) -> str:
+        spec = {**self.cfg, "work": str(self.work / "aoti"), "result": str(self.work / "aoti_result.json"),
+                "reference": str(self.work / "reference.npy") if self.state["reference"] is not None else None,
+                "autotune": self.args.autotune}
+        spec_path = self.work / "aoti_spec.json"
+        write_json(spec_path, spec)
+        log = self.out / "aoti.log"
+        timeout = self.left() - 3  # the hard stop: what is left of the budget
+        fig.update(components=self.cfg["aoti"], autotune=self.args.autotune, timeout_s=timeout, log=log.name)
+        rc = run_streamed([sys.executable, str(ROOT / "bench" / "device_aoti.py"), str(spec_path)], log, timeout)
+        result = Path(spec["result"])
+        if result.is_file():
+            fig.update(json.loads(result.read_text()))
+        if rc is None:
+            raise SectionFailed(f"killed at its hard timeout ({timeout:.0f} s) in stage {fig.get('stage', 'start')!r}")
+        if rc != 0:
+            raise SectionFailed(f"exited {rc}: {last_line(log)}")
+        if "pipeline" in fig:
+            self.report["rows"]["sdfast_inductor_graphs"] = fig["pipeline"]
+        return "; ".join(f"{k} {v['aoti_ms']:.2f} ms vs eager {v['eager_ms']:.2f} ms"
+                         for k, v in fig.get("components_ms", {}).items())
+
+    def run(self) -> bool:
+        self.section("environment", self.environment)
+        self.section("model", self.model, needs=("environment",))
+        self.section("reference_fp32", self.reference_fp32, needs=("model",))
+        self.section("sdfast_eager_graphs", self.sdfast_row("sdfast_eager_graphs", True), needs=("model",))
+        self.section("diffusers_eager", self.diffusers_eager, needs=("model",),
+                     skip=None if self.args.diffusers else "--no-diffusers")
+        self.section("sdfast_eager", self.sdfast_row("sdfast_eager", False), needs=("model",))
+        self.section("gpu_tests", self.gpu_tests, needs=("environment",),
+                     skip="--skip-tests" if self.args.skip_tests else None)
+        self.section("aoti", self.aoti, needs=("model",), skip="--aoti none" if self.cfg["aoti"] == "none" else None)
+        self.report["summary"] = summary(self.report)
+        self.report["finished"] = True
+        self.report["ok"] = all(s["status"] != "failed" for s in self.report["sections"].values())
+        self.write()
+        return self.report["ok"]
 
 
-# -- configuration -----------------------------------------------------------------------------------
-
-def config(args: argparse.Namespace) -> dict[str, Any]:
-    if args.smoke:
-        return dict(model="tiny-random", device="cpu", dtype="fp32", height=64, width=64, steps=args.steps or 4,
-                    parity_steps=3, guidance=7.5, scheduler="lms", repeat=1)
-    return dict(model=args.model, device="cuda", dtype="fp16", height=512, width=512, steps=args.steps or 50,
-                parity_steps=20, guidance=7.5, scheduler="lms", repeat=args.repeat)
+def row_note(fig: dict[str, Any]) -> str:
+    par = fig.get("parity") or {}
+    psnr = f", PSNR {par['psnr_db']:.1f} dB" if par else ""
+    return (f"unet {fig['stages_ms']['unet_step']:.2f} ms/step, {fig['it_per_s']:.2f} it/s, "
+            f"end to end {fig['end_to_end_ms']:.0f} ms{psnr}")
 
 
-# -- sections ----------------------------------------------------------------------------------------
-
-def gpu_tests(out: Path, timeout: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "tests/test_gpu.py",
-           f"--junitxml={out / 'gpu_tests.xml'}"]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    (out / "gpu_tests.log").write_text(p.stdout + p.stderr)
-    summary = [line for line in p.stdout.splitlines() if line.strip()][-1:] or ["(no output)"]
-    if p.returncode not in (0, 5):
-        raise RuntimeError(f"pytest exited {p.returncode}: {summary[0]} (see gpu_tests.log)")
-    return {"summary": summary[0], "returncode": p.returncode}
-
-
-def load_modules(info, dtype: torch.dtype, device: torch.device) -> dict[str, torch.nn.Module]:
-    from sdfast.models import load_torch_modules
-
-    return load_torch_modules(info, dtype=dtype, device=device)
-
-
-def eager_pipeline(info, mods, device: torch.device, precision, cuda_graphs: bool):
-    from sdfast.engines import torch as torch_engines
-    from sdfast.runtime import Pipeline
-
-    engines = torch_engines.load(info, device, precision, modules=mods)
-    return Pipeline(info, engines, device, precision, "torch", cuda_graphs=cuda_graphs)
-
-
-def inductor_pipeline(info, device: torch.device, precision, out: Path, autotune: str, height: int,
-                      width: int) -> tuple[Any, dict[str, float]]:
-    """Compile text encoder, U-Net and VAE decoder (txt2img needs no VAE encoder: its compile
-    is left out to save budget) and a graphed pipeline on them; returns it and compile seconds."""
-    from sdfast.components import SPECS, ShapeProfile, size_multiple
-    from sdfast.engines.inductor import InductorEngine
-    from sdfast.export.inductor import InductorExportOptions, export_inductor
-    from sdfast.runtime import Pipeline
-
-    profile = ShapeProfile.static(1, height, width)
-    options = InductorExportOptions(precision=precision, vae_precision=precision, device=device.type,
-                                    autotune=autotune)
-    dest = out / "aoti"
-    parts = ("text_encoder", "unet", "vae_decoder")
-    t0 = time.monotonic()
-    export_inductor(info, dest, profile, options, components=parts)
-    manifest = json.loads((dest / "manifest.json").read_text())
-    compile_s = {name: manifest["components"][name]["compile_s"] for name in parts}
-    compile_s["total_with_module_build"] = round(time.monotonic() - t0, 1)
-    engines = {}
-    for name in parts:
-        runner = torch._inductor.aoti_load_package(str(dest / f"{name}.pt2"),
-                                                   run_single_threaded=device.type == "cuda")
-        engines[name] = InductorEngine(SPECS[name], runner, device, precision, profile, size_multiple(info))
-    return Pipeline(info, engines, device, precision, "inductor", cuda_graphs=True), compile_s
-
-
-def run_sdfast(pipe, cfg: dict[str, Any], clock: Clock, steps: int) -> dict[str, Any]:
-    kw = dict(height=cfg["height"], width=cfg["width"], steps=steps, guidance_scale=cfg["guidance"],
-              scheduler=cfg["scheduler"], seed=0)
-    reset_memory(pipe.device)
-    t0 = time.monotonic()
-    pipe.generate(PROMPT, **kw)  # warm-up: lazy init, cuDNN autotuning, graph capture
-    warmup_s = time.monotonic() - t0
-    e2e = [clock.time(lambda: pipe.generate(PROMPT, **kw)) for _ in range(cfg["repeat"])]
-    t = pipe.generate(PROMPT, profile=True, **kw).timings  # synchronized per stage
-    n = t["steps"]
-    loop_s = t["unet"] + t["scheduler"]
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    rows = report["rows"]
+    base = rows.get("diffusers_eager", {}).get("end_to_end_ms")
     return {
-        "warmup_s": round(warmup_s, 2),
-        "end_to_end_ms": min(e2e),
-        "it_per_s": n / loop_s,
-        "stages_ms": {"text_encoder": 1e3 * t["text_encoder"], "unet_step": 1e3 * t["unet"] / n,
-                      "scheduler_step": 1e3 * t["scheduler"] / n, "vae_decode": 1e3 * t["vae_decode"],
-                      "total_profiled": 1e3 * t["total"]},
-        "peak_gpu_mem_mb": peak_memory_mb(pipe.device),
-        "graphs": None if pipe.graphs is None else pipe.graphs.mode,
+        "speedup_vs_diffusers": {k: base / r["end_to_end_ms"] for k, r in rows.items() if base and "end_to_end_ms" in r},
+        "parity_pass": {k: (r.get("parity") or {}).get("pass") for k, r in rows.items()},
+        "sections": {k: s["status"] for k, s in report["sections"].items()},
     }
 
 
-def run_diffusers(info, mods, cfg: dict[str, Any], clock: Clock, device: torch.device) -> dict[str, Any]:
-    from sdfast.bench import BenchConfig, diffusers_pipeline, diffusers_runner
-
-    pipe = diffusers_pipeline(info, mods, cfg["scheduler"])
-    bc = BenchConfig(steps=cfg["steps"], guidance_scale=cfg["guidance"], scheduler=cfg["scheduler"], prompt=PROMPT)
-    kw = dict(prompt=PROMPT, height=cfg["height"], width=cfg["width"], num_inference_steps=cfg["steps"],
-              guidance_scale=cfg["guidance"], output_type="pil")
-    reset_memory(device)
-    t0 = time.monotonic()
-    pipe(**kw, generator=torch.Generator("cpu").manual_seed(0))
-    warmup_s = time.monotonic() - t0
-    e2e = [clock.time(lambda: pipe(**kw, generator=torch.Generator("cpu").manual_seed(0)))
-           for _ in range(cfg["repeat"])]
-    stages = diffusers_runner(pipe, bc, 1, cfg["height"], cfg["width"], device)()
-    loop_ms = cfg["steps"] * (stages["unet_step"] + stages["scheduler_step"])
-    return {"warmup_s": round(warmup_s, 2), "end_to_end_ms": min(e2e), "it_per_s": 1e3 * cfg["steps"] / loop_ms,
-            "stages_ms": {**{k: v for k, v in stages.items() if k != "total"}, "total_profiled": stages["total"]},
-            "peak_gpu_mem_mb": peak_memory_mb(device), "graphs": None}
-
-
-def add_share_of_peak(row: dict[str, Any], info, cfg: dict[str, Any], device: torch.device) -> None:
-    unet_flop, vae_flop, source = None, None, None
-    try:
-        from sdfast.flops import count_stage_flops, device_peak
-
-        f = count_stage_flops(info, cfg["height"], cfg["width"], 1, guided=True)
-        unet_flop, vae_flop, source = f.unet_step, f.vae_decode, "sdfast.flops (meta-device count)"
-        peak = device_peak(device, torch.float16 if device.type == "cuda" else torch.float32)
-    except Exception as e:  # flops.py missing or changed: the SD 1.5 512² constants still apply
-        peak, source = None, f"constants (live count failed: {type(e).__name__})"
-        if info.name == "random-sd15" and (cfg["height"], cfg["width"]) == (512, 512):
-            unet_flop, vae_flop = SD15_512_UNET_STEP_FLOP, SD15_512_VAE_DECODE_FLOP
-    st = row["stages_ms"]
-    row["flop"] = {"unet_step": unet_flop, "vae_decode": vae_flop, "source": source}
-    if unet_flop is None:
-        return
-    row["tflops"] = {"unet": unet_flop / st["unet_step"] / 1e9, "vae_decode": vae_flop / st["vae_decode"] / 1e9}
-    if peak is not None and peak.tflops:
-        row["peak_tflops"] = {"value": peak.tflops, "source": peak.source}
-        row["pct_of_peak"] = {k: 100 * v / peak.tflops for k, v in row["tflops"].items()}
-
-
-def bench_and_parity(args: argparse.Namespace, cfg: dict[str, Any], out: Path, report: dict[str, Any],
-                     deadline: float) -> None:
-    from sdfast.components import Precision
-    from sdfast.models import resolve_model
-
-    device = torch.device(cfg["device"])
-    precision = Precision(cfg["dtype"])
-    info = resolve_model(cfg["model"])
-    clock = Clock(device)
-    rows: dict[str, Any] = {}
-    images: dict[str, np.ndarray] = {}
-    pkw = dict(height=cfg["height"], width=cfg["width"], steps=cfg["parity_steps"], guidance_scale=cfg["guidance"],
-               scheduler=cfg["scheduler"], seed=0)
-
-    def reference() -> dict[str, Any]:  # fp32 eager, the one reference every fp16 path is held to
-        mods32 = load_modules(info, torch.float32, device)
-        ref = eager_pipeline(info, mods32, device, Precision.FP32, cuda_graphs=False).generate(PROMPT, **pkw)
-        images["reference"] = images_array(ref)
-        del mods32
-        reset_memory(device)
-        return {"steps": cfg["parity_steps"]}
-
-    sec = lambda name: Section(report, name, deadline)  # noqa: E731
-    sec("parity_reference").run(reference)
-    mods = load_modules(info, precision.torch_dtype, device)
-
-    def bench_diffusers():
-        rows["diffusers_eager"] = run_diffusers(info, mods, cfg, clock, device)
-        add_share_of_peak(rows["diffusers_eager"], info, cfg, device)
-        return rows["diffusers_eager"]
-
-    def bench_eager():
-        pipe = eager_pipeline(info, mods, device, precision, cuda_graphs=True)
-        images["sdfast_eager_graphs"] = images_array(pipe.generate(PROMPT, **pkw))
-        rows["sdfast_eager_graphs"] = run_sdfast(pipe, cfg, clock, cfg["steps"])
-        add_share_of_peak(rows["sdfast_eager_graphs"], info, cfg, device)
-        return rows["sdfast_eager_graphs"]
-
-    def bench_inductor():
-        pipe, compile_s = inductor_pipeline(info, device, precision, out, args.autotune, cfg["height"],
-                                            cfg["width"])
-        images["sdfast_inductor_graphs"] = images_array(pipe.generate(PROMPT, **pkw))
-        rows["sdfast_inductor_graphs"] = run_sdfast(pipe, cfg, clock, cfg["steps"])
-        rows["sdfast_inductor_graphs"]["compile_s"] = compile_s
-        add_share_of_peak(rows["sdfast_inductor_graphs"], info, cfg, device)
-        return rows["sdfast_inductor_graphs"]
-
-    # sdfast first: diffusers' row hooks timers (with syncs) onto the shared modules, which
-    # must not be inside a CUDA graph capture.
-    sec("bench_sdfast_eager_graphs").run(bench_eager)
-    sec("bench_diffusers_eager").run(bench_diffusers, skip=None if args.diffusers else "--no-diffusers")
-    mods.clear()  # free the fp16 eager weights before compiling
-    reset_memory(device)
-    skip_inductor = None
-    if args.smoke and not args.smoke_inductor:
-        skip_inductor = ("smoke mode: compiling the tiny model with AOTInductor takes minutes on a small CPU "
-                         "(pass --smoke-inductor to include it; tests/test_inductor.py -m slow covers it)")
-    elif args.skip_inductor:
-        skip_inductor = "--skip-inductor"
-    sec("bench_sdfast_inductor_graphs").run(bench_inductor, skip=skip_inductor)
-
-    def parity() -> dict[str, Any]:
-        if "reference" not in images:
-            raise RuntimeError("no fp32 reference image (parity_reference failed)")
-        result = {}
-        for name, img in images.items():
-            if name == "reference":
-                continue
-            finite = bool(np.isfinite(img).all())
-            db = psnr(images["reference"], img)
-            # JSON has no infinity: identical images report psnr_db null and identical true.
-            result[name] = {"psnr_db": None if math.isinf(db) else db, "identical": math.isinf(db),
-                            "finite": finite, "pass": finite and db >= PSNR_MIN_DB}
-        result["rule"] = f"PSNR >= {PSNR_MIN_DB} dB against the fp32 eager image, no NaN/inf"
-        return result
-
-    sec("parity").run(parity)
-    report["bench"] = rows
-
+# -- command line -------------------------------------------------------------------------------------
 
 def print_table(report: dict[str, Any]) -> None:
-    print("\nsection                        status   seconds  note")
-    for name, s in report["sections"].items():
-        print(f"{name:30s} {s['status']:8s} {s.get('seconds', 0):7.1f}  {s.get('reason') or ''}")
-    rows = report.get("bench", {})
-    if rows:
-        print("\nrun                      text_enc  unet/step  sched/step  vae_dec   e2e_ms   it/s  peak_MB  %peak(unet)")
-        for name, r in rows.items():
-            st = r["stages_ms"]
-            pct = (r.get("pct_of_peak") or {}).get("unet")
-            mem = r.get("peak_gpu_mem_mb")
-            print(f"{name:24s} {st['text_encoder']:8.2f} {st['unet_step']:10.2f} {st['scheduler_step']:11.3f} "
+    print("\nrow                     text_enc  unet/step  sched/step  vae_dec   e2e_ms   it/s  peak_MB  PSNR_dB")
+    for name, r in report["rows"].items():
+        st, par, mem = r.get("stages_ms") or {}, r.get("parity") or {}, r.get("peak_mem_mb")
+        if st:
+            print(f"{name:23s} {st['text_encoder']:8.2f} {st['unet_step']:10.2f} {st['scheduler_step']:11.3f} "
                   f"{st['vae_decode']:8.2f} {r['end_to_end_ms']:8.1f} {r['it_per_s']:6.2f} "
-                  f"{'-' if mem is None else f'{mem:.0f}':>8s} {'-' if pct is None else f'{pct:.1f}':>11s}")
-    par = report["sections"].get("parity", {}).get("result") or {}
-    for name, p in par.items():
-        if isinstance(p, dict):
-            db = "identical" if p["identical"] else f"{p['psnr_db']:.1f} dB"
-            print(f"parity {name}: PSNR {db}, finite={p['finite']}, pass={p['pass']}")
+                  f"{'-' if mem is None else format(mem, '.0f'):>8s} "
+                  f"{'-' if not par else format(par['psnr_db'], '.1f'):>8s}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--out", metavar="DIR", required=True, help="folder for device_check.json and the logs (small files only)")
+    add("--smoke", action="store_true", help="CPU, tiny model, few steps: every section end to end")
+    add("--model", default="random-sd15", help="benchmark model (default random-sd15)")
+    add("--steps", type=int, default=None, help="benchmark denoising steps (default 50; smoke 4)")
+    add("--repeat", type=int, default=2, help="timed runs per row (default 2)")
+    add("--budget-s", type=float, default=360.0, help="whole-run budget (default 360 s: room for a rerun)")
+    add("--aoti", default=None, choices=["none", "all", "text_encoder", "unet", "vae_decoder", "vae_encoder"],
+        help="what the aoti section compiles (default unet; smoke text_encoder)")
+    add("--autotune", default="none", choices=["none", "default", "max"], help="AOTInductor autotuning (default none)")
+    add("--only", type=lambda v: set(v.split(",")), default=None, metavar="A,B", help="run only these sections")
+    add("--skip-tests", action="store_true", help="skip the gpu_tests section")
+    add("--no-diffusers", dest="diffusers", action="store_false", help="skip the diffusers row")
+    args = p.parse_args(argv)
+    if args.only and not args.only <= set(ESTIMATES):
+        p.error(f"--only: unknown {', '.join(sorted(args.only - set(ESTIMATES)))}; choose from {', '.join(ESTIMATES)}")
+    if args.budget_s <= 0:
+        p.error(f"--budget-s: must be positive but is {args.budget_s:g}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for device_check.json and logs")
-    p.add_argument("--smoke", action="store_true", help="CPU, tiny model, few steps: the script end to end (CI)")
-    p.add_argument("--smoke-inductor", action="store_true", help="with --smoke: also compile the tiny model")
-    p.add_argument("--model", default="random-sd15", help="benchmark model (default random-sd15)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; smoke 4)")
-    p.add_argument("--repeat", type=int, default=2, help="timed end-to-end runs per row (default 2)")
-    p.add_argument("--autotune", default="none", choices=["none", "default", "max"],
-                   help="AOTInductor autotuning (default none: anything more exceeds the 8-minute budget)")
-    p.add_argument("--budget-s", type=float, default=480.0, help="whole-run time budget in seconds")
-    p.add_argument("--skip-tests", action="store_true", help="skip the pytest -m gpu section")
-    p.add_argument("--skip-inductor", action="store_true", help="skip the AOTInductor compile and row")
-    p.add_argument("--no-diffusers", dest="diffusers", action="store_false", help="skip the diffusers row")
-    args = p.parse_args(argv)
-
+    args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if not args.smoke and not torch.cuda.is_available():
-        print("device_check: no CUDA device is visible to torch; run with --smoke on a CPU machine", file=sys.stderr)
-        return 2
-    t_start = time.monotonic()
-    deadline = t_start + args.budget_s
-    cfg = config(args)
-    from sdfast.bench import machine_info
+    work = Path(tempfile.mkdtemp(prefix="sdfast-device-check-"))  # packages, reference image: never --out
 
-    report: dict[str, Any] = {"mode": "smoke" if args.smoke else "gpu", "config": cfg,
-                              "machine": machine_info(torch.device(cfg["device"])), "sections": {}}
-    skip_tests = "smoke mode (no GPU)" if args.smoke else ("--skip-tests" if args.skip_tests else None)
-    Section(report, "gpu_tests", deadline).run(gpu_tests, out, int(min(240, args.budget_s / 2)), skip=skip_tests)
-    bench_and_parity(args, cfg, out, report, deadline)
-    report["seconds"] = round(time.monotonic() - t_start, 1)
-    report["ok"] = all(s["status"] != "failed" for s in report["sections"].values())
-    (out / "device_check.json").write_text(json.dumps(report, indent=2, default=str))
-    print_table(report)
-    print(f"\nwrote {out / 'device_check.json'} in {report['seconds']:.0f} s; ok={report['ok']}")
-    return 0 if report["ok"] else 1
+    check = DeviceCheck(args, out, work)
+
+    def alarm(signum, frame):  # stops a section that overruns; between sections the budget check skips
+        if check.running:
+            raise BudgetSpent(f"--budget-s {args.budget_s:g} was spent during this section (hard stop)")
+
+    signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, args.budget_s)
+    try:
+        ok = check.run()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        shutil.rmtree(work, ignore_errors=True)
+    print_table(check.report)
+    print(f"\nwrote {out / REPORT} after {check.report['elapsed_s']:.0f} s; ok={ok}", flush=True)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
