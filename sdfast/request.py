@@ -35,9 +35,12 @@ class Request:
     scheduler: str
     image: Image.Image | None
     strength: float
+    #: images per prompt; ``prompts`` holds each prompt this many times in a row (diffusers' order)
+    num_images_per_prompt: int = 1
 
     @property
     def batch(self) -> int:
+        """Images this request makes (prompts × num_images_per_prompt)."""
         return len(self.prompts)
 
     @property
@@ -56,7 +59,8 @@ class Request:
     def build(cls, info: ModelInfo, *, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
               height: int | None = None, width: int | None = None, steps: int = 50,
               guidance_scale: float = 7.5, seed: int = 0, scheduler: str = "lms",
-              image: Image.Image | str | Path | None = None, strength: float = 0.8) -> Request:
+              image: Image.Image | str | Path | None = None, strength: float = 0.8,
+              num_images_per_prompt: int = 1) -> Request:
         """Check every rule of the API contract against ``info``'s model (keywords only)."""
         prompts = _prompts(prompt, "prompt")
         if not prompts:
@@ -72,6 +76,12 @@ class Request:
                     f"negative_prompt: a list must have one entry per prompt, but has {len(negatives)} "
                     f"for {len(prompts)} prompts; pass {len(prompts)} negative prompts or one string"
                 )
+        n = rules.check_int("num_images_per_prompt", num_images_per_prompt, 1, rules.MAX_IMAGES,
+                            "ask for fewer images per call (each one is a row of every U-Net call)")
+        # diffusers' num_images_per_prompt order: each prompt's images next to each other, and
+        # one latent draw for the whole (prompts × n) batch, so the same seed gives its latents.
+        prompts = [p for p in prompts for _ in range(n)]
+        negatives = [p for p in negatives for _ in range(n)]
         rules.check_steps(steps, int(info.scheduler_config.get("num_train_timesteps", 1000)))
         guidance_scale = rules.check_guidance(guidance_scale)
         rules.check_int("seed", seed, 0, rules.MAX_SEED, hi_text="2**64-1")
@@ -95,7 +105,8 @@ class Request:
         width = info.native_size if width is None else width
         for arg, v in (("height", height), ("width", width)):
             rules.check_side(arg, v, info.vae_scale_factor, "the VAE scale factor")
-        return cls(prompts, negatives, height, width, steps, guidance_scale, seed, scheduler, init, float(strength))
+        return cls(prompts, negatives, height, width, steps, guidance_scale, seed, scheduler, init, float(strength),
+                   n)
 
 
 def _prompts(value: str | list[str], arg: str) -> list[str]:

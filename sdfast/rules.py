@@ -16,6 +16,8 @@ from .errors import InvalidArgument
 #: image sides any request or export profile may have, in pixels.
 MIN_SIDE, MAX_SIDE = 64, 2048
 MAX_SEED = 2**64 - 1
+#: images per request: every one is a row of each U-Net call, so memory grows with it.
+MAX_IMAGES = 64
 #: Classifier-free guidance beyond ~20 oversaturates every SD model; 100 is far past any useful
 #: value and keeps g·(cond − uncond) (|cond − uncond| is O(1) for SD's ε-prediction) inside the
 #: range where fp16 engines cannot overflow, so a typo like 1e20 is refused up front instead of

@@ -171,10 +171,16 @@ class Pipeline:
         return torch.tensor(rows, dtype=torch.long).to(self.device)  # (N, S)
 
     def encode_text(self, prompts: list[str], negatives: list[str], guided: bool) -> torch.Tensor:
-        """→ (2B, S, D) as [uncond..., cond...] under guidance, else (B, S, D)."""
+        """→ (2B, S, D) as [uncond..., cond...] under guidance, else (B, S, D). Each distinct
+        text is encoded once (a batch's empty negatives, a prompt's n images) and gathered."""
         texts = negatives + prompts if guided else prompts
-        ids = self.tokenize(texts)  # (2B|B, S)
-        return self.engines["text_encoder"](input_ids=ids)["last_hidden_state"]
+        unique = list(dict.fromkeys(texts))
+        ids = self.tokenize(unique)  # (U, S)
+        emb = self.engines["text_encoder"](input_ids=ids)["last_hidden_state"]  # (U, S, D)
+        if len(unique) == len(texts):
+            return emb
+        where = torch.tensor([unique.index(t) for t in texts], device=emb.device)
+        return emb.index_select(0, where)  # (2B|B, S, D)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) latents → (B, 3, H, W) float image in [0, 1]."""
@@ -220,11 +226,12 @@ class Pipeline:
                  guidance_scale: float = 7.5, seed: int = 0, scheduler: str = "lms",
                  image: Image.Image | str | Path | None = None, strength: float = 0.8,
                  callback: StepCallback | None = None, progress: bool = False,
-                 profile: bool = False) -> GenerationOutput:
+                 profile: bool = False, num_images_per_prompt: int = 1) -> GenerationOutput:
         """Run the guided loop. ``profile`` synchronizes CUDA around each stage for exact timings."""
         req = Request.build(self.info, prompt=prompt, negative_prompt=negative_prompt, height=height,
                             width=width, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                            scheduler=scheduler, image=image, strength=strength)
+                            scheduler=scheduler, image=image, strength=strength,
+                            num_images_per_prompt=num_images_per_prompt)
         return self.run(req, callback=callback, progress=progress, profile=profile)
 
     def run(self, req: Request, callback: StepCallback | None = None, progress: bool = False,
