@@ -1,10 +1,12 @@
-"""Checks on a diffusers model folder, before any weight is loaded: each failure is one line
+"""The diffusers model-folder layout (the files every built-in model writes, the cache) and the
+checks on a folder before any weight is loaded: each failure is one line
 naming the file and what is wrong with it (a missing file, JSON that is not an object, a config
 key missing or of the wrong type, a safetensors file that is empty, truncated or not one)."""
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,37 @@ CONFIG_KEYS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "tokenizer": {"model_max_length": (int, False)},
 }
 _FIX = "restore the file from the model release"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SDFAST_CACHE", Path.home() / ".cache" / "sdfast"))
+
+
+#: SD 1.5's scheduler/scheduler_config.json, which every built-in model uses.
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "trained_betas": None,
+}
+
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
 
 
 def read_json(path: Path) -> dict[str, Any]:

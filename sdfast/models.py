@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import InvalidArgument, MissingFile
-from .model_folder import check_config, check_model_folder
+from .model_folder import MODEL_INDEX, SD15_SCHEDULER_CONFIG, cache_dir, check_config, check_model_folder
 from .model_folder import read_json as _read_json
 
 log = logging.getLogger(__name__)
@@ -33,10 +33,6 @@ PACKAGED_TINY = DATA_DIR / "models" / "tiny"
 
 #: diffusers' AutoencoderKL class default, used only for old folders whose vae config lacks the key.
 DIFFUSERS_DEFAULT_SCALING_FACTOR = 0.18215
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SDFAST_CACHE", Path.home() / ".cache" / "sdfast"))
-
 
 def _config(path: Path, part: str) -> dict[str, Any]:
     return check_config(path, part, _read_json(path))
@@ -140,31 +136,6 @@ def tiny_random_configs(vocab_size: int, max_tokens: int) -> dict[str, dict[str,
     }
 
 
-#: SD 1.5's scheduler/scheduler_config.json, which every built-in model uses.
-SD15_SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "trained_betas": None,
-}
-
-MODEL_INDEX = {
-    "_class_name": "StableDiffusionPipeline",
-    "feature_extractor": [None, None],
-    "requires_safety_checker": False,
-    "safety_checker": [None, None],
-    "scheduler": ["diffusers", "PNDMScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
 
 
 def write_model_folder(dest: Path, text_encoder, unet, vae, tokenizer_dir: Path,
@@ -215,7 +186,8 @@ def _tiny_random_folder() -> Path:
 #: Real SD architectures with random weights, for benchmarking without a download (issue 6).
 RANDOM_ARCHITECTURES = {
     "random-sd15": "SD 1.5 architecture, random weights, real CLIP tokenizer (benchmarks only)",
-    "random-sd21": "SD 2.1 architecture, random weights, real CLIP tokenizer (benchmarks only)",
+    "random-sd21": "SD 2.1 (768 px, v-prediction) architecture, random weights, real CLIP tokenizer (benchmarks only)",
+    "random-sd21-base": "SD 2.1-base (512 px, epsilon) architecture, random weights, real CLIP tokenizer (benchmarks only)",
 }
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from .bpe import CLIP_BPE_FILE, CLIP_VOCAB_SIZE, EOS, write_clip_tokenizer
 from .errors import InvalidArgument
-from .models import MODEL_INDEX, SD15_SCHEDULER_CONFIG, cache_dir
+from .model_folder import MODEL_INDEX, SD15_SCHEDULER_CONFIG, cache_dir
 
 log = logging.getLogger(__name__)
 
