@@ -87,3 +87,20 @@ def test_device_check_smoke_writes_a_complete_report(tmp_path):
     # Only small files come back from a device: logs and JSON, no compiled packages under --out.
     assert sorted(f.name for f in out.iterdir()) == ["aoti.log", "device_check.json", "gpu_tests.log",
                                                      "gpu_tests.xml"]
+
+
+def test_missing_diffusers_is_recorded_with_the_fix_and_the_rest_skips(tmp_path):
+    shadow = tmp_path / "shadow" / "diffusers"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named diffusers (shadowed by the test)')\n")
+    out = tmp_path / "dc"
+    env = {**_env(tmp_path), "PYTHONPATH": str(shadow.parent)}
+    p = subprocess.run([*SCRIPT, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 1
+    report = json.loads((out / "device_check.json").read_text())
+    env_section = report["sections"]["environment"]
+    assert env_section["status"] == "failed" and "import diffusers" in env_section["error"]
+    assert "bench/README.md" in env_section["error"] and "traceback" not in env_section
+    rest = [s for name, s in report["sections"].items() if name != "environment"]
+    assert len(rest) == 7 and all(s["status"] == "skipped" and "needs" in s["error"] for s in rest)
+    assert report["finished"] and not report["ok"]
