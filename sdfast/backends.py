@@ -150,6 +150,9 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
                 Flag("--autotune", "autotune", choices=("none", "default", "max"),
                      help="inductor: kernel autotuning effort on CUDA (default 'default')"),
             )),
+    Backend("openvino", "OpenVINO IR on the OpenVINO CPU plugin (bf16 on AMX / AVX512-BF16 CPUs)",
+            engines="openvino", format="openvino", exporter="openvino", requires=("openvino",), extra="openvino",
+            precisions=("fp32", "bf16"), devices=("cpu",)),
 )}
 
 #: artifact formats, in the order `sdfast export --format` lists them.

@@ -29,8 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="tiny", help="diffusers model folder, hub id or built-in name (default tiny)")
     p.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write: new, empty, or an earlier sdfast export (replaced atomically)")
     p.add_argument("--format", default="onnx", choices=FORMATS, help="artifact format (default onnx)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="text encoder and U-Net precision")
-    p.add_argument("--vae-precision", default=None, choices=["fp32", "fp16"],
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="text encoder and U-Net precision")
+    p.add_argument("--vae-precision", default=None, choices=["fp32", "fp16", "bf16"],
                    help="VAE precision (default fp32, even with --precision fp16: the SD VAE overflows fp16)")
     p.add_argument("--batch", type=int, default=1, help="images per call the engines are tuned for (default 1)")
     p.add_argument("--height", type=int, default=None, help="image height tuned for (default: native size)")

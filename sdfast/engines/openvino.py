@@ -1,0 +1,155 @@
+"""OpenVINO engines over an ``sdfast export --format openvino`` folder (CPU).
+
+Tensors stay torch tensors: inputs are wrapped as OpenVINO tensors over the torch buffers (no
+copy; bf16 as its raw 16-bit words typed ``bf16``), and every call hands the request a freshly
+allocated torch output to write into, so a returned tensor never aliases a later call's.
+Loading verifies the manifest (model fingerprint, file hashes), then each IR's real I/O
+(names, element types, static dims and intervals) against the spec and profile, before any
+model is compiled. Importing this module never imports diffusers.
+
+CPU settings (``compile_config``), chosen by measurement (bench/openvino_unet.py, numbers in
+bench/README.md): the LATENCY hint with one stream (the loop makes one call at a time, so a
+second stream only splits the cores), ``INFERENCE_NUM_THREADS`` = torch's thread count (the
+two never run at once and share one budget), and the inference precision from the manifest
+(never the plugin's default, which is bf16 on AMX CPUs even for an fp32 export). CPU pinning
+follows ``SDFAST_OV_PINNING`` (default off: see ``PINNING_DEFAULT``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..artifacts import Manifest, check_io, check_precision, load_manifest, rebuild_hint
+from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, output_shapes, size_multiple
+from ..errors import ArtifactMismatch, InvalidArgument
+from ..models import ModelInfo
+from .base import ExportedEngine, engine_inputs
+
+log = logging.getLogger(__name__)
+
+FORMAT = "openvino"
+#: OpenVINO element type names → the names ``artifacts.check_io`` compares.
+ELEMENT_TYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "i64": "int64"}
+#: the inference precision hint of each precision an export builds.
+OV_HINT = {Precision.FP32: "f32", Precision.BF16: "bf16"}
+#: Pinning threads to cores did not pay on the shared 2-core machine measured (see the module
+#: doc); a dedicated machine may set SDFAST_OV_PINNING=1.
+PINNING_DEFAULT = False
+
+
+def compile_config(inference_precision: str, threads: int | None = None,
+                   pinning: bool | None = None) -> dict[str, Any]:
+    """The CPU plugin settings every engine compiles with (see the module doc)."""
+    if pinning is None:
+        env = os.environ.get("SDFAST_OV_PINNING")
+        pinning = PINNING_DEFAULT if env is None else env.strip().lower() in ("1", "true", "yes", "on")
+    return {
+        "INFERENCE_PRECISION_HINT": inference_precision,
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": "1",
+        "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
+        "ENABLE_CPU_PINNING": bool(pinning),
+    }
+
+
+def to_ov(x: torch.Tensor):
+    """An ``ov.Tensor`` sharing ``x``'s memory (``x`` contiguous on the CPU)."""
+    import openvino as ov
+
+    if x.dtype == torch.bfloat16:
+        return ov.Tensor(x.view(torch.int16).numpy(), ov.Shape(list(x.shape)), ov.Type.bf16)
+    return ov.Tensor(x.numpy(), shared_memory=True)
+
+
+class OpenVinoEngine(ExportedEngine):
+    """One component on a compiled OpenVINO model; float outputs come back float32."""
+
+    def __init__(self, spec: ComponentSpec, compiled, info: ModelInfo, device: torch.device,
+                 precision: Precision, profile: ShapeProfile):
+        super().__init__(spec, device, precision, profile, size_multiple(info))
+        self.compiled = compiled
+        self.info = info
+        self.request = compiled.create_infer_request()
+        self._lock = threading.Lock()  # one request: calls from several threads take turns
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        keep = engine_inputs(self.spec, inputs, self.device, self.dtype)  # must outlive the run
+        shapes = output_shapes(self.spec, self.info,
+                               {n: tuple(x.shape) for n, x in zip(self.spec.input_names, keep, strict=True)})
+        outs = {t.name: torch.empty(shapes[t.name], dtype=self.dtype) for t in self.spec.outputs}
+        with self._lock:
+            for i, x in enumerate(keep):
+                self.request.set_input_tensor(i, to_ov(x))
+            for i, t in enumerate(self.spec.outputs):
+                self.request.set_output_tensor(i, to_ov(outs[t.name]))
+            self.request.infer()
+        return {k: v.float() for k, v in outs.items()}
+
+
+def _ov_io(ports) -> list[tuple[str, str | None, list[int | None]]]:
+    """OpenVINO ports as (name, element type, dims with None for a dynamic dim) for ``check_io``."""
+    out = []
+    for p in ports:
+        names = sorted(p.get_names())
+        kind = p.get_element_type().get_type_name()
+        out.append((names[0] if names else "", ELEMENT_TYPES.get(kind, kind),
+                    [d.get_length() if d.is_static else None for d in p.get_partial_shape()]))
+    return out
+
+
+def check_bounds(model, m: Manifest, root: Path, info: ModelInfo, name: str) -> None:
+    """Refuse an IR whose dynamic dims are not bounded by the manifest's profile (check_io has
+    made sure they are dynamic; an unbounded or differently bounded one is not this export)."""
+    shapes = m.profile.shapes(SPECS[name], info, "inputs")
+    for port in model.inputs:
+        tname = sorted(port.get_names())[0]
+        lo, _, hi = shapes[tname]
+        for axis, (d, a, b) in enumerate(zip(port.get_partial_shape(), lo, hi, strict=True)):
+            if d.is_static:
+                continue
+            if (d.get_min_length(), d.get_max_length()) != (a, b):
+                raise ArtifactMismatch(
+                    f"engines: {m.file(root, name)} input {tname} spans {d.get_min_length()}..{d.get_max_length()} "
+                    f"on axis {axis} but the manifest's profile spans {a}..{b} (a foreign or edited file); "
+                    f"{rebuild_hint(m, root, info, FORMAT)}")
+
+
+def load(info: ModelInfo, device: torch.device, precision: Precision, engines: str | None = None,
+         threads: int | None = None) -> dict[str, OpenVinoEngine]:
+    if engines is None:
+        raise InvalidArgument(
+            "engines: the openvino backend runs an exported folder; pass --engines DIR made by "
+            f"`sdfast export --model {info.path} --out DIR --format openvino --precision bf16`"
+        )
+    if device.type != "cpu":
+        raise InvalidArgument(f"device: the openvino backend runs on the CPU, not {device.type}; use --device cpu")
+    import openvino as ov
+
+    root = Path(engines)
+    m = load_manifest(root, info, FORMAT)
+    check_precision(m, root, precision, "models")
+    hint = rebuild_hint(m, root, info, FORMAT)
+    core = ov.Core()
+    out = {}
+    for name in SPECS:
+        path = m.file(root, name)
+        if m.precision(name) not in OV_HINT:
+            raise ArtifactMismatch(f"engines: {root} lists {name} in {m.precision(name).value}, which the openvino "
+                                   f"export never builds (fp32 or bf16); {hint}")
+        try:
+            model = core.read_model(str(path))
+        except Exception as e:  # OpenVINO raises RuntimeError subclasses with multi-line text: one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ArtifactMismatch(f"engines: OpenVINO cannot read {path} ({first}); {hint}") from None
+        check_io(m, root, info, name, _ov_io(model.inputs), _ov_io(model.outputs))
+        check_bounds(model, m, root, info, name)
+        # The hint follows the checked precision (the manifest's own hint field is informative).
+        compiled = core.compile_model(model, "CPU", compile_config(OV_HINT[m.precision(name)], threads))
+        out[name] = OpenVinoEngine(SPECS[name], compiled, info, device, m.precision(name), m.profile)
+    return out
