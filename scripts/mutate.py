@@ -1,0 +1,273 @@
+"""Mutation check: put small deliberate bugs into a copy of the code and see whether the tests notice.
+
+Each mutation below is one text substitution in one file: a bug that matters (the guidance
+combine, a scheduler's coefficients, the seed's draw order, the manifest's hashes, the shape
+profile's bounds, the attention choice, ...). For each, the script applies it to a temporary copy
+of this checkout (never to the checkout itself), runs the tests that should catch it there and
+prints whether they did:
+
+    killed    the tests failed: the bug is caught
+    survived  the tests passed with the bug in: a hole in the suite (exit 1)
+    stale     the target text is not in the file (or not exactly once): the code moved on and the
+              mutation must be updated, so it cannot rot silently (exit 1)
+    error     pytest did not run the tests (collection error, none selected, timeout) (exit 1)
+
+    python scripts/mutate.py                 # every mutation, one pytest process at a time
+    python scripts/mutate.py --list          # names, targets and tests
+    python scripts/mutate.py lms-order seed  # some of them
+
+Before the mutations, the union of their tests runs once on the unmutated copy (skip it with
+``--no-baseline``): a test that already fails would count every mutation as killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str  # relative to the repository root
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest arguments: node ids or files (one -k at most: pytest keeps the last)
+    bug: str  # what it stands for
+
+
+PARITY = "tests/test_pipeline_parity.py"
+
+MUTATIONS: tuple[Mutation, ...] = (
+    Mutation("guidance-halves-swapped", "sdfast/loop.py",
+             "    uncond, cond = eps.chunk(2)\n", "    cond, uncond = eps.chunk(2)\n",
+             (f"{PARITY}::test_txt2img_matches_diffusers_for_every_scheduler[euler]",
+              "bench/test_micro.py::test_guidance_combine", "bench/test_micro.py::test_guided_step_without_unet"),
+             "guidance reads the [uncond, cond] U-Net halves the wrong way round"),
+    Mutation("guidance-halves-swapped-micro", "sdfast/loop.py",
+             "    uncond, cond = eps.chunk(2)\n", "    cond, uncond = eps.chunk(2)\n",
+             ("bench/test_micro.py::test_guidance_combine",),
+             "the same bug, caught by the micro-benchmark alone (it timed a combine of its own before)"),
+    Mutation("guidance-combine", "sdfast/loop.py",
+             "return uncond + guidance * (cond - uncond)", "return cond + guidance * (cond - uncond)",
+             (f"{PARITY}::test_txt2img_matches_diffusers_for_every_scheduler[euler]",),
+             "u + g(t - u) written as t + g(t - u)"),
+    Mutation("guidance-threshold", "sdfast/request.py",
+             "return self.guidance_scale > 1.0", "return self.guidance_scale >= 1.0",
+             (f"{PARITY}::test_guidance_one_equals_cond_only_and_differs_from_guided",
+              f"{PARITY}::test_txt2img_variants_match_diffusers[guidance-1]"),
+             "guidance 1 runs the doubled U-Net batch (diffusers runs guidance only for g > 1)"),
+    Mutation("text-halves-swapped", "sdfast/runtime.py",
+             "texts = negatives + prompts if guided else prompts",
+             "texts = prompts + negatives if guided else prompts",
+             (f"{PARITY}::test_txt2img_variants_match_diffusers[negative-prompt]",
+              f"{PARITY}::test_txt2img_variants_match_diffusers[batch-of-two]"),
+             "the text embeddings are [cond, uncond] while the combine expects [uncond, cond]"),
+    Mutation("lms-order", "sdfast/schedulers/lms.py",
+             "ORDER = 4\n", "ORDER = 3\n",
+             ("tests/test_schedulers.py", "-k", "lms"),
+             "LMS of order 3 instead of diffusers' 4"),
+    Mutation("lms-coefficients", "sdfast/schedulers/lms.py",
+             "        o = min(i + 1, order)\n", "        o = min(i + 2, order)\n",
+             ("tests/test_schedulers.py", "-k", "lms"),
+             "LMS warm-up uses one node too many (wrong coefficients in the first steps)"),
+    Mutation("lms-history-order", "sdfast/schedulers/lms.py",
+             "for k in range(ORDER - 1, 0, -1):", "for k in range(1, ORDER):",
+             ("tests/test_schedulers.py", "-k", "lms"),
+             "LMS slope history shifted front to back (every old slope becomes the newest)"),
+    Mutation("seed", "sdfast/runtime.py",
+             'generator = torch.Generator("cpu").manual_seed(req.seed)',
+             'generator = torch.Generator("cpu").manual_seed(req.seed + 1)',
+             (f"{PARITY}::test_txt2img_matches_diffusers_for_every_scheduler[euler]",),
+             "the seed's generator is not the one diffusers seeds"),
+    Mutation("init-noise-sigma", "sdfast/runtime.py",
+             "latents = latents * sched.init_noise_sigma", "latents = latents",
+             (f"{PARITY}::test_txt2img_matches_diffusers_for_every_scheduler[lms]",),
+             "initial latents not scaled by the scheduler's init_noise_sigma"),
+    Mutation("ancestral-noise-for-skipped-steps", "sdfast/runtime.py",
+             "for i in range(first, len(sched.timesteps)):", "for i in range(len(sched.timesteps)):",
+             (f"{PARITY}::test_img2img_matches_diffusers[euler_a]",),
+             "img2img draws ancestral noise for the steps it skips, shifting every later draw"),
+    Mutation("img2img-noise-before-posterior", "sdfast/runtime.py",
+             '            with timer("vae_encode"):\n'
+             "                init = self.encode_image(req.image, req.height, req.width, generator).expand(shape)\n"
+             "            noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)\n",
+             "            noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)\n"
+             '            with timer("vae_encode"):\n'
+             "                init = self.encode_image(req.image, req.height, req.width, generator).expand(shape)\n",
+             (f"{PARITY}::test_img2img_matches_diffusers[ddim]",),
+             "img2img draws the forward noise before the VAE posterior sample (diffusers' order is the reverse)"),
+    Mutation("img2img-noise-level", "sdfast/runtime.py",
+             "latents = sched.add_noise(init, noise, first)", "latents = sched.add_noise(init, noise, 0)",
+             (f"{PARITY}::test_img2img_matches_diffusers[ddim]",),
+             "img2img noises the init image to the first step's level, not the start step's"),
+    Mutation("img2img-posterior-mean", "sdfast/runtime.py",
+             "return (mean + std * eps) * self.info.scaling_factor", "return mean * self.info.scaling_factor",
+             (f"{PARITY}::test_img2img_matches_diffusers[ddim]",),
+             "img2img takes the VAE posterior mean instead of sampling it with the seed"),
+    Mutation("vae-scaling", "sdfast/runtime.py",
+             "z = latents / self.info.scaling_factor", "z = latents * self.info.scaling_factor",
+             (f"{PARITY}::test_txt2img_matches_diffusers_for_every_scheduler[euler]",),
+             "latents multiplied instead of divided by the VAE scaling factor before decoding"),
+    Mutation("manifest-hash-default-off", "sdfast/artifacts.py",
+             "check_hashes: bool = True", "check_hashes: bool = False",
+             ("tests/test_tamper_weights.py", "-k", "flipped"),
+             "loading checks sizes but not hashes by default"),
+    Mutation("seal-skips-weight-data", "sdfast/artifacts.py",
+             "if p.is_file() and p.name != MANIFEST}",
+             'if p.is_file() and p.name != MANIFEST and not p.name.endswith(".onnx.data")}',
+             ("tests/test_tamper_weights.py",),
+             "the manifest hashes graphs but not the *.onnx.data weight files"),
+    Mutation("verify-skips-weight-data", "sdfast/artifacts.py",
+             "    for rel, rec in m.files.items():\n        p = inside(root, rel)",
+             '    for rel, rec in m.files.items():\n        if rel.endswith(".onnx.data"):\n'
+             "            continue\n        p = inside(root, rel)",
+             ("tests/test_tamper_weights.py",),
+             "loading verifies graphs but skips the *.onnx.data weight files"),
+    Mutation("profile-min-ignored", "sdfast/components.py",
+             "if not lo <= v <= hi:", "if not v <= hi:",
+             ("tests/test_profile_bounds.py",),
+             "the profile check ignores the minimum batch and sides of an export"),
+    Mutation("attention-math-keeps-sdpa", "sdfast/engines/torch.py",
+             'AttnProcessor2_0() if attention == "sdpa" else AttnProcessor()', "AttnProcessor2_0()",
+             ("tests/test_attention.py",),
+             "attention='math' keeps PyTorch SDPA"),
+    Mutation("ort-unet-output-off", "sdfast/engines/onnxruntime.py",
+             "            self.session.run_with_iobinding(binding)\n"
+             "            return {k: v.float() for k, v in outs.items()}\n",
+             "            self.session.run_with_iobinding(binding)\n"
+             '            return {k: v.float() * (1.001 if k == "noise_pred" else 1) for k, v in outs.items()}\n',
+             (f"{PARITY}::test_onnxruntime_pipeline_matches_eager_latents_and_pixels[euler]",),
+             "the ONNX Runtime U-Net is 0.1 % off: pixels barely move, latents do"),
+)
+
+
+def tracked_files(root: Path) -> list[str]:
+    """Tracked and untracked-but-not-ignored files: what the working tree holds, without caches."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                         capture_output=True, check=True).stdout
+    return [p for p in out.decode().split("\0") if p and (root / p).is_file()]
+
+
+def make_copy(root: Path, dest: Path) -> None:
+    for rel in tracked_files(root):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, target)
+
+
+def test_env(copy: Path, cache: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(copy), OMP_NUM_THREADS="1", SDFAST_CACHE=str(cache),
+               # A mutated file and its restored original can share size and mtime: never trust a .pyc.
+               PYTHONDONTWRITEBYTECODE="1")
+    return env
+
+
+def check_imports_copy(copy: Path, env: dict[str, str]) -> None:
+    r = subprocess.run([sys.executable, "-c", "import sdfast; print(sdfast.__file__)"], cwd=copy, env=env,
+                       capture_output=True, text=True)
+    where = Path(r.stdout.strip() or "?").resolve()
+    if r.returncode != 0 or copy.resolve() not in where.parents:
+        sys.exit(f"mutate: the copy's tests would import sdfast from {where}, not from {copy}; {r.stderr[-500:]}")
+
+
+def run_tests(args: tuple[str, ...], copy: Path, env: dict[str, str], timeout: float) -> tuple[int | None, str]:
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args]
+    try:
+        r = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout:.0f} s"
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    # Killed: name the test that caught it (-q's summary line "FAILED node - reason").
+    failed = [ln for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
+    return r.returncode, (failed[0][:200] if failed else lines[-1] if lines else "")
+
+
+def outcome(rc: int | None) -> str:
+    # pytest: 0 all passed, 1 some failed, 2 interrupted (collection error), 5 no tests collected.
+    return {0: "survived", 1: "killed"}.get(rc, "error")
+
+
+def baseline_args(mutations: list[Mutation]) -> list[tuple[str, ...]]:
+    """The distinct test selections, each run once unmutated."""
+    seen: list[tuple[str, ...]] = []
+    for m in mutations:
+        if m.tests not in seen:
+            seen.append(m.tests)
+    return seen
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    p.add_argument("--list", action="store_true", help="list the mutations and exit")
+    p.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the tests")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per pytest run (default 900)")
+    args = p.parse_args(argv)
+
+    by_name = {m.name: m for m in MUTATIONS}
+    unknown = [n for n in args.names if n not in by_name]
+    if unknown:
+        p.error(f"unknown mutation(s) {', '.join(unknown)}; choose from {', '.join(by_name)}")
+    chosen = [by_name[n] for n in args.names] if args.names else list(MUTATIONS)
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:36} {m.path:30} {' '.join(m.tests)}\n{'':36} {m.bug}")
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="sdfast-mutate-") as tmp:
+        copy, cache = Path(tmp) / "repo", Path(tmp) / "cache"
+        make_copy(ROOT, copy)
+        env = test_env(copy, cache)
+        check_imports_copy(copy, env)
+
+        if not args.no_baseline:
+            for sel in baseline_args(chosen):
+                t0 = time.perf_counter()
+                rc, tail = run_tests(sel, copy, env, args.timeout)
+                print(f"baseline {' '.join(sel)}: {tail} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                if rc != 0:
+                    print("mutate: the tests fail without any mutation; fix them first", file=sys.stderr)
+                    return 1
+
+        rows = []
+        for m in chosen:
+            target = copy / m.path
+            original = target.read_text(encoding="utf-8") if target.is_file() else None
+            found = 0 if original is None else original.count(m.old)
+            if found != 1:
+                detail = "file missing" if original is None else f"target text found {found} times, not once"
+                rows.append((m, "stale", detail, 0.0))
+            else:
+                target.write_text(original.replace(m.old, m.new), encoding="utf-8")
+                t0 = time.perf_counter()
+                try:
+                    rc, tail = run_tests(m.tests, copy, env, args.timeout)
+                finally:
+                    target.write_text(original, encoding="utf-8")
+                rows.append((m, outcome(rc), tail, time.perf_counter() - t0))
+            r = rows[-1]
+            print(f"{r[1]:9} {m.name} ({r[3]:.0f} s): {r[2]}", flush=True)
+
+    print()
+    print(f"| {'mutation':36} | {'file':30} | {'result':8} | seconds |")
+    print(f"|{'-' * 38}|{'-' * 32}|{'-' * 10}|---------|")
+    for m, result, _, seconds in rows:
+        print(f"| {m.name:36} | {m.path:30} | {result:8} | {seconds:7.0f} |")
+    bad = [m.name for m, result, _, _ in rows if result != "killed"]
+    print(f"\n{len(rows) - len(bad)} of {len(rows)} killed" + (f"; not killed: {', '.join(bad)}" if bad else ""))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
