@@ -190,3 +190,15 @@ def test_onnx_runtime_never_imports_diffusers(tiny_info, onnx_dynamic):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().endswith("ok")
+
+
+def test_export_prints_no_torch_constant_folding_warnings(tiny_info, tmp_path, recwarn):
+    # The VAE encoder's strided slices made the tracer warn once per op (issue 18.5).
+    import warnings
+
+    from sdfast.export.onnx import export_onnx
+
+    warnings.simplefilter("always")
+    export_onnx(tiny_info, tmp_path / "e", ShapeProfile.static(1, 64, 64), components=("vae_encoder",))
+    noise = [str(w.message)[:80] for w in recwarn if issubclass(w.category, UserWarning)]
+    assert noise == []

@@ -138,3 +138,8 @@ def test_export_killed_halfway_leaves_previous_export_intact(tiny_info, onnx_dyn
     assert not any((tmp_path / n / MANIFEST).exists() for n in leftovers)
     assert (out / MANIFEST).read_text() == before
     load_manifest(out, tiny_info, "onnx")  # the previous export still verifies
+    # The staging folder names the dead writer's pid: the next write to `out` removes it.
+    from sdfast.fsio import clean_stale
+
+    clean_stale(out, MANIFEST)
+    assert [p.name for p in tmp_path.iterdir()] == ["engines"]
