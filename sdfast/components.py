@@ -133,10 +133,19 @@ class ShapeProfile:
     min_width: int
     opt_width: int
     max_width: int
+    #: prompt length in text-encoder chunks of S tokens (long prompts, ``long_prompt="chunk"``):
+    #: the U-Net's text sequence is chunks × S long.
+    min_chunks: int = 1
+    opt_chunks: int = 1
+    max_chunks: int = 1
 
     @classmethod
     def static(cls, batch: int, height: int, width: int) -> ShapeProfile:
         return cls(batch, batch, batch, height, height, height, width, width, width)
+
+    @property
+    def chunks(self) -> Range:
+        return (self.min_chunks, self.opt_chunks, self.max_chunks)
 
     @property
     def batch(self) -> Range:
@@ -159,7 +168,8 @@ class ShapeProfile:
         from .errors import InvalidArgument
         from .rules import check_side
 
-        for arg, (lo, opt, hi) in (("batch", self.batch), ("height", self.height), ("width", self.width)):
+        for arg, (lo, opt, hi) in (("batch", self.batch), ("height", self.height), ("width", self.width),
+                                   ("chunks", self.chunks)):
             if not 1 <= lo <= opt <= hi:
                 raise InvalidArgument(
                     f"{arg}: the profile needs 1 <= min <= opt <= max but has {lo} / {opt} / {hi}; "
@@ -170,11 +180,11 @@ class ShapeProfile:
             for v in r:
                 check_side(f"{arg} (export profile)", v, m, "VAE factor × U-Net downsampling")
 
-    def covers(self, batch: int, height: int, width: int) -> list[str]:
-        """The reasons ``(batch, height, width)`` falls outside; empty when it is served."""
+    def covers(self, batch: int, height: int, width: int, chunks: int = 1) -> list[str]:
+        """The reasons ``(batch, height, width, chunks)`` falls outside; empty when it is served."""
         out = []
         for arg, v, (lo, _, hi) in (("batch", batch, self.batch), ("height", height, self.height),
-                                    ("width", width, self.width)):
+                                    ("width", width, self.width), ("chunks", chunks, self.chunks)):
             if not lo <= v <= hi:
                 out.append(f"{arg} {v} is outside {lo}..{hi}")
         return out
@@ -183,28 +193,37 @@ class ShapeProfile:
         def r(lo: int, opt: int, hi: int) -> str:
             return str(lo) if lo == hi else f"{lo}..{hi} (opt {opt})"
 
-        return f"batch {r(*self.batch)}, height {r(*self.height)}, width {r(*self.width)}"
+        text = f", prompt chunks {r(*self.chunks)}" if self.max_chunks > 1 else ""
+        return f"batch {r(*self.batch)}, height {r(*self.height)}, width {r(*self.width)}{text}"
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
     @classmethod
     def from_dict(cls, d: dict[str, int]) -> ShapeProfile:
-        return cls(**{k: int(d[k]) for k in cls.__dataclass_fields__})
+        # Exports made before prompt chunks existed serve one chunk.
+        return cls(**{k: int(d[k]) if k in d or "chunks" not in k else 1 for k in cls.__dataclass_fields__})
 
     def component_dims(self, spec: ComponentSpec, info: ModelInfo) -> dict[str, Range]:
         """(min, opt, max) of every dim name used by ``spec``'s tensors."""
         f = info.vae_scale_factor
         c = info.latent_channels
-        if spec.name in ("text_encoder", "unet"):
+        s = info.max_tokens
+        seq = (s,) * 3
+        if spec.name == "text_encoder":
+            # Rows are the distinct texts of a call (1 when every prompt and negative is the
+            # same) times their chunks: up to 2 × max_batch × max_chunks.
+            batch = (1, 2 * self.opt_batch * self.opt_chunks, 2 * self.max_batch * self.max_chunks)
+        elif spec.name == "unet":
             batch = (self.min_batch, 2 * self.opt_batch, 2 * self.max_batch)
+            seq = tuple(s * k for k in self.chunks)  # chunk embeddings concatenated
         elif spec.name == "vae_encoder":
             batch = (1, 1, self.max_batch)  # img2img encodes one init image, then expands it
         else:
             batch = self.batch
         dims: dict[str, Range] = {
             "B": batch,
-            "S": (info.max_tokens,) * 3,
+            "S": seq,
             "D": (info.text_hidden_size,) * 3,
             "C": (c,) * 3,
             "2C": (2 * c,) * 3,

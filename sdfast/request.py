@@ -17,6 +17,9 @@ from .images import load_init_image  # the one reader of init images (formats, b
 from .rules import MAX_SIDE, MIN_SIDE  # noqa: F401  (re-exported: the sides every request may have)
 from .schedulers import SCHEDULERS
 
+#: how prompts longer than the text encoder's window are encoded (see Pipeline.token_chunks).
+LONG_PROMPT = ("chunk", "truncate")
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -37,6 +40,9 @@ class Request:
     strength: float
     #: images per prompt; ``prompts`` holds each prompt this many times in a row (diffusers' order)
     num_images_per_prompt: int = 1
+    #: prompts past the text encoder's length: "chunk" (encoded in chunks, A1111-style) or
+    #: "truncate" (diffusers' behaviour, the parity reference)
+    long_prompt: str = "chunk"
 
     @property
     def batch(self) -> int:
@@ -60,7 +66,7 @@ class Request:
               height: int | None = None, width: int | None = None, steps: int = 50,
               guidance_scale: float = 7.5, seed: int = 0, scheduler: str = "lms",
               image: Image.Image | str | Path | None = None, strength: float = 0.8,
-              num_images_per_prompt: int = 1) -> Request:
+              num_images_per_prompt: int = 1, long_prompt: str = "chunk") -> Request:
         """Check every rule of the API contract against ``info``'s model (keywords only)."""
         prompts = _prompts(prompt, "prompt")
         if not prompts:
@@ -86,6 +92,7 @@ class Request:
         guidance_scale = rules.check_guidance(guidance_scale)
         rules.check_int("seed", seed, 0, rules.MAX_SEED, hi_text="2**64-1")
         rules.check_choice("scheduler", scheduler, SCHEDULERS)
+        rules.check_choice("long_prompt", long_prompt, LONG_PROMPT)
 
         init = None
         if image is not None:
@@ -106,7 +113,7 @@ class Request:
         for arg, v in (("height", height), ("width", width)):
             rules.check_side(arg, v, info.vae_scale_factor, "the VAE scale factor")
         return cls(prompts, negatives, height, width, steps, guidance_scale, seed, scheduler, init, float(strength),
-                   n)
+                   n, long_prompt)
 
 
 def _prompts(value: str | list[str], arg: str) -> list[str]:

@@ -153,34 +153,67 @@ class Pipeline:
                 f"dtype={self.precision.value!r}, native_size={self.info.native_size}, cuda_graphs={graphs!r})")
 
     # -- stages ------------------------------------------------------------------------------
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """(N,) strings → (N, S) token ids: BOS, tokens, EOS, padding; over-long text is cut to
-        BOS + the first S-2 tokens + EOS (what transformers' truncation keeps) with a warning
-        that quotes the dropped text. Each text is tokenized once."""
+    def token_chunks(self, texts: list[str], long_prompt: str = "truncate") -> torch.Tensor:
+        """(N,) strings → (N, K, S) token ids, each row of S = BOS, tokens, EOS, padding.
+
+        ``truncate`` (diffusers' behaviour, K = 1): over-long text keeps BOS + the first S-2
+        tokens + EOS (what transformers' truncation keeps), with a warning quoting the dropped
+        text. ``chunk`` (AUTOMATIC1111's, compel's): the tokens in runs of S-2, each run with its
+        own BOS and EOS; every text gets the longest text's K (missing chunks are empty: BOS,
+        EOS, padding) so the embeddings concatenate. A text that fits one chunk gives the same
+        row either way. Each text is tokenized once."""
         s = self.info.max_tokens
         with self._tokenizer_lock:
-            full = self.tokenizer(texts, verbose=False).input_ids  # ragged, untruncated
-        pad = self.tokenizer.pad_token_id
-        rows = []
+            full = self.tokenizer(texts, verbose=False).input_ids  # ragged, untruncated: [BOS, ..., EOS]
+        bos, eos, pad = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        bodies = []
         for ids in full:
-            if len(ids) > s:
-                dropped = self.tokenizer.decode(ids[s - 1 : -1])
+            body = ids[1:-1]
+            if long_prompt == "truncate" and len(body) > s - 2:
+                dropped = self.tokenizer.decode(body[s - 2 :])
                 log.warning("prompt truncated to %d tokens, the text encoder's limit; dropped: %r", s, dropped)
-                ids = ids[: s - 1] + ids[-1:]
-            rows.append(ids + [pad] * (s - len(ids)))
-        return torch.tensor(rows, dtype=torch.long).to(self.device)  # (N, S)
+                body = body[: s - 2]
+            bodies.append(body)
+        k = max(1, *(-(-len(b) // (s - 2)) for b in bodies))
+        rows = []
+        for body in bodies:
+            for j in range(k):
+                part = [bos, *body[j * (s - 2) : (j + 1) * (s - 2)], eos]
+                rows.append(part + [pad] * (s - len(part)))
+        return torch.tensor(rows, dtype=torch.long).reshape(len(texts), k, s).to(self.device)  # (N, K, S)
 
-    def encode_text(self, prompts: list[str], negatives: list[str], guided: bool) -> torch.Tensor:
-        """→ (2B, S, D) as [uncond..., cond...] under guidance, else (B, S, D). Each distinct
-        text is encoded once (a batch's empty negatives, a prompt's n images) and gathered."""
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """(N,) strings → (N, S) token ids, truncated as diffusers does (see ``token_chunks``)."""
+        return self.token_chunks(texts, "truncate")[:, 0]
+
+    def encode_text(self, prompts: list[str], negatives: list[str], guided: bool,
+                    long_prompt: str = "truncate") -> torch.Tensor:
+        """→ (2B, K·S, D) as [uncond..., cond...] under guidance, else (B, K·S, D)."""
+        texts, ids = self._text_ids(prompts, negatives, guided, long_prompt)
+        return self._encode_ids(texts, ids)
+
+    def _text_ids(self, prompts: list[str], negatives: list[str], guided: bool, long_prompt: str
+                  ) -> tuple[list[str], torch.Tensor]:
         texts = negatives + prompts if guided else prompts
-        unique = list(dict.fromkeys(texts))
-        ids = self.tokenize(unique)  # (U, S)
-        emb = self.engines["text_encoder"](input_ids=ids)["last_hidden_state"]  # (U, S, D)
-        if len(unique) == len(texts):
+        return texts, self.token_chunks(list(dict.fromkeys(texts)), long_prompt)  # (U, K, S)
+
+    def chunks(self, req: Request) -> int:
+        """Text-encoder chunks ``req``'s prompts take (1 unless long prompts are chunked);
+        requests batched together must agree on it, as on ``BATCH_KEYS``."""
+        return self._text_ids(req.prompts, req.negative_prompts, req.guided, req.long_prompt)[1].shape[1]
+
+    def _encode_ids(self, texts: list[str], ids: torch.Tensor) -> torch.Tensor:
+        """Each distinct text (``ids``' rows, in first-seen order) is encoded once — a batch's
+        empty negatives, a prompt's n images — and gathered to ``texts``' rows; K chunks of a
+        text are encoded as K rows and concatenated along the sequence."""
+        u, k, s = ids.shape
+        emb = self.engines["text_encoder"](input_ids=ids.reshape(u * k, s))["last_hidden_state"]  # (U·K, S, D)
+        emb = emb.reshape(u, k * s, emb.shape[-1])  # (U, K·S, D)
+        if u == len(texts):
             return emb
+        unique = list(dict.fromkeys(texts))
         where = torch.tensor([unique.index(t) for t in texts], device=emb.device)
-        return emb.index_select(0, where)  # (2B|B, S, D)
+        return emb.index_select(0, where)  # (2B|B, K·S, D)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) latents → (B, 3, H, W) float image in [0, 1]."""
@@ -226,12 +259,13 @@ class Pipeline:
                  guidance_scale: float = 7.5, seed: int = 0, scheduler: str = "lms",
                  image: Image.Image | str | Path | None = None, strength: float = 0.8,
                  callback: StepCallback | None = None, progress: bool = False,
-                 profile: bool = False, num_images_per_prompt: int = 1) -> GenerationOutput:
+                 profile: bool = False, num_images_per_prompt: int = 1,
+                 long_prompt: str = "chunk") -> GenerationOutput:
         """Run the guided loop. ``profile`` synchronizes CUDA around each stage for exact timings."""
         req = Request.build(self.info, prompt=prompt, negative_prompt=negative_prompt, height=height,
                             width=width, steps=steps, guidance_scale=guidance_scale, seed=seed,
                             scheduler=scheduler, image=image, strength=strength,
-                            num_images_per_prompt=num_images_per_prompt)
+                            num_images_per_prompt=num_images_per_prompt, long_prompt=long_prompt)
         return self.run(req, callback=callback, progress=progress, profile=profile)
 
     def run(self, req: Request, callback: StepCallback | None = None, progress: bool = False,
@@ -273,14 +307,20 @@ class Pipeline:
         check_batchable(requests)
         head = requests[0]
         batch = sum(r.batch for r in requests)
-        check_request(self.engines, batch, head.height, head.width, head.guided)
         timer = StageTimer(self.device, sync=profile)
         t_start = time.perf_counter()
         f = self.info.vae_scale_factor
+        texts, ids = self._text_ids([p for r in requests for p in r.prompts],
+                                    [p for r in requests for p in r.negative_prompts], head.guided, head.long_prompt)
+        if len(requests) > 1 and ids.shape[1] > 1:  # a row's result depends on its text's length
+            k = sorted({self.chunks(r) for r in requests})
+            if len(k) > 1:
+                raise InvalidArgument(f"requests: a batch must share its prompts' chunk count, but they need {k} "
+                                      "chunks (long prompts); run those requests in separate batches")
+        check_request(self.engines, batch, head.height, head.width, head.guided, chunks=ids.shape[1])
 
         with timer("text_encoder"):
-            text = self.encode_text([p for r in requests for p in r.prompts],
-                                    [p for r in requests for p in r.negative_prompts], head.guided)  # (2B|B, S, D)
+            text = self._encode_ids(texts, ids)  # (2B|B, K·S, D)
         sched = make_scheduler(head.scheduler, self.info.scheduler_config)
         sched.set_timesteps(head.steps, self.device)
         parts = [self._initial_latents(r, sched, (r.batch, self.info.latent_channels, r.height // f, r.width // f),

@@ -59,7 +59,8 @@ def load_engines(info: ModelInfo, backend: str, device: torch.device, precision:
     return module.load(info, device=device, precision=precision, engines=engines, **extra)
 
 
-def check_request(engines: dict[str, Engine], batch: int, height: int, width: int, guided: bool) -> None:
+def check_request(engines: dict[str, Engine], batch: int, height: int, width: int, guided: bool,
+                  chunks: int = 1) -> None:
     """Refuse, before any work, a request outside the shape profile of exported engines.
 
     Engines built for a profile expose it as ``engine.profile`` (a ``components.ShapeProfile``);
@@ -75,9 +76,9 @@ def check_request(engines: dict[str, Engine], batch: int, height: int, width: in
             if multiple:
                 check_side(arg, v, multiple, f"exported engines serve multiples of {multiple}: VAE factor × "
                            "U-Net downsampling")
-        reasons = profile.covers(batch, height, width)
+        reasons = profile.covers(batch, height, width, chunks)
         if reasons:
-            flags = _covering_flags(profile, batch, height, width)
+            flags = _covering_flags(profile, batch, height, width, chunks)
             raise InvalidArgument(
                 f"engines: the request ({batch} image(s) of {height}x{width}) is outside the exported profile "
                 f"({profile.describe()}): {'; '.join(reasons)}; export again with {flags}, or change the request"
@@ -85,10 +86,12 @@ def check_request(engines: dict[str, Engine], batch: int, height: int, width: in
         return  # one profile per engine set
 
 
-def _covering_flags(profile, batch: int, height: int, width: int) -> str:
+def _covering_flags(profile, batch: int, height: int, width: int, chunks: int = 1) -> str:
     """The export range flags whose profile covers both the old one and the request."""
     parts = []
     for arg, v, (lo, _, hi) in (("batch", batch, profile.batch), ("height", height, profile.height),
-                                ("width", width, profile.width)):
+                                ("width", width, profile.width), ("chunks", chunks, profile.chunks)):
+        if arg == "chunks" and lo <= v <= hi:
+            continue  # only named when prompt length is what falls outside
         parts.append(f"--min-{arg} {min(lo, v)} --max-{arg} {max(hi, v)}")
     return " ".join(parts)
