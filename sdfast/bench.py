@@ -356,8 +356,8 @@ def ensure_engines(cfg: BenchConfig, info: ModelInfo, backend: str, dtype: str, 
 def validate(cfg: BenchConfig) -> tuple[ModelInfo, torch.device, int, int]:
     """Check every value before anything runs; returns (info, device, height, width)."""
     from . import backends
-    from .request import Request
     from .hardware import resolve_device
+    from .request import Request
 
     if not cfg.backends:
         raise InvalidArgument("backends: the list is empty; pass e.g. --backends torch,onnxruntime")
