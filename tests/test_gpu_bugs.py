@@ -196,3 +196,29 @@ def test_ort_cuda_call_on_the_shared_stream_adds_no_host_sync(fake_ort, tiny_inf
     (_, run_options), = session.runs
     assert run_options is not None
     assert run_options.entries["disable_synchronize_execution_providers"] == "1"
+
+
+def test_ort_that_does_not_report_its_stream_falls_back_to_host_syncs(fake_ort, tiny_info):
+    from sdfast.components import ShapeProfile
+    from sdfast.engines import onnxruntime as ortmod
+
+    class Silent(FakeCudaSession):
+        def get_provider_options(self):
+            return {"CUDAExecutionProvider": {"has_user_compute_stream": "1"}}
+
+    class Counting(FakeBinding):
+        syncs = 0
+
+        def synchronize_inputs(self):
+            Counting.syncs += 1
+
+        def synchronize_outputs(self):
+            Counting.syncs += 1
+
+    session = Silent(stream=1)
+    session.io_binding = Counting
+    engine = ortmod.OrtEngine(SPECS["vae_decoder"], session, tiny_info, torch.device("cpu"), Precision.FP32,
+                              ShapeProfile.static(1, 64, 64))
+    engine._device_type = "cuda"
+    engine(latent=torch.zeros(1, tiny_info.latent_channels, 8, 8))
+    assert Counting.syncs == 2 and session.runs[0][1] is None

@@ -152,7 +152,13 @@ class OrtEngine(ExportedEngine):
         # stream), the two streams are ordered on the device with waits, still without a host sync.
         import onnxruntime as ort
 
-        session_stream = int(self.session.get_provider_options()["CUDAExecutionProvider"]["user_compute_stream"])
+        reported = self.session.get_provider_options().get("CUDAExecutionProvider", {}).get("user_compute_stream")
+        if reported is None:  # an ORT that does not say which stream it runs on: order by host syncs
+            binding.synchronize_inputs()
+            self.session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+            return {k: v.float() for k, v in outs.items()}
+        session_stream = int(reported)
         run_options = ort.RunOptions()
         run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         if _current_stream_handle(self.device) == session_stream:
