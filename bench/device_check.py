@@ -57,10 +57,9 @@ import torch  # noqa: E402
 PROMPT = "a photograph of an astronaut riding a horse"
 REPORT = "device_check.json"
 #: section -> (estimate in s on an H100/H200, estimate in s for --smoke on a 2-core CPU).
-ESTIMATES: dict[str, tuple[float, float]] = {
-    "environment": (5, 10), "model": (5, 5), "reference_fp32": (20, 5), "sdfast_eager_graphs": (20, 5),
-    "diffusers_eager": (15, 5), "sdfast_eager": (12, 5), "gpu_tests": (45, 30), "aoti": (180, 45),
-}
+ESTIMATES: dict[str, tuple[float, float]] = {"environment": (5, 10), "model": (5, 5), "reference_fp32": (20, 5),
+    "sdfast_eager_graphs": (20, 5), "diffusers_eager": (15, 5), "sdfast_eager": (12, 5), "gpu_tests": (45, 30),
+    "aoti": (180, 45)}
 #: run even when --only leaves them out: every other section needs what they find.
 PREREQUISITES = ("environment", "model")
 GPU_TESTS_TIMEOUT_S = 150  # pytest's hard cap, if the budget leaves that much
@@ -71,7 +70,7 @@ class SectionFailed(Exception):
 
 
 class BudgetSpent(Exception):
-    """Raised by SIGALRM when --budget-s is spent in the middle of a section."""
+    """SIGALRM: --budget-s was spent in the middle of a section."""
 
 
 def clean(obj: Any) -> Any:
@@ -318,7 +317,8 @@ class DeviceCheck:
         def run(fig: dict[str, Any]) -> str:
             import sdfast
 
-            pipe = sdfast.load(self.state["info"], device=self.device, dtype=self.cfg["dtype"], cuda_graphs=cuda_graphs)
+            pipe = sdfast.load(self.state["info"], device=self.device, dtype=self.cfg["dtype"], cuda_graphs=cuda_graphs,
+                               modules=self.modules())
             fig.update(sdfast_figures(pipe, self.cfg, self.device, self.state["reference"], self.state.get("flops"),
                                       self.state.get("peak")))
             self.report["rows"][name] = fig
@@ -329,14 +329,22 @@ class DeviceCheck:
 
         return run
 
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The fp16 torch modules the three fp16 rows share, as in ``sdfast bench`` (one random
+        init of SD 1.5 costs seconds); loaded by the first row that runs, inside its section."""
+        if "modules" not in self.state:
+            from sdfast.components import Precision
+            from sdfast.models import load_torch_modules
+
+            self.state["modules"] = load_torch_modules(self.state["info"], device=self.device,
+                                                       dtype=Precision(self.cfg["dtype"]).torch_dtype)
+        return self.state["modules"]
+
     def diffusers_eager(self, fig: dict[str, Any]) -> str:
         from sdfast.bench import BenchConfig, diffusers_pipeline, diffusers_runner
-        from sdfast.components import Precision
-        from sdfast.models import load_torch_modules
 
-        c, dev, info = self.cfg, self.device, self.state["info"]
-        mods = load_torch_modules(info, dtype=Precision(c["dtype"]).torch_dtype, device=dev)
-        pipe = diffusers_pipeline(info, mods, c["scheduler"])
+        c, dev = self.cfg, self.device
+        pipe = diffusers_pipeline(self.state["info"], self.modules(), c["scheduler"])
 
         def generate(steps: int):
             return pipe(prompt=PROMPT, height=c["height"], width=c["width"], guidance_scale=c["guidance"],
@@ -398,6 +406,8 @@ class DeviceCheck:
         self.section("diffusers_eager", self.diffusers_eager, needs=("model",),
                      skip=None if self.args.diffusers else "--no-diffusers")
         self.section("sdfast_eager", self.sdfast_row("sdfast_eager", False), needs=("model",))
+        self.state.pop("modules", None)  # free the fp16 weights before the tests and the compile
+        free_memory(self.device)
         self.section("gpu_tests", self.gpu_tests, needs=("environment",),
                      skip="--skip-tests" if self.args.skip_tests else None)
         self.section("aoti", self.aoti, needs=("model",), skip="--aoti none" if self.cfg["aoti"] == "none" else None)
