@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import Manifest, check_io, check_precision, load_manifest, rebuild_hint
+from ..artifacts import check_io, check_precision, load_manifest, rebuild_hint
 from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, output_shapes, size_multiple
 from ..errors import ArtifactMismatch, InvalidArgument
 from ..models import ModelInfo
@@ -187,7 +187,7 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
         )
     root = Path(engines)
     manifest = load_manifest(root, info, "onnx")
-    _check_precision(manifest, precision, root)
+    check_precision(manifest, root, precision, "graphs")  # the graphs fix their own precision
     if device.type == "cpu" and any(manifest.precision(c) is Precision.FP16 for c in SPECS):
         log.info("fp16 graphs on the CPU provider: ORT inserts fp32 casts where it has no fp16 kernel")
     hint = rebuild_hint(manifest, root, info, "onnx")
@@ -212,7 +212,3 @@ def _ort_io(args) -> list[tuple[str, str | None, list[int | None]]]:
              "tensor(int64)": "int64"}
     return [(a.name, kinds.get(a.type, a.type), [d if isinstance(d, int) else None for d in a.shape]) for a in args]
 
-
-def _check_precision(manifest: Manifest, precision: Precision, root: Path) -> None:
-    # The graphs fix their own precision; --dtype must name it (VAE may stay fp32 by design).
-    check_precision(manifest, root, precision, "graphs")

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..artifacts import load_manifest
+from ..artifacts import check_precision, gpu_record, load_manifest
 from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, size_multiple
 from ..errors import InvalidArgument
 from ..models import ModelInfo
@@ -145,14 +145,9 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
         )
     if device.type != "cuda":
         raise InvalidArgument("device: the tensorrt backend runs on a CUDA GPU; pass --device cuda")
-    from ..artifacts import gpu_record
-
     root = Path(engines)
     manifest = load_manifest(root, info, "tensorrt", device=gpu_record(device.index or 0))
-    core = manifest.precision("unet")
-    if core is not precision:
-        raise InvalidArgument(f"dtype: {root} holds {core.value} plans but --dtype {precision.value} was asked for; "
-                              f"pass --dtype {core.value}")
+    check_precision(manifest, root, precision, "plans")
     return {
         name: TensorRTEngine(SPECS[name], manifest.file(root, name).read_bytes(), manifest.components[name], info,
                              device, manifest.precision(name), manifest.profile, clone_outputs)
