@@ -11,7 +11,7 @@ DESCRIPTION = """Generate an image from a prompt.
 
 The prompt is the words after `generate`: quote it ("a red circle") or not (a red circle): the
 words are joined with single spaces, as the shell split them. For a batch of different prompts,
-give each with -p/--prompt instead; images are then written as OUT-0.png, OUT-1.png, ...
+give each with -p/--prompt instead; several prompts or --num-images N write OUT-0.png, OUT-1.png, ...
 
 The PNG's text chunks record prompt, negative prompt, seed, steps, guidance, scheduler, size,
 model, backend and dtype, so `sdfast generate` can reproduce it. Every output path is checked
@@ -21,6 +21,7 @@ written together at the end: a run that fails leaves none of them.
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .rules import MAX_GUIDANCE
     from .schedulers import SCHEDULERS
 
     p = sub.add_parser("generate", help="generate an image from a prompt", description=DESCRIPTION,
@@ -35,12 +36,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's native size)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     p.add_argument("--guidance-scale", type=float, default=7.5,
-                   help="classifier-free guidance g in u + g(t - u); <= 1 turns guidance off (default 7.5)")
+                   help=f"classifier-free guidance g in u + g(t - u), 0..{MAX_GUIDANCE:g}; <= 1 turns guidance off "
+                        "(default 7.5). Past ~20 images oversaturate; past the bound the latents leave their "
+                        "range by orders of magnitude and the result is noise or an fp16 overflow")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     p.add_argument("--scheduler", default="lms", choices=list(SCHEDULERS), help="sampling algorithm (default lms)")
-    p.add_argument("--init-image", default=None, metavar="PNG", help="img2img: start from this image")
+    p.add_argument("--init-image", default=None, metavar="PNG", help="img2img: start from this image (PNG, JPEG, ...; 16-bit scaled to 8, "
+                        "transparency composited on white)")
     p.add_argument("--strength", type=float, default=0.8,
                    help="img2img: how much of the init image to repaint, in (0, 1] (default 0.8)")
+    p.add_argument("--num-images", type=int, default=1, metavar="N",
+                   help="images per prompt, each from its own noise (default 1); written as OUT-0.png, ...")
+    p.add_argument("--long-prompt", default="chunk", choices=["chunk", "truncate"],
+                   help="prompts longer than the text encoder takes (77 tokens in SD): encode them in chunks "
+                        "(default) or cut them (diffusers' behaviour)")
     p.add_argument("--save-steps", default=None, metavar="DIR", help="write one decoded frame per step into DIR")
     p.add_argument("--animation", default=None, metavar="OUT.gif|OUT.mp4", help="write the denoising as an animation")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "math"],
@@ -131,13 +140,14 @@ def run(args: argparse.Namespace) -> int:
     from .runtime import load
 
     prompts = prompts_from_args(args)
-    outs = check_outputs(args, len(prompts))
+    outs = check_outputs(args, len(prompts) * max(1, args.num_images))  # a bad N is refused by Request.build
     info = resolve_model(args.model)
     # Every rule is checked here, before loading weights and before the run writes anything.
     req = Request.build(info, prompt=prompts if len(prompts) > 1 else prompts[0],
                         negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                         steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-                        scheduler=args.scheduler, image=args.init_image, strength=args.strength)
+                        scheduler=args.scheduler, image=args.init_image, strength=args.strength,
+                        num_images_per_prompt=args.num_images, long_prompt=args.long_prompt)
     backend = resolve_backend(args.backend, args.engines)
     pipe = load(info, backend=backend, device=args.device, dtype=args.dtype, engines=args.engines,
                 attention=args.attention, cuda_graphs=args.cuda_graphs)

@@ -56,6 +56,13 @@ def test_batch_of_prompts_writes_numbered_files(tiny_info, tmp_path):
     assert (tmp_path / "o-0.png").is_file() and not (tmp_path / "o.png").exists()
 
 
+def test_num_images_writes_one_file_per_image(tiny_info, tmp_path):
+    assert main(["generate", "a cat", "--num-images", "2", "--model", str(tiny_info.path), "--steps", "2",
+                 "--out", str(tmp_path / "o.png"), "--quiet"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o-0.png", "o-1.png"]
+    assert read_png_metadata(tmp_path / "o-1.png")["batch_index"] == 1
+
+
 def test_unquoted_prompt_words_are_one_prompt(tiny_info, tmp_path, capsys):
     # `sdfast generate a red circle`: the shell split one prompt; it must not become a batch of 3.
     assert main(["generate", "a", "red", "circle", "--model", str(tiny_info.path), "--steps", "2",
