@@ -145,10 +145,11 @@ def staging_dir(out: str | os.PathLike, complete: str | None = "manifest.json") 
     whether ``out`` may be replaced (``artifacts.check_export_out``).
     """
     out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_parents(out)
     clean_stale(out, complete)
     tmp = Path(tempfile.mkdtemp(prefix=_prefix(out.name, "tmp", out.parent), dir=out.parent))
     os.chmod(tmp, ordinary_mode(0o777))  # mkdtemp makes it private; the result is an ordinary folder
+    done = False
     try:
         yield tmp
         if complete is not None and not (tmp / complete).is_file():
@@ -161,9 +162,28 @@ def staging_dir(out: str | os.PathLike, complete: str | None = "manifest.json") 
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         # after an exchange, tmp holds the earlier folder: removed below
+        done = True
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if not done:  # a failed write leaves no folder it made
+            for d in reversed(made):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+
+
+def _make_parents(target: Path) -> list[Path]:
+    """Create the missing folders above ``target``; return them, outermost first."""
+    missing = []
+    p = target.parent
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    made = []
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+        made.append(d)
+    return made
 
 
 # -- checks before any work -------------------------------------------------------------------
@@ -235,14 +255,7 @@ class OutputGroup:
     def path(self, target: str | os.PathLike) -> Path:
         """A temporary path that becomes ``target`` when the group commits."""
         target = Path(target).absolute()
-        missing = []
-        p = target.parent
-        while not p.exists():
-            missing.append(p)
-            p = p.parent
-        for d in reversed(missing):
-            d.mkdir()
-            self._made.append(d)
+        self._made += _make_parents(target)
         clean_stale(target)
         fd, tmp = tempfile.mkstemp(prefix=_prefix(target.name, "tmp", target.parent, target.suffix),
                                    suffix=target.suffix, dir=target.parent)

@@ -224,3 +224,35 @@ def test_legacy_aoti_format_reads_as_inductor(eng):
 def test_missing_folder_is_missing_file(tiny_info, tmp_path):
     with pytest.raises(MissingFile, match="no folder at"):
         load(tiny_info, tmp_path / "nope")
+
+
+class _Runner:
+    """Stands in for an AOTInductor package (compiling a real one takes minutes on the CPU)."""
+
+    def __init__(self, metadata: dict[str, str], n_in: int = 1, n_out: int = 1):
+        from torch.utils import _pytree as pytree
+
+        self._meta = metadata
+        ins = pytree.tree_flatten(((0,) * n_in, {}))[1]
+        outs = pytree.tree_flatten((0,) * n_out)[1]
+        self.loader = type("L", (), {"get_call_spec": lambda s: [pytree.treespec_dumps(ins),
+                                                                 pytree.treespec_dumps(outs)]})()
+
+    def get_metadata(self) -> dict[str, str]:
+        return self._meta
+
+
+def test_an_inductor_package_of_another_component_is_refused(tiny_info, eng):
+    from sdfast.components import SPECS
+    from sdfast.engines.inductor import check_package
+    from sdfast.export.inductor import package_metadata
+
+    m = read_manifest(eng)
+    m.format = "inductor"
+    check_package(_Runner(package_metadata(SPECS["vae_decoder"])), m, eng, tiny_info, "vae_decoder")
+    with pytest.raises(ArtifactMismatch, match="is the package of vae_encoder .*not vae_decoder .*swapped"):
+        check_package(_Runner(package_metadata(SPECS["vae_encoder"])), m, eng, tiny_info, "vae_decoder")
+    # A package without sdfast's metadata is held to the spec's input and output counts.
+    check_package(_Runner({}, n_in=3, n_out=1), m, eng, tiny_info, "unet")
+    with pytest.raises(ArtifactMismatch, match="takes 1 input.*but unet takes 3"):
+        check_package(_Runner({}, n_in=1, n_out=1), m, eng, tiny_info, "unet")

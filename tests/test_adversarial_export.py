@@ -189,3 +189,13 @@ def test_a_crash_between_the_two_renames_is_repaired(real_export, tiny_info, tmp
 
     clean_stale(out, MANIFEST)
     assert snapshot(out) == first and not held.exists()
+
+
+def test_a_failed_export_leaves_no_folder_it_made(real_export, tiny_info, tmp_path, monkeypatch):
+    def die(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(onnx_export, "export_component", die)
+    with pytest.raises(RuntimeError, match="disk full"):
+        _export(tiny_info, tmp_path / "new" / "deep" / "eng")
+    assert list(tmp_path.iterdir()) == []
