@@ -117,11 +117,6 @@ def last_line(path: Path) -> str:
 
 # -- measuring ---------------------------------------------------------------------------------------
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -130,7 +125,8 @@ def free_memory(device: torch.device) -> None:
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> float:
-    """ms of one call, synchronized at the end (generate ends in a host copy anyway)."""
+    """ms of one call, synchronized before and after (generate ends in a host copy anyway)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda device: None)
     sync(device)
     t0 = time.perf_counter()
     fn()
@@ -483,12 +479,13 @@ def main(argv: list[str] | None = None) -> int:
         if check.running:
             raise BudgetSpent(f"--budget-s {args.budget_s:g} was spent during this section (hard stop)")
 
-    signal.signal(signal.SIGALRM, alarm)
+    previous = signal.signal(signal.SIGALRM, alarm)
     signal.setitimer(signal.ITIMER_REAL, args.budget_s)
     try:
         ok = check.run()
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
         shutil.rmtree(work, ignore_errors=True)
     print_table(check.report)
     print(f"\nwrote {out / REPORT} after {check.report['elapsed_s']:.0f} s; ok={ok}", flush=True)

@@ -115,3 +115,24 @@ def test_missing_diffusers_is_recorded_with_the_fix_and_the_rest_skips(tmp_path)
     rest = [s for name, s in report["sections"].items() if name != "environment"]
     assert len(rest) == 7 and all(s["status"] == "skipped" and "needs" in s["error"] for s in rest)
     assert report["finished"] and not report["ok"]
+
+
+def test_a_section_that_overruns_the_budget_is_stopped_and_recorded(tmp_path, monkeypatch):
+    import importlib
+    import time
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    dc = importlib.import_module("device_check")
+    monkeypatch.setattr(dc, "ESTIMATES", {k: (0, 0) for k in dc.ESTIMATES})  # every section "fits"
+
+    def stuck(self, fig):
+        fig["started"] = True
+        time.sleep(30)
+
+    monkeypatch.setattr(dc.DeviceCheck, "environment", stuck)
+    assert dc.main(["--smoke", "--out", str(tmp_path), "--budget-s", "1.5"]) == 1
+    s = json.loads((tmp_path / "device_check.json").read_text())["sections"]
+    env = s["environment"]
+    # failed, not ok: the alarm cut the 30 s section short, and its figures so far are kept
+    assert env["status"] == "failed" and env["error"].startswith("BudgetSpent") and env["figures"]["started"]
+    assert s["model"]["status"] == "skipped"
