@@ -105,6 +105,21 @@ def test_img2img_under_graphs_equals_the_plain_loop(cuda_pipes):
     assert graphed.graphs.mode == "captured"
 
 
+def test_graphs_still_capture_after_the_diffusers_bench_row_on_the_same_modules(tiny_info):
+    """Issue 19 item 2: the diffusers row's timing hooks synchronize CUDA; left on the shared
+    modules they made the sdfast row's capture fail and fall back."""
+    from sdfast.bench import BenchConfig, diffusers_pipeline, diffusers_runner
+    from sdfast.models import load_torch_modules
+
+    mods = load_torch_modules(tiny_info, dtype=torch.float16, device="cuda")
+    run = diffusers_runner(diffusers_pipeline(tiny_info, mods, "euler"), BenchConfig(steps=3, scheduler="euler"),
+                           1, 64, 64, torch.device("cuda"))
+    assert run()["unet_step"] > 0
+    pipe = sdfast.load(tiny_info.path, device="cuda", dtype="fp16", cuda_graphs=True, modules=mods)
+    pipe.generate(PROMPT, steps=3, scheduler="euler")
+    assert pipe.graphs.mode == "captured"
+
+
 def test_sdpa_attention_agrees_with_math_in_fp16(tiny_info):
     kw = dict(steps=3, seed=0, scheduler="euler")
     a = sdfast.load(tiny_info.path, device="cuda", dtype="fp16", attention="sdpa").generate(PROMPT, **kw)
