@@ -63,7 +63,7 @@ def unet_gflop(info, inputs) -> float:
 
     h = inputs["sample"].shape[2] * info.vae_scale_factor
     w = inputs["sample"].shape[3] * info.vae_scale_factor
-    return count_stage_flops(info, h, w, inputs["sample"].shape[0] // 2, True)["unet_step"] / 1e9
+    return count_stage_flops(info, h, w, inputs["sample"].shape[0] // 2, True).unet_step / 1e9
 
 
 def ov_engine(model, precision: str, threads: int, **overrides):
