@@ -37,7 +37,7 @@ def main(spec_path: str) -> int:
     device, precision = torch.device(spec["device"]), Precision(spec["dtype"])
     info = resolve_model(spec["model"])
     eager = sdfast.load(info, device=device, dtype=precision.value, cuda_graphs=False)
-    names = tuple(SPECS) if spec["aoti"] == "all" else (spec["aoti"],)
+    names = tuple(getattr(info, "specs", SPECS)) if spec["aoti"] == "all" else (spec["aoti"],)
     profile = ShapeProfile.static(1, spec["height"], spec["width"])
     options = InductorExportOptions(precision=precision, device=device.type, autotune=spec["autotune"])
     res["stage"] = "compile"
@@ -72,11 +72,12 @@ def compare_component(name: str, comp: dict[str, Any], work: Path, eager, info, 
     from sdfast.components import SPECS, Precision, sample_inputs
     from sdfast.engines.base import engine_inputs
 
+    cspec = getattr(info, "specs", SPECS)[name]  # the model family's spec where sdfast has families
     runner = torch._inductor.aoti_load_package(str(work / comp["file"]), run_single_threaded=device.type == "cuda")
-    inputs = sample_inputs(SPECS[name], info, profile, which=1)  # the guided batch at the bench size
+    inputs = sample_inputs(cspec, info, profile, which=1)  # the guided batch at the bench size
     module, dtype = eager.engines[name].module, eager.engines[name].dtype
-    args = engine_inputs(SPECS[name], inputs, device, Precision(comp["precision"]).torch_dtype)
-    eager_args = engine_inputs(SPECS[name], inputs, device, dtype)
+    args = engine_inputs(cspec, inputs, device, Precision(comp["precision"]).torch_dtype)
+    eager_args = engine_inputs(cspec, inputs, device, dtype)
     first = lambda y: y[0] if isinstance(y, (list, tuple)) else y  # noqa: E731
     calls = 10 if device.type == "cuda" else 2
     with torch.no_grad():
