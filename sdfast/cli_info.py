@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+CPUINFO = Path("/proc/cpuinfo")
 PACKAGES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt")
 
 
@@ -23,7 +24,7 @@ def cpu_model_name() -> str:
     import platform
 
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in CPUINFO.read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
