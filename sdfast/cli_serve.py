@@ -96,7 +96,7 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ModuleNotFoundError as e:
         raise InvalidArgument(f"serve: needs {e.name}, which is not installed; pip install 'sdfast[serve]'") from None
     config = config_from_args(args)
@@ -109,10 +109,8 @@ def run(args: argparse.Namespace) -> int:
                        host=args.host, port=args.port, address=args.ray_address)
 
     from .serve import ImageService, create_app
+    from .serve.app import run_server
     from .serve.service import load_pipeline
 
     service = ImageService(load_pipeline(config), config)
-    # timeout_graceful_shutdown=None: on SIGTERM uvicorn waits for every in-flight request.
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info",
-                timeout_graceful_shutdown=None)
-    return 0
+    return run_server(create_app(service), args.host, args.port)

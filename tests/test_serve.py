@@ -217,6 +217,28 @@ def test_concurrent_requests_all_succeed_and_share_loops(tiny_pipe):
     assert "sdfast_queue_depth 0.0" in metrics and "sdfast_request_seconds_bucket" in metrics
 
 
+def test_require_mode_never_serves_a_batched_image_that_differs_from_the_lone_one(tiny_pipe):
+    # Whatever this machine's kernels do, "require" (the default) either batches exactly or not
+    # at all. On this project's CPU the default oneDNN kernels fail the probe, so this is the
+    # "not at all" branch; test_serve_process.py proves the batching branch on exact kernels.
+    with serving(tiny_pipe, max_batch=4, max_wait_ms=300) as (url, service):
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=120)
+
+        def one(seed: int):
+            r = c.images.generate(prompt=f"a cat {seed}", size="64x64",
+                                  extra_body={"steps": STEPS, "seed": seed, "guidance_scale": 4 + seed})
+            return base64.b64decode(r.data[0].b64_json), r.model_extra["sdfast"]["batch_requests"]
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(one, range(4)))
+        alone = [one(seed) for seed in range(4)]
+        health = service.health()
+    assert health["batch_invariant"] in (True, False)
+    if not health["batch_invariant"]:
+        assert health["max_batch"] == 1 and all(n == 1 for _, n in together)
+    assert [png for png, _ in together] == [png for png, _ in alone]
+
+
 def _metric(text: str, name: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + " "):

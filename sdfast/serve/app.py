@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import json
 import logging
 import threading
 import time
-from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -45,7 +45,7 @@ def error_response(service: ImageService, status: int, kind: str, message: str,
 def create_app(service: ImageService, drain_timeout_s: float | None = None) -> FastAPI:
     """The app; its lifespan starts the warm-up and, at shutdown, drains the queue."""
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         service.start()
         yield
@@ -101,6 +101,7 @@ def create_app(service: ImageService, drain_timeout_s: float | None = None) -> F
             return error_response(service, 429, "queue_full", str(e), {"Retry-After": str(e.retry_after_s)})
         except Closed as e:
             return error_response(service, 503, "shutting_down", str(e), {"Retry-After": "1"})
+        service.metrics.in_flight.inc()
         try:
             done = await asyncio.wait_for(asyncio.wrap_future(future), service.config.timeout_s)
             pngs = await asyncio.to_thread(service.pngs, done.output)
@@ -112,6 +113,8 @@ def create_app(service: ImageService, drain_timeout_s: float | None = None) -> F
         except Exception as e:  # a bug or a numerical failure: logged in full, answered in one line
             log.exception("generation failed")
             return error_response(service, 500, "internal", _one_line(f"internal: {type(e).__name__}: {e}"))
+        finally:
+            service.metrics.in_flight.dec()
         service.metrics.requests.labels(status="200").inc()
         service.metrics.latency.observe(time.perf_counter() - t0)
         return JSONResponse({
@@ -126,6 +129,44 @@ def create_app(service: ImageService, drain_timeout_s: float | None = None) -> F
 
 def _one_line(e: object) -> str:
     return " ".join(str(e).split("\n"))
+
+
+def run_server(app: FastAPI, host: str, port: int) -> int:
+    """uvicorn in the foreground until SIGTERM or SIGINT, which drain in-flight requests first.
+
+    uvicorn re-raises a caught signal once drained, so the process would die *by* SIGTERM; an
+    orchestrator's SIGTERM is the normal way to stop a server, so here it ends with status 0
+    (SIGINT with 130, like the rest of the CLI). Returns that status."""
+    import signal
+
+    import uvicorn
+
+    received: list[int] = []
+
+    class DrainingServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+        def handle_exit(self, sig, frame) -> None:
+            received.append(sig)
+            super().handle_exit(sig, frame)
+
+    # timeout_graceful_shutdown=None: wait for every in-flight request, however long it takes.
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None)
+    server = DrainingServer(config)
+    server.run()
+    if not server.started:
+        return 1  # uvicorn logged why (e.g. the port is taken)
+    return 130 if signal.SIGINT in received else 0
 
 
 class BackgroundServer:

@@ -33,6 +33,8 @@ class ServeMetrics:
                                 ["status"], registry=r)
         self.latency = Histogram("sdfast_request_seconds", "time from arrival to answer of successful "
                                  "generation requests", buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("sdfast_in_flight", "generation requests accepted and not yet answered",
+                               registry=r)
         self.queue_depth = Gauge("sdfast_queue_depth", "requests waiting for the pipeline", registry=r)
         self.batch_requests = Histogram("sdfast_batch_size", "requests per denoising loop",
                                         buckets=BATCH_BUCKETS, registry=r)
