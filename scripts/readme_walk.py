@@ -194,6 +194,29 @@ def _check_outputs(step: Step, cwd: Path, started: float) -> str:
     return "; ".join(bad)
 
 
+TOY_CAPTION = re.compile(r"a (\w+) (circle|square|triangle) on a (\w+) background")
+
+
+def _check_drawing(step: Step, cwd: Path) -> str:
+    """A README example on the built-in toy model must draw what its caption says (issue 18.2)."""
+    argv = shlex.split(step.text)
+    def value(flag: str, default: str) -> str:
+        return argv[argv.index(flag) + 1] if flag in argv[:-1] else default
+
+    m = TOY_CAPTION.fullmatch(argv[2]) if argv[:2] == ["sdfast", "generate"] and len(argv) > 2 else None
+    if not m or value("--model", "tiny") != "tiny":
+        return ""
+    png = value("--out", value("-o", "out.png"))
+    sys.path.insert(0, str(ROOT))
+    from PIL import Image
+
+    from sdfast import toy
+
+    got = toy.classify(Image.open(cwd / png))
+    want = (m.group(1), m.group(3))
+    return "" if got == want else f"draws {got[0]} on {got[1]}, the prompt says {want[0]} on {want[1]}"
+
+
 def _run(step: Step, cmd: list[str], cwd: Path, env: dict, timeout: float) -> None:
     t0 = time.time()
     try:
@@ -202,7 +225,7 @@ def _run(step: Step, cmd: list[str], cwd: Path, env: dict, timeout: float) -> No
     except subprocess.TimeoutExpired:
         rc, tail = -1, f"timed out after {timeout:.0f} s"
     step.seconds = time.time() - t0
-    problem = f"exit {rc}: {tail}" if rc != 0 else _check_outputs(step, cwd, t0)
+    problem = f"exit {rc}: {tail}" if rc != 0 else _check_outputs(step, cwd, t0) or _check_drawing(step, cwd)
     step.status, step.detail = ("failed", problem) if problem else ("ok", "")
 
 

@@ -104,3 +104,15 @@ def test_walk_install_check_names_what_is_missing():
     assert "surely-not-installed-pkg is not installed" in walk.check_install(["pip", "install", ".[x]"], pyproject)
     assert "extra [nope]" in walk.check_install(["pip", "install", "-e", ".[nope]"], pyproject)
     assert "README pins 0.0.1" in walk.check_install(["pip", "install", "numpy==0.0.1"], pyproject)
+
+
+def test_walk_fails_an_example_that_draws_something_else(tmp_path):
+    from sdfast import toy
+
+    toy.render("circle", "red", "blue", rng=0).save(tmp_path / "c.png")
+    right = walk.Step("sdfast generate 'a red circle on a blue background' --out c.png", "run")
+    wrong = walk.Step("sdfast generate 'a yellow circle on a blue background' --quiet --out c.png", "run")
+    other_model = walk.Step("sdfast generate 'a yellow circle on a blue background' --model x --out c.png", "run")
+    assert walk._check_drawing(right, tmp_path) == ""
+    assert walk._check_drawing(wrong, tmp_path) == "draws red on blue, the prompt says yellow on blue"
+    assert walk._check_drawing(other_model, tmp_path) == ""
