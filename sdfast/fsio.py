@@ -229,8 +229,8 @@ def check_output_path(path: str | os.PathLike, arg: str, directory: bool = False
     p = Path(path).expanduser().absolute()
     if p.exists():
         if not directory and p.is_dir():
-            raise InvalidArgument(f"{arg}: {str(path)!r} is a folder; pass a file name such as "
-                                  f"{str(Path(path) / 'out.png')!r}")
+            example = Path(path) / f"out{Path(path).suffix or '.png'}"
+            raise InvalidArgument(f"{arg}: {str(path)!r} is a folder; pass a file path, e.g. {str(example)!r}")
         if directory and not p.is_dir():
             raise InvalidArgument(f"{arg}: {str(path)!r} is a file, not a folder; pass a folder")
     anchor = _existing_ancestor(p, arg)
