@@ -214,3 +214,20 @@ def test_loading_the_openvino_backend_imports_no_diffusers():
     code = "import sys, sdfast.engines.openvino, sdfast.runtime; print('diffusers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_each_shape_compiles_static_until_the_limit_then_the_interval_model_serves(tiny_info, tiny_pipe, ov_fp32):
+    from sdfast.engines.openvino import load
+
+    engine = load(tiny_info, torch.device("cpu"), Precision.FP32, str(ov_fp32), static_shapes=2)["unet"]
+    tuned = next(iter(engine._requests))  # compiled on load: the guided batch at the tuned size
+    assert tuned[0] == (2, tiny_info.latent_channels, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    for b, h, w in ((1, 8, 8), (4, 16, 12), (2, 12, 8)):  # unguided, biggest, a third shape
+        x = dict(sample=torch.randn(b, tiny_info.latent_channels, h, w, generator=g), timestep=torch.tensor([500.0]),
+                 encoder_hidden_states=torch.randn(b, tiny_info.max_tokens, tiny_info.text_hidden_size, generator=g))
+        err = (engine(**x)["noise_pred"] - tiny_pipe.engines["unet"](**x)["noise_pred"]).abs().max().item()
+        assert err <= FP32_COMPONENT_ATOL["unet"]
+    assert set(engine._requests) == {tuned, ((1, tiny_info.latent_channels, 8, 8), (1,), (1, tiny_info.max_tokens, tiny_info.text_hidden_size))}
+    assert engine._dynamic is not None  # the two shapes past the limit ran on the interval model
+    assert engine._dynamic.get_compiled_model().input("sample").get_partial_shape().is_dynamic

@@ -38,6 +38,9 @@ FORMAT = "openvino"
 ELEMENT_TYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "i64": "int64"}
 #: the inference precision hint of each precision an export builds.
 OV_HINT = {Precision.FP32: "f32", Precision.BF16: "bf16"}
+#: input shapes each engine compiles statically before falling back to its interval model: the
+#: guided and unguided U-Net batch plus one (see OpenVinoEngine).
+STATIC_SHAPES = 3
 #: Pinning threads to cores did not pay on the shared 2-core machine measured (see the module
 #: doc); a dedicated machine may set SDFAST_OV_PINNING=1.
 PINNING_DEFAULT = False
@@ -68,27 +71,65 @@ def to_ov(x: torch.Tensor):
 
 
 class OpenVinoEngine(ExportedEngine):
-    """One component on a compiled OpenVINO model; float outputs come back float32."""
+    """One component on OpenVINO; float outputs come back float32.
 
-    def __init__(self, spec: ComponentSpec, compiled, info: ModelInfo, device: torch.device,
-                 precision: Precision, profile: ShapeProfile):
+    Each input shape seen is compiled with every dim static (``model.reshape`` of the IR's
+    intervals to that shape), up to ``static_shapes`` shapes, then the interval model serves
+    the rest: the CPU plugin plans memory and picks kernels once per static shape, which is its
+    fast case, while a static-side profile meets only a few shapes (the guided and unguided
+    U-Net batch). The profile's tuned shape is compiled on load, so a broken IR fails there."""
+
+    def __init__(self, spec: ComponentSpec, model, core, config: dict[str, Any], info: ModelInfo,
+                 device: torch.device, precision: Precision, profile: ShapeProfile, static_shapes: int):
         super().__init__(spec, device, precision, profile, size_multiple(info))
-        self.compiled = compiled
+        self.model = model
+        self.core = core
+        self.config = config
         self.info = info
-        self.request = compiled.create_infer_request()
-        self._lock = threading.Lock()  # one request: calls from several threads take turns
+        self.static_shapes = static_shapes
+        self._requests: dict[tuple[tuple[int, ...], ...], Any] = {}
+        self._dynamic = None
+        self._lock = threading.Lock()  # one request per shape: calls from several threads take turns
+
+    def request_for(self, shapes: tuple[tuple[int, ...], ...]):
+        """The infer request serving input ``shapes`` (compiled on first need; caller holds the lock)."""
+        req = self._requests.get(shapes)
+        if req is not None:
+            return req
+        import openvino as ov
+
+        if self.model.is_dynamic() and len(self._requests) < self.static_shapes:
+            m = self.model.clone()
+            m.reshape({i: ov.PartialShape(list(s)) for i, s in enumerate(shapes)})
+            req = self._requests[shapes] = self.core.compile_model(m, "CPU", self.config).create_infer_request()
+            log.info("%s: compiled for %s", self.spec.name, shapes)
+            return req
+        if not self.model.is_dynamic():
+            req = self._requests[shapes] = self.core.compile_model(self.model, "CPU", self.config).create_infer_request()
+            return req
+        if self._dynamic is None:
+            self._dynamic = self.core.compile_model(self.model, "CPU", self.config).create_infer_request()
+        return self._dynamic
+
+    @property
+    def compiled(self):
+        """The compiled model of the first shape served (for inspecting its properties)."""
+        with self._lock:
+            req = next(iter(self._requests.values()), None) or self._dynamic
+        return req.get_compiled_model()
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         keep = engine_inputs(self.spec, inputs, self.device, self.dtype)  # must outlive the run
-        shapes = output_shapes(self.spec, self.info,
-                               {n: tuple(x.shape) for n, x in zip(self.spec.input_names, keep, strict=True)})
+        in_shapes = tuple(tuple(x.shape) for x in keep)
+        shapes = output_shapes(self.spec, self.info, dict(zip(self.spec.input_names, in_shapes, strict=True)))
         outs = {t.name: torch.empty(shapes[t.name], dtype=self.dtype) for t in self.spec.outputs}
         with self._lock:
+            request = self.request_for(in_shapes)
             for i, x in enumerate(keep):
-                self.request.set_input_tensor(i, to_ov(x))
+                request.set_input_tensor(i, to_ov(x))
             for i, t in enumerate(self.spec.outputs):
-                self.request.set_output_tensor(i, to_ov(outs[t.name]))
-            self.request.infer()
+                request.set_output_tensor(i, to_ov(outs[t.name]))
+            request.infer()
         return {k: v.float() for k, v in outs.items()}
 
 
@@ -121,7 +162,9 @@ def check_bounds(model, m: Manifest, root: Path, info: ModelInfo, name: str) -> 
 
 
 def load(info: ModelInfo, device: torch.device, precision: Precision, engines: str | None = None,
-         threads: int | None = None) -> dict[str, OpenVinoEngine]:
+         threads: int | None = None, static_shapes: int | None = None) -> dict[str, OpenVinoEngine]:
+    """The engines of an export; ``static_shapes`` per engine (default ``SDFAST_OV_STATIC_SHAPES``
+    or STATIC_SHAPES; 0 runs the IR's interval shapes as they are)."""
     if engines is None:
         raise InvalidArgument(
             "engines: the openvino backend runs an exported folder; pass --engines DIR made by "
@@ -131,6 +174,8 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
         raise InvalidArgument(f"device: the openvino backend runs on the CPU, not {device.type}; use --device cpu")
     import openvino as ov
 
+    if static_shapes is None:
+        static_shapes = int(os.environ.get("SDFAST_OV_STATIC_SHAPES", STATIC_SHAPES))
     root = Path(engines)
     m = load_manifest(root, info, FORMAT)
     check_precision(m, root, precision, "models")
@@ -150,6 +195,9 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
         check_io(m, root, info, name, _ov_io(model.inputs), _ov_io(model.outputs))
         check_bounds(model, m, root, info, name)
         # The hint follows the checked precision (the manifest's own hint field is informative).
-        compiled = core.compile_model(model, "CPU", compile_config(OV_HINT[m.precision(name)], threads))
-        out[name] = OpenVinoEngine(SPECS[name], compiled, info, device, m.precision(name), m.profile)
+        engine = OpenVinoEngine(SPECS[name], model, core, compile_config(OV_HINT[m.precision(name)], threads),
+                                info, device, m.precision(name), m.profile, static_shapes)
+        with engine._lock:  # the tuned shape now: a broken IR fails on load, not mid-generation
+            engine.request_for(tuple(s[1] for s in m.profile.shapes(SPECS[name], info, "inputs").values()))
+        out[name] = engine
     return out
