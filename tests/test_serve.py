@@ -122,6 +122,8 @@ def test_every_bad_request_is_a_400_with_one_line_and_the_server_stays_healthy(t
             assert "\n" not in err["message"] and "Traceback" not in err["message"]
         r = http.post("/v1/images/generations", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["message"].startswith("body: not valid JSON")
+        r = http.post("/v1/images/generations", content=b'{"prompt": "' + b"x" * (2 << 20) + b'"}')
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
         assert http.get("/health").status_code == 200
         assert len(generate(client(url))) > 0
         metrics = http.get("/metrics").text

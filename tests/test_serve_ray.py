@@ -17,7 +17,6 @@ pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
-pytestmark = pytest.mark.slow  # starting Ray and two replicas takes ~30 s here
 
 
 def free_port() -> int:
@@ -26,6 +25,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_serve_run_builder_takes_config_fields_and_refuses_unknown_ones():
+    from sdfast.errors import InvalidArgument
+    from sdfast.serve.ray import build
+
+    app = build({"model": "tiny", "replicas": "2", "num_cpus": "1", "max_batch": "8", "max_side": "128",
+                 "warmup_sizes": "64x64"})
+    dep = app._bound_deployment  # Ray's own record of what it will deploy (private, stable since 2.7)
+    assert dep.num_replicas == 2 and dep.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.0}
+    (config,) = dep.init_args
+    assert (config.model, config.max_batch, config.max_side, config.warmup_sizes) == ("tiny", 8, 128, [(64, 64)])
+    with pytest.raises(InvalidArgument, match="stpes: not a serve setting"):
+        build({"stpes": "3"})
+
+
+@pytest.mark.slow  # starting Ray and two replicas takes ~40 s here
 def test_two_cpu_replicas_serve_concurrent_requests_and_stop_on_sigterm(tmp_path):
     port = free_port()
     log = tmp_path / "ray.log"

@@ -6,6 +6,9 @@
     GET  /health                  200 once warmed up, 503 before and while draining
     GET  /metrics                 Prometheus text
 
+--api-key guards /v1/* only: /health and /metrics stay open for probes and scrapers (bind to
+loopback or firewall them). Under Ray Serve each replica has its own /metrics.
+
 Every refusal is a JSON body in OpenAI's error shape whose ``message`` is one line: for bad input
 exactly the text ``sdfast generate`` prints after ``error:``. No answer ever carries a traceback.
 """
@@ -84,10 +87,10 @@ def create_app(service: ImageService, drain_timeout_s: float | None = None) -> F
             kind = "shutting_down" if service.state == "draining" else "not_ready"
             return error_response(service, 503, kind, f"server: {service.state}; retry shortly",
                                   {"Retry-After": "1"})
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
+        raw = await _read_body(request)
+        if raw is None:
             return error_response(service, 413, "payload_too_large",
-                                  f"body: at most {MAX_BODY_BYTES} bytes but has {len(raw)}")
+                                  f"body: at most {MAX_BODY_BYTES} bytes; send a prompt and a few numbers")
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
@@ -125,6 +128,20 @@ def create_app(service: ImageService, drain_timeout_s: float | None = None) -> F
         })
 
     return app
+
+
+async def _read_body(request: Request) -> bytes | None:
+    """The body, or None as soon as it is known to exceed MAX_BODY_BYTES (never read whole)."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _one_line(e: object) -> str:
