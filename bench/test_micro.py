@@ -68,7 +68,7 @@ def test_guided_step_without_unet(benchmark):
     sched = make_scheduler("euler", SD15_SCHEDULER_CONFIG)
     sched.set_timesteps(STEPS, "cpu")
     sched.begin(latents)
-    state = LoopState.create(latents, text, [7.5], True, None, STEPS)
+    state = LoopState.create(latents, {"encoder_hidden_states": text}, [7.5], True, None, STEPS)
     i = STEPS // 2
     out = benchmark(guided_step, unet, sched, state, i)
     assert set(rows) == {2 * LATENT_SHAPE[0]}  # the U-Net saw [uncond, cond] rows

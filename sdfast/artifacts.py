@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .components import SPECS, Precision, ShapeProfile
+from .components import Precision, ShapeProfile
 from .errors import ArtifactMismatch, InvalidArgument, MissingFile
 from .fsio import (
     atomic_path,
@@ -126,7 +126,7 @@ def model_record(info: ModelInfo) -> dict[str, Any]:
 
 
 def tensor_records(name: str, profile: ShapeProfile, info: ModelInfo) -> dict[str, Any]:
-    spec = SPECS[name]
+    spec = info.specs[name]
     out = {}
     for which in ("inputs", "outputs"):
         shapes = profile.shapes(spec, info, which)
@@ -201,7 +201,7 @@ def _schema_errors(d: Any) -> str | None:
     if not isinstance(d["model"].get("fingerprint"), str):
         return "model.fingerprint is missing or not a string"
     for k in ShapeProfile.__dataclass_fields__:
-        v = d["profile"].get(k)
+        v = d["profile"].get(k, 1 if "chunks" in k else None)  # exports before prompt chunks serve 1
         if not _is_int(v) or v < 1:
             return f"profile.{k} is {v!r}, not a positive integer"
     precisions = {p.value for p in Precision}
@@ -240,7 +240,8 @@ def export_command(model: str, out: Path | str, fmt: str, precision: str, profil
     """The `sdfast export` line that rebuilds an artifact with this profile."""
     args = ["sdfast", "export", "--model", model, "--out", str(out), "--format", fmt, "--precision", precision,
             "--batch", str(profile.opt_batch), "--height", str(profile.opt_height), "--width", str(profile.opt_width)]
-    for flag, (lo, _, hi) in (("batch", profile.batch), ("height", profile.height), ("width", profile.width)):
+    for flag, (lo, _, hi) in (("batch", profile.batch), ("height", profile.height), ("width", profile.width),
+                              ("chunks", profile.chunks)):
         if lo != hi:
             args += [f"--min-{flag}", str(lo), f"--max-{flag}", str(hi)]
     return shlex.join(args + list(extra or []))
@@ -307,7 +308,7 @@ def verify(m: Manifest, root: Path, info: ModelInfo, fmt: str, check_hashes: boo
         raise ArtifactMismatch(f"engines: {root} holds {m.format} artifacts, not {fmt}; use --backend "
                                f"{_backend_for(m.format)} or {rebuild_hint(None, root, info, fmt)}")
     hint = rebuild_hint(m, root, info, fmt)
-    missing = [c for c in SPECS if c not in m.components]
+    missing = [c for c in info.specs if c not in m.components]
     if missing:
         raise ArtifactMismatch(f"engines: {root} lacks component(s) {', '.join(missing)}; {hint}")
     if m.model.get("fingerprint") != info.fingerprint:
@@ -332,7 +333,7 @@ def verify(m: Manifest, root: Path, info: ModelInfo, fmt: str, check_hashes: boo
                         f"{m.device.get('compute_capability')}) but this is {device.get('gpu')!r} (compute "
                         f"capability {device.get('compute_capability')}); {hint}"
                     )
-    for c in SPECS:
+    for c in info.specs:
         if m.components[c]["file"] not in m.files:
             raise ArtifactMismatch(f"engines: the manifest lists no hash for {m.components[c]['file']}; {hint}")
     for rel, rec in m.files.items():
@@ -420,7 +421,7 @@ def check_io(m: Manifest, root: Path, info: ModelInfo, component: str,
     must match the component spec; a dim the profile fixes must be that size or symbolic, and
     a dim the profile lets vary must be symbolic (else the manifest's profile was widened). A
     file swapped in under a recomputed hash is caught here, before the first call."""
-    spec = SPECS[component]
+    spec = info.specs[component]
     path = m.file(root, component)
     hint = rebuild_hint(m, root, info, m.format)
     for which, have, tensors in (("inputs", inputs, spec.inputs), ("outputs", outputs, spec.outputs)):

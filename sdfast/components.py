@@ -107,6 +107,32 @@ VAE_ENCODER = ComponentSpec(
 
 SPECS: dict[str, ComponentSpec] = {s.name: s for s in (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)}
 
+# SDXL (diffusers' StableDiffusionXLPipeline): two text encoders whose penultimate hidden states
+# are concatenated on the feature axis (D = D1 + D2), the second one's pooled projection (P),
+# and the U-Net's "text_time" conditioning: that pooled embedding plus six size numbers
+# (original size, crop top-left, target size) per row.
+SDXL_TEXT_ENCODER = ComponentSpec(
+    "text_encoder",
+    inputs=(TensorSpec("input_ids", ("B", "S"), "int64"),),
+    outputs=(TensorSpec("hidden_states", ("B", "S", "D1")),),  # hidden_states[-2]
+)
+SDXL_TEXT_ENCODER_2 = ComponentSpec(
+    "text_encoder_2",
+    inputs=(TensorSpec("input_ids", ("B", "S"), "int64"),),
+    outputs=(TensorSpec("hidden_states", ("B", "S", "D2")), TensorSpec("text_embeds", ("B", "P"))),
+)
+SDXL_UNET = ComponentSpec(
+    "unet",
+    inputs=(*UNET.inputs, TensorSpec("text_embeds", ("B", "P")), TensorSpec("time_ids", ("B", "6"))),
+    outputs=UNET.outputs,
+)
+
+#: the components of each model family, in load and export order.
+FAMILY_SPECS: dict[str, dict[str, ComponentSpec]] = {
+    "sd": SPECS,
+    "sdxl": {s.name: s for s in (SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, SDXL_UNET, VAE_DECODER, VAE_ENCODER)},
+}
+
 
 # -- shape profiles ---------------------------------------------------------------------------
 
@@ -210,7 +236,7 @@ class ShapeProfile:
         c = info.latent_channels
         s = info.max_tokens
         seq = (s,) * 3
-        if spec.name == "text_encoder":
+        if spec.name in ("text_encoder", "text_encoder_2"):
             # Rows are the distinct texts of a call (1 when every prompt and negative is the
             # same) times their chunks: up to 2 × max_batch × max_chunks.
             batch = (1, 2 * self.opt_batch * self.opt_chunks, 2 * self.max_batch * self.max_chunks)
@@ -225,6 +251,7 @@ class ShapeProfile:
             "B": batch,
             "S": seq,
             "D": (info.text_hidden_size,) * 3,
+            **{k: (v,) * 3 for k, v in info.text_dims.items()},
             "C": (c,) * 3,
             "2C": (2 * c,) * 3,
             "H": self.height,
@@ -275,6 +302,9 @@ def sample_inputs(spec: ComponentSpec, info: ModelInfo, profile: ShapeProfile, w
             # A mid-schedule timestep: export traces one value for the whole batch.
             n = int(info.scheduler_config.get("num_train_timesteps", 1000))
             out[t.name] = torch.full(shape, n // 2, dtype=dtype)
+        elif t.name == "time_ids":  # SDXL: (original h, w, crop top, left, target h, w) per row
+            side = float(info.native_size)
+            out[t.name] = torch.tensor([side, side, 0.0, 0.0, side, side], dtype=dtype).expand(shape).clone()
         else:
             out[t.name] = torch.randn(shape, generator=g).to(dtype)
     return out
@@ -284,7 +314,7 @@ def output_shapes(spec: ComponentSpec, info: ModelInfo, inputs: dict[str, tuple[
     """Output shapes implied by concrete input shapes (so engines can allocate before running)."""
     f = info.vae_scale_factor
     known: dict[str, int] = {"S": info.max_tokens, "D": info.text_hidden_size, "C": info.latent_channels,
-                             "2C": 2 * info.latent_channels}
+                             "2C": 2 * info.latent_channels, **info.text_dims}
     for t in spec.inputs:
         for d, v in zip(t.dims, inputs[t.name], strict=True):
             known[d] = v

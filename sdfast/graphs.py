@@ -55,6 +55,8 @@ class StepKey:
     width: int
     guided: bool
     scheduler: str
+    #: shapes of the conditioning inputs (the text length grows with long prompts' chunks)
+    cond: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 class GraphRuntime:
@@ -190,7 +192,8 @@ class StepGraph:
         self.key, self.unet, self.capacity = key, unet, capacity
         latents = run.latents.clone()  # (B, C, h, w) float32, updated in place by every step
         noise = torch.zeros((capacity, *latents.shape), device=dev) if needs_noise else None  # by step index
-        self.state = LoopState(latents, run.text.clone(), run.guidance.clone(), key.guided, noise,
+        cond = {k: v.clone() for k, v in run.cond.items()}
+        self.state = LoopState(latents, cond, run.guidance.clone(), key.guided, noise,
                                torch.ones(capacity, dtype=torch.bool, device=dev))
         self.i = torch.zeros((), dtype=torch.long, device=dev)  # step index, advanced in the graph
         # Tables sized for ``capacity`` steps; shorter runs use a prefix. State from begin().
@@ -214,7 +217,8 @@ class StepGraph:
         """Fill the static inputs from a run (the graph path's host-side work)."""
         s, n = self.state, len(sched.timesteps)
         s.latents.copy_(run.latents)
-        s.text.copy_(run.text)
+        for k, v in run.cond.items():
+            s.cond[k].copy_(v)
         s.guidance.copy_(run.guidance)
         load_scheduler_state(self.sched, sched)
         if run.noise is not None:
@@ -257,7 +261,7 @@ class GraphRunner:
         timer = timer or (lambda stage: contextlib.nullcontext())
         n = len(sched.timesteps)
         b, _, h, w = run.latents.shape
-        key = StepKey(b, h, w, run.guided, sched.name)
+        key = StepKey(b, h, w, run.guided, sched.name, tuple((k, tuple(v.shape)) for k, v in sorted(run.cond.items())))
         with self.runtime.lock, torch.no_grad():
             g = None if self.failed else self._steps.get(key)
             if not self.failed and (g is None or g.capacity < n):

@@ -41,18 +41,20 @@ class LoopState:
     """Everything one denoising loop reads besides the engines and the scheduler."""
 
     latents: torch.Tensor  # (B, C, h, w) float32
-    text: torch.Tensor  # (2B, S, D) as [uncond..., cond...] when guided, else (B, S, D)
+    #: the U-Net's conditioning inputs, rows [uncond..., cond...] when guided: encoder_hidden_states
+    #: (2B|B, K·S, D), and for SDXL text_embeds (2B|B, P) and time_ids (2B|B, 6) (text.py)
+    cond: dict[str, torch.Tensor]
     guidance: torch.Tensor  # (B, 1, 1, 1) float32 per-row guidance scale (read only when guided)
     guided: bool
     noise: torch.Tensor | None  # (N, B, C, h, w) ancestral noise by absolute step index, or None
     finite: torch.Tensor  # (N,) bool; finite[i] is False when the latents after step i are not
 
     @classmethod
-    def create(cls, latents: torch.Tensor, text: torch.Tensor, guidance: list[float] | torch.Tensor,
+    def create(cls, latents: torch.Tensor, cond: dict[str, torch.Tensor], guidance: list[float] | torch.Tensor,
                guided: bool, noise: torch.Tensor | None, steps: int) -> LoopState:
         g = torch.as_tensor(guidance, dtype=torch.float32).reshape(-1, 1, 1, 1).to(latents.device)  # (B, 1, 1, 1)
         finite = torch.ones(steps, dtype=torch.bool, device=latents.device)
-        return cls(latents, text, g, guided, noise, finite)
+        return cls(latents, cond, g, guided, noise, finite)
 
 
 def guided_step(unet, sched: Scheduler, s: LoopState, i: StepIndex, timer: Timer | None = None) -> torch.Tensor:
@@ -64,7 +66,7 @@ def guided_step(unet, sched: Scheduler, s: LoopState, i: StepIndex, timer: Timer
         x = sched.scale_model_input(x, i)
         t = at(sched.timesteps, i).reshape(1)  # (1,)
     with timer("unet"):
-        eps = unet(sample=x, timestep=t, encoder_hidden_states=s.text)["noise_pred"]  # (2B|B, C, h, w)
+        eps = unet(sample=x, timestep=t, **s.cond)["noise_pred"]  # (2B|B, C, h, w)
     with timer("scheduler"):
         if s.guided:
             eps = guide(eps, s.guidance)  # (B, C, h, w)

@@ -21,10 +21,20 @@ REQUIRED_CONFIGS = (
     ("vae", "config.json"),
     ("scheduler", "scheduler_config.json"),
 )
-REQUIRED_TOKENIZER_FILES = ("vocab.json", "merges.txt")
+#: a CLIP tokenizer folder holds either of these (transformers 5 saves tokenizer.json only).
+TOKENIZER_LAYOUTS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+#: model_index.json's pipeline class -> model family (components.FAMILY_SPECS).
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionImg2ImgPipeline": "sd",
+            "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl"}
+#: model_index.json entries SD releases carry that sdfast does not run (said once, at info level).
+IGNORED_PARTS = ("safety_checker", "feature_extractor", "image_encoder")
+#: the extra folders an SDXL folder has.
+SDXL_PARTS = (("text_encoder_2", "config.json"),)
 #: config keys sdfast reads (ModelInfo, components), with their JSON types; None: optional.
 CONFIG_KEYS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "text_encoder": {"hidden_size": (int, True), "max_position_embeddings": (int, True), "vocab_size": (int, True)},
+    "text_encoder_2": {"hidden_size": (int, True), "max_position_embeddings": (int, True),
+                       "vocab_size": (int, True), "projection_dim": (int, True)},
     "unet": {"in_channels": (int, True), "sample_size": (int, True), "block_out_channels": (list, True)},
     "vae": {"block_out_channels": (list, True), "scaling_factor": ((int, float), False),
             "latent_channels": (int, False)},
@@ -127,15 +137,32 @@ def check_safetensors(path: Path) -> None:
                               f"{size}; {fix}")
 
 
-def check_model_folder(path: Path, weights: bool = True) -> None:
+def model_family(model_index: dict[str, Any]) -> str:
+    """"sd" or "sdxl" from model_index.json's ``_class_name`` (SD 1.x/2.x when absent)."""
+    return FAMILIES.get(str(model_index.get("_class_name", "StableDiffusionPipeline")), "sd")
+
+
+def weight_variant(folder: Path) -> str | None:
+    """The variant (``fp16`` of ``model.fp16.safetensors``) when a component folder holds only
+    variant weights, so loading must ask for it; None when plain weights are there."""
+    names = [p.name for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()] if folder.is_dir() else []
+    plain = [n for n in names if n.count(".") == 1 or ".index" in n]
+    variants = sorted({n.split(".")[-2] for n in names if n.count(".") >= 2 and ".index" not in n})
+    return None if plain or not variants else variants[0]
+
+
+def check_model_folder(path: Path, weights: bool = True, family: str = "sd") -> None:
     """Raise MissingFile / InvalidArgument naming the first missing or broken file of an SD folder."""
-    for sub, cfg in REQUIRED_CONFIGS:
+    extra = SDXL_PARTS if family == "sdxl" else ()
+    for sub, cfg in (*REQUIRED_CONFIGS, *extra):
         if not (path / sub / cfg).is_file():
             raise MissingFile(
-                f"model: {path} lacks {sub}/{cfg}; a Stable Diffusion folder needs "
-                "text_encoder/, tokenizer/, unet/, vae/ and scheduler/ (diffusers layout)"
+                f"model: {path} lacks {sub}/{cfg}; a Stable Diffusion{' XL' if extra else ''} folder needs "
+                f"text_encoder/, {'text_encoder_2/, tokenizer_2/, ' if extra else ''}tokenizer/, unet/, vae/ and "
+                "scheduler/ (diffusers layout)"
             )
-    for sub in ("text_encoder", "unet", "vae") if weights else ():
+    parts = ("text_encoder", "unet", "vae") + tuple(sub for sub, _ in extra)
+    for sub in parts if weights else ():
         files = [p for p in (path / sub).iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()]
         if not files:
             raise MissingFile(
@@ -147,6 +174,11 @@ def check_model_folder(path: Path, weights: bool = True) -> None:
                 check_safetensors(f)
             elif f.stat().st_size == 0:
                 raise InvalidArgument(f"model: {f} is empty (0 bytes); download the file again")
-    for name in REQUIRED_TOKENIZER_FILES:
-        if not (path / "tokenizer" / name).is_file():
-            raise MissingFile(f"model: {path} lacks tokenizer/{name}; copy the tokenizer folder of the model release")
+    for tok in ("tokenizer", "tokenizer_2") if extra else ("tokenizer",):
+        if not any(all((path / tok / f).is_file() for f in layout) for layout in TOKENIZER_LAYOUTS):
+            # name what is missing from the layout the folder has begun (vocab without merges, say)
+            layout = max(TOKENIZER_LAYOUTS, key=lambda files: sum((path / tok / f).is_file() for f in files))
+            absent = [f for f in layout if not (path / tok / f).is_file()]
+            raise MissingFile(f"model: {path} lacks {' and '.join(f'{tok}/{f}' for f in absent)} (a CLIP tokenizer "
+                              "is tokenizer.json, or vocab.json and merges.txt); copy the tokenizer folder of the "
+                              "model release")

@@ -21,8 +21,18 @@ from typing import Any
 import torch
 
 from .errors import InvalidArgument, MissingFile
-from .model_folder import MODEL_INDEX, SD15_SCHEDULER_CONFIG, cache_dir, check_config, check_model_folder
+from .model_folder import (
+    IGNORED_PARTS,
+    MODEL_INDEX,
+    SD15_SCHEDULER_CONFIG,
+    cache_dir,
+    check_config,
+    check_model_folder,
+    model_family,
+    weight_variant,
+)
 from .model_folder import read_json as _read_json
+from .wrappers import COMPONENT_MODULE, component_modules, family_modules  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +61,30 @@ class ModelInfo:
     tokenizer_config: dict[str, Any] = field(repr=False)
     #: A config-only folder (random-sd15, ...): modules are built from config with a fixed seed.
     random_weights: bool = False
+    model_index: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: SDXL's second text encoder (CLIPTextModelWithProjection); empty for SD 1.x/2.x.
+    text_encoder_2_config: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: weight file variant to load ("fp16" for ``*.fp16.safetensors``), None for plain weights.
+    variant: str | None = None
 
     @classmethod
-    def from_folder(cls, path: Path, name: str | None = None, random_weights: bool = False) -> ModelInfo:
+    def from_folder(cls, path: Path, name: str | None = None, random_weights: bool = False,
+                    variant: str | None = None) -> ModelInfo:
         path = Path(path)
-        check_model_folder(path, weights=not random_weights)
+        index_path = path / "model_index.json"
+        model_index = _read_json(index_path) if index_path.is_file() else {}
+        family = model_family(model_index)
+        check_model_folder(path, weights=not random_weights, family=family)
+        ignored = [p for p in IGNORED_PARTS if (model_index.get(p) or [None])[0] is not None]
+        if ignored:
+            log.info("model: %s has %s, which sdfast does not run; ignored", path, ", ".join(ignored))
+        if variant is None and not random_weights:
+            found = {weight_variant(path / sub) for sub in family_modules(family)} - {None}
+            if found:
+                variant = sorted(found)[0]
+                log.info("model: %s holds %s-variant weights only; loading those", path, variant)
         tok_cfg_path = path / "tokenizer" / "tokenizer_config.json"
+        te2 = path / "text_encoder_2" / "config.json"
         return cls(
             path=path,
             name=name or path.name,
@@ -66,7 +94,43 @@ class ModelInfo:
             scheduler_config=_config(path / "scheduler" / "scheduler_config.json", "scheduler"),
             tokenizer_config=_config(tok_cfg_path, "tokenizer") if tok_cfg_path.is_file() else {},
             random_weights=random_weights,
+            model_index=model_index,
+            text_encoder_2_config=_config(te2, "text_encoder_2") if family == "sdxl" else {},
+            variant=variant,
         )
+
+    @property
+    def family(self) -> str:
+        """"sd" (SD 1.x/2.x) or "sdxl", from model_index.json."""
+        return model_family(self.model_index)
+
+    @property
+    def specs(self):
+        """The family's component specs (``components.FAMILY_SPECS``), by component name."""
+        from .components import FAMILY_SPECS
+
+        return FAMILY_SPECS[self.family]
+
+    @property
+    def text_dims(self) -> dict[str, int]:
+        """SDXL's text widths: D1, D2 (hidden sizes of the two encoders) and P (pooled projection)."""
+        if self.family != "sdxl":
+            return {}
+        te2 = self.text_encoder_2_config
+        return {"D1": int(self.text_encoder_config["hidden_size"]), "D2": int(te2["hidden_size"]),
+                "P": int(te2["projection_dim"])}
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        """SDXL: no negative prompt means zero embeddings, not the embedding of "" (model_index.json)."""
+        return self.family == "sdxl" and bool(self.model_index.get("force_zeros_for_empty_prompt", True))
+
+    @property
+    def vae_force_upcast(self) -> bool:
+        """SDXL's VAE overflows fp16 (its config says force_upcast): run it in fp32, as diffusers'
+        SDXL pipeline does. SD 1.x/2.x pipelines ignore the key (AutoencoderKL defaults it to
+        true), so do we: their fp16 VAE keeps the NaN fallback instead."""
+        return self.family == "sdxl" and bool(self.vae_config.get("force_upcast", True))
 
     @property
     def vae_scale_factor(self) -> int:
@@ -94,7 +158,8 @@ class ModelInfo:
 
     @property
     def text_hidden_size(self) -> int:
-        return int(self.text_encoder_config["hidden_size"])
+        """Width of the U-Net's text sequence (SDXL: both encoders' widths concatenated)."""
+        return int(self.text_encoder_config["hidden_size"]) + self.text_dims.get("D2", 0)
 
     @cached_property
     def fingerprint(self) -> str:
@@ -188,6 +253,7 @@ RANDOM_ARCHITECTURES = {
     "random-sd15": "SD 1.5 architecture, random weights, real CLIP tokenizer (benchmarks only)",
     "random-sd21": "SD 2.1 (768 px, v-prediction) architecture, random weights, real CLIP tokenizer (benchmarks only)",
     "random-sd21-base": "SD 2.1-base (512 px, epsilon) architecture, random weights, real CLIP tokenizer (benchmarks only)",
+    "random-sdxl": "SDXL base 1.0 architecture (1024 px, two text encoders), random weights (benchmarks only)",
 }
 
 
@@ -247,33 +313,34 @@ def _download(repo_id: str) -> Path:
 
 # -- torch modules ---------------------------------------------------------------------------
 
-def load_tokenizer(info: ModelInfo):
+def load_tokenizer(info: ModelInfo, folder: str = "tokenizer"):
+    """The CLIP tokenizer in ``folder`` (tokenizer.json, or vocab.json + merges.txt)."""
     from transformers import CLIPTokenizer
 
     try:
-        return CLIPTokenizer.from_pretrained(info.path / "tokenizer")
+        return CLIPTokenizer.from_pretrained(info.path / folder)
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise InvalidArgument(f"model: cannot load {info.path / 'tokenizer'} ({type(e).__name__}: {first}); "
+        raise InvalidArgument(f"model: cannot load {info.path / folder} ({type(e).__name__}: {first}); "
                               f"copy the tokenizer folder of the model release") from None
 
 
 #: torch module name -> (library, class name, folder); the component wrappers draw on these.
 MODULE_CLASSES = {
     "text_encoder": ("transformers", "CLIPTextModel"),
+    "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),  # SDXL
     "unet": ("diffusers", "UNet2DConditionModel"),
     "vae": ("diffusers", "AutoencoderKL"),
 }
-#: which torch module each exported component needs.
-COMPONENT_MODULE = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
 #: fixed seeds of the config-only (random weight) models, one per module so any subset is reproducible.
-RANDOM_SEEDS = {"text_encoder": 0, "unet": 1, "vae": 2}
+RANDOM_SEEDS = {"text_encoder": 0, "unet": 1, "vae": 2, "text_encoder_2": 3}
 
 
 def load_torch_modules(info: ModelInfo, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                       parts: tuple[str, ...] = tuple(MODULE_CLASSES)) -> dict[str, torch.nn.Module]:
-    """CLIPTextModel, UNet2DConditionModel and AutoencoderKL (or the ``parts`` asked for) in eval
-    mode on ``device``. Export loads one part at a time so peak memory stays near one module."""
+                       parts: tuple[str, ...] | None = None) -> dict[str, torch.nn.Module]:
+    """The family's torch modules (CLIPTextModel(s), UNet2DConditionModel, AutoencoderKL), or the
+    ``parts`` asked for, in eval mode on ``device``. Export loads one part at a time so peak
+    memory stays near one module."""
     import importlib
 
     from transformers.utils import logging as hf_logging
@@ -283,13 +350,13 @@ def load_torch_modules(info: ModelInfo, dtype: torch.dtype = torch.float32, devi
     hf_logging.disable_progress_bar()
     mods = {}
     try:
-        for part in parts:
+        for part in parts or family_modules(info.family):
             lib, name = MODULE_CLASSES[part]
             cls = getattr(importlib.import_module(lib), name)
             if info.random_weights:
                 mods[part] = _random_module(cls, getattr(info, f"{part}_config"), RANDOM_SEEDS[part])
             else:
-                mods[part] = _from_pretrained(cls, info.path / part, dtype)
+                mods[part] = _from_pretrained(cls, info.path / part, dtype, info.variant)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -300,9 +367,11 @@ def load_torch_modules(info: ModelInfo, dtype: torch.dtype = torch.float32, devi
     return mods
 
 
-def _from_pretrained(cls, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+def _from_pretrained(cls, folder: Path, dtype: torch.dtype, variant: str | None = None) -> torch.nn.Module:
     """``cls.from_pretrained`` with a broken folder as one line naming it, not a library traceback."""
     try:
+        if variant is not None and weight_variant(folder) == variant:
+            return cls.from_pretrained(folder, torch_dtype=dtype, variant=variant)
         return cls.from_pretrained(folder, torch_dtype=dtype)
     except torch.OutOfMemoryError:
         raise
@@ -321,66 +390,3 @@ def _random_module(cls, config: dict[str, Any], seed: int) -> torch.nn.Module:
     from transformers import CLIPTextConfig
 
     return cls(CLIPTextConfig(**cfg))
-
-
-# -- fixed positional I/O wrappers (what export traces and the eager engine runs) ------------
-
-class TextEncoderWrapper(torch.nn.Module):
-    def __init__(self, text_encoder: torch.nn.Module):
-        super().__init__()
-        self.text_encoder = text_encoder
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # (B, S) -> (B, S, D); no attention mask, as SD pipelines call CLIP.
-        return self.text_encoder(input_ids, return_dict=False)[0]
-
-
-class UNetWrapper(torch.nn.Module):
-    def __init__(self, unet: torch.nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        # (B, C, h, w), (1,), (B, S, D) -> (B, C, h, w)
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
-
-class VAEDecoderWrapper(torch.nn.Module):
-    """Scaled latents in, image in [-1, 1] out. The 1/scaling_factor stays in the runtime."""
-
-    def __init__(self, vae: torch.nn.Module):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        # (B, C, h, w) -> (B, 3, h·f, w·f)
-        return self.vae.decode(latent, return_dict=False)[0]
-
-
-class VAEEncoderWrapper(torch.nn.Module):
-    """Image in [-1, 1] in, posterior moments (mean ‖ logvar) out; sampling stays in the runtime."""
-
-    def __init__(self, vae: torch.nn.Module):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        # (B, 3, H, W) -> (B, 2C, H/f, W/f)
-        h = self.vae.encoder(image)
-        return self.vae.quant_conv(h) if self.vae.quant_conv is not None else h
-
-
-#: exported component -> its fixed-I/O wrapper class.
-COMPONENT_WRAPPERS = {
-    "text_encoder": TextEncoderWrapper,
-    "unet": UNetWrapper,
-    "vae_decoder": VAEDecoderWrapper,
-    "vae_encoder": VAEEncoderWrapper,
-}
-
-
-def component_modules(mods: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
-    """The exportable components whose torch module is in ``mods``, keyed like ``components.SPECS``."""
-    return {name: wrapper(mods[COMPONENT_MODULE[name]]) for name, wrapper in COMPONENT_WRAPPERS.items()
-            if COMPONENT_MODULE[name] in mods}

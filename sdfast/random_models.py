@@ -1,14 +1,13 @@
-"""Real Stable Diffusion architectures with random weights: ``random-sd15``, ``random-sd21``.
+"""Real Stable Diffusion architectures with random weights: ``random-sd15``, ``random-sd21``
+(768 px, v-prediction), ``random-sd21-base``, ``random-sdxl``; and the tiny SDXL the tests run.
 
 Benchmarks need the real shapes and FLOPs, not the real weights. ``random_model_folder`` writes
 a config-only diffusers folder (model_index.json, the component configs, the scheduler config and
 CLIP's real tokenizer); ``models.load_torch_modules`` builds the modules from those configs with
 fixed seeds. Every output that comes from such a model says "random weights".
 
-The configs are those of the public releases (runwayml/stable-diffusion-v1-5 and
-stabilityai/stable-diffusion-2-1-base). random-sd21 follows SD 2.1-*base*: epsilon prediction at
-512×512 (U-Net sample_size 64), because sdfast's schedulers implement epsilon prediction only; the
-768-px SD 2.1 differs in prediction type (v), sample size (96) and upcast_attention, not in layers.
+The configs are those of the public releases (runwayml/stable-diffusion-v1-5,
+stabilityai/stable-diffusion-2-1 and -2-1-base, stabilityai/stable-diffusion-xl-base-1.0).
 """
 
 from __future__ import annotations
@@ -110,6 +109,43 @@ _UNET_SD21_BASE = {
 _UNET_SD21 = {**_UNET_SD21_BASE, "upcast_attention": True, "sample_size": 96}
 _SCHEDULER_SD21 = {**SD15_SCHEDULER_CONFIG, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
 
+# stabilityai/stable-diffusion-xl-base-1.0: CLIP ViT-L (penultimate layer) + OpenCLIP bigG with
+# projection, a 3-level U-Net with "text_time" conditioning, 1024 px, the VAE forced to fp32.
+_TEXT_SDXL_2 = {**_TEXT_SD15, "architectures": ["CLIPTextModelWithProjection"], "hidden_act": "gelu",
+                "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32,
+                "projection_dim": 1280}
+_UNET_SDXL = {
+    **_UNET_SD15,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "projection_class_embeddings_input_dim": 2816,  # 6 size numbers × 256 + the 1280 pooled text
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "use_linear_projection": True,
+}
+_SCHEDULER_SDXL = {
+    "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+    "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": False,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "clip_sample": False, "sample_max_value": 1.0,
+}
+SDXL_MODEL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline",
+    "force_zeros_for_empty_prompt": True,
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
 RECIPES: dict[str, dict[str, Any]] = {
     "random-sd15": {
         "text_encoder": _TEXT_SD15,
@@ -133,6 +169,16 @@ RECIPES: dict[str, dict[str, Any]] = {
         # SD 2.1-base's scheduler: SD 1.5's PNDM settings with explicit epsilon prediction.
         "scheduler": {**SD15_SCHEDULER_CONFIG, "prediction_type": "epsilon"},
         "pad_token": "!",
+    },
+    "random-sdxl": {
+        "text_encoder": _TEXT_SD15,
+        "text_encoder_2": _TEXT_SDXL_2,
+        "unet": _UNET_SDXL,
+        "vae": {**_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+        "scheduler": _SCHEDULER_SDXL,
+        "pad_token": EOS,
+        "pad_token_2": "!",
+        "model_index": SDXL_MODEL_INDEX,
     },
 }
 
@@ -161,12 +207,16 @@ def random_model_folder(name: str) -> Path:
             "unet/config.json": recipe["unet"],
             "vae/config.json": recipe["vae"],
             "scheduler/scheduler_config.json": recipe["scheduler"],
-            "model_index.json": {**MODEL_INDEX, "_sdfast_random_weights": True},
+            "model_index.json": {**recipe.get("model_index", MODEL_INDEX), "_sdfast_random_weights": True},
         }
+        if "text_encoder_2" in recipe:
+            configs["text_encoder_2/config.json"] = recipe["text_encoder_2"]
         for rel, cfg in configs.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_text(json.dumps(cfg, indent=2), encoding="utf-8")
         write_clip_tokenizer(tmp / "tokenizer", model_max_length=MAX_TOKENS, pad_token=recipe["pad_token"])
+        if "pad_token_2" in recipe:
+            write_clip_tokenizer(tmp / "tokenizer_2", model_max_length=MAX_TOKENS, pad_token=recipe["pad_token_2"])
         try:
             os.replace(tmp, dest)
         except OSError:
@@ -178,3 +228,42 @@ def random_model_folder(name: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def build_tiny_sdxl(dest: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A tiny SDXL folder with real (random, seeded) weights, as diffusers' own SDXL tests build
+    it: two 32-wide CLIPs, a 2-level U-Net with text_time conditioning, a 2-level VAE (factor 2)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .fsio import staging_dir
+
+    vocab = len(json.loads((tokenizer_dir / "vocab.json").read_text(encoding="utf-8")))
+    text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5, vocab_size=vocab,
+                max_position_embeddings=MAX_TOKENS, projection_dim=32, hidden_act="gelu",
+                bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+    torch.manual_seed(seed)
+    te = CLIPTextModel(CLIPTextConfig(**text)).eval()
+    torch.manual_seed(seed + 1)
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**text)).eval()
+    torch.manual_seed(seed + 2)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=1).eval()  # 80 = 6 × 8 + the 32 pooled text
+    torch.manual_seed(seed + 3)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=4, sample_size=64, scaling_factor=0.13025, force_upcast=True).eval()
+    with staging_dir(dest, complete="model_index.json") as tmp:
+        for name, module in (("text_encoder", te), ("text_encoder_2", te2), ("unet", unet), ("vae", vae)):
+            module.save_pretrained(tmp / name, safe_serialization=True)
+        for name in ("tokenizer", "tokenizer_2"):
+            shutil.copytree(tokenizer_dir, tmp / name)
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(_SCHEDULER_SDXL, indent=2))
+        (tmp / "model_index.json").write_text(json.dumps(SDXL_MODEL_INDEX, indent=2))
+    return Path(dest)

@@ -7,7 +7,7 @@ bad input before it creates a single output file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,6 +43,27 @@ class Request:
     #: prompts past the text encoder's length: "chunk" (encoded in chunks, A1111-style) or
     #: "truncate" (diffusers' behaviour, the parity reference)
     long_prompt: str = "chunk"
+    # SDXL (diffusers' names): the second text encoder's prompts (default: the same prompts),
+    # whether a negative prompt was given at all (none: zero embeddings), the size conditioning.
+    prompts_2: list[str] = field(default_factory=list)
+    negative_prompts_2: list[str] = field(default_factory=list)
+    negative_given: bool = True
+    original_size: tuple[int, int] | None = None  # default (height, width)
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None  # default (height, width)
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] = (0, 0)
+    negative_target_size: tuple[int, int] | None = None
+
+    def time_ids(self) -> tuple[list[float], list[float]]:
+        """SDXL's (negative, positive) size conditioning: original (h, w) + crop (top, left) +
+        target (h, w); the negative equals the positive unless both negative sizes are given."""
+        size = (self.height, self.width)
+        pos = [*(self.original_size or size), *self.crops_coords_top_left, *(self.target_size or size)]
+        if self.negative_original_size is None or self.negative_target_size is None:
+            return [float(v) for v in pos], [float(v) for v in pos]
+        neg = [*self.negative_original_size, *self.negative_crops_coords_top_left, *self.negative_target_size]
+        return [float(v) for v in neg], [float(v) for v in pos]
 
     @property
     def batch(self) -> int:
@@ -66,8 +87,23 @@ class Request:
               height: int | None = None, width: int | None = None, steps: int = 50,
               guidance_scale: float = 7.5, seed: int = 0, scheduler: str = "lms",
               image: Image.Image | str | Path | None = None, strength: float = 0.8,
-              num_images_per_prompt: int = 1, long_prompt: str = "chunk") -> Request:
+              num_images_per_prompt: int = 1, long_prompt: str = "chunk",
+              prompt_2: str | list[str] | None = None, negative_prompt_2: str | list[str] | None = None,
+              original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
+              target_size: tuple[int, int] | None = None, negative_original_size: tuple[int, int] | None = None,
+              negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+              negative_target_size: tuple[int, int] | None = None) -> Request:
         """Check every rule of the API contract against ``info``'s model (keywords only)."""
+        sdxl = dict(prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, original_size=original_size,
+                    crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+                    negative_original_size=negative_original_size,
+                    negative_crops_coords_top_left=negative_crops_coords_top_left,
+                    negative_target_size=negative_target_size)
+        if info.family != "sdxl":
+            given = [k for k, v in sdxl.items() if v not in (None, (0, 0))]
+            if given:
+                raise InvalidArgument(f"{given[0]}: only SDXL models take it, and {info.name!r} is an SD 1.x/2.x "
+                                      "model; drop it, or use an SDXL model folder")
         prompts = _prompts(prompt, "prompt")
         if not prompts:
             raise InvalidArgument("prompt: the list is empty; pass a string or a non-empty list of strings")
@@ -82,8 +118,16 @@ class Request:
                     f"negative_prompt: a list must have one entry per prompt, but has {len(negatives)} "
                     f"for {len(prompts)} prompts; pass {len(prompts)} negative prompts or one string"
                 )
+        prompts_2 = prompts if prompt_2 is None else _per_prompt(prompt_2, "prompt_2", len(prompts))
+        negatives_2 = negatives if negative_prompt_2 is None else \
+            _per_prompt(negative_prompt_2, "negative_prompt_2", len(prompts))
+        for arg in ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                    "negative_crops_coords_top_left", "negative_target_size"):
+            sdxl[arg] = _pair(arg, sdxl[arg])
         n = rules.check_int("num_images_per_prompt", num_images_per_prompt, 1, rules.MAX_IMAGES,
                             "ask for fewer images per call (each one is a row of every U-Net call)")
+        prompts_2 = [p for p in prompts_2 for _ in range(n)]
+        negatives_2 = [p for p in negatives_2 for _ in range(n)]
         # diffusers' num_images_per_prompt order: each prompt's images next to each other, and
         # one latent draw for the whole (prompts × n) batch, so the same seed gives its latents.
         prompts = [p for p in prompts for _ in range(n)]
@@ -113,7 +157,30 @@ class Request:
         for arg, v in (("height", height), ("width", width)):
             rules.check_side(arg, v, info.vae_scale_factor, "the VAE scale factor")
         return cls(prompts, negatives, height, width, steps, guidance_scale, seed, scheduler, init, float(strength),
-                   n, long_prompt)
+                   n, long_prompt, prompts_2, negatives_2, negative_prompt is not None,
+                   sdxl["original_size"], sdxl["crops_coords_top_left"], sdxl["target_size"],
+                   sdxl["negative_original_size"], sdxl["negative_crops_coords_top_left"],
+                   sdxl["negative_target_size"])
+
+
+def _per_prompt(value: str | list[str], arg: str, n: int) -> list[str]:
+    """One string for every prompt, or a list with one entry per prompt."""
+    texts = _prompts(value, arg)
+    if isinstance(value, str):
+        return texts * n
+    if len(texts) != n:
+        raise InvalidArgument(f"{arg}: a list must have one entry per prompt, but has {len(texts)} for {n} prompts; "
+                              f"pass {n} strings or one string")
+    return texts
+
+
+def _pair(arg: str, value) -> tuple[int, int] | None:
+    """An SDXL size / crop as (height, width) or (top, left): two integers >= 0."""
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or len(value) != 2 or not all(rules.is_int(v) and v >= 0 for v in value):
+        raise InvalidArgument(f"{arg}: must be two integers >= 0, (height, width) or (top, left), but is {value!r}")
+    return (int(value[0]), int(value[1]))
 
 
 def _prompts(value: str | list[str], arg: str) -> list[str]:

@@ -9,7 +9,6 @@ the plain or the graphed loop, and decodes.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from .models import ModelInfo, load_tokenizer, resolve_model
 from .request import Request
 from .safety import DecodeFallback, check_finite
 from .schedulers import Scheduler, make_scheduler
+from .text import TEXT, token_chunks
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -59,6 +59,14 @@ class GenerationOutput:
             "guidance_scale": r.guidance_scale, "scheduler": r.scheduler, "height": r.height, "width": r.width,
             "model": self.model, "backend": self.backend, "dtype": self.dtype, "sdfast_version": __version__,
         }
+        if r.prompts_2 != r.prompts or r.negative_prompts_2 != r.negative_prompts:  # SDXL's second encoder
+            meta.update(prompt_2=r.prompts_2[k], negative_prompt_2=r.negative_prompts_2[k])
+        for key in ("original_size", "target_size", "negative_original_size", "negative_target_size"):
+            if getattr(r, key) is not None:
+                meta[key] = list(getattr(r, key))
+        for key in ("crops_coords_top_left", "negative_crops_coords_top_left"):
+            if getattr(r, key) != (0, 0):
+                meta[key] = list(getattr(r, key))
         if r.batch > 1:
             meta["batch_index"] = k
         if r.image is not None:
@@ -134,9 +142,11 @@ class Pipeline:
         self.device = device
         self.precision = precision
         self.backend = backend
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(info)
-        # HF tokenizers are not re-entrant ("Already borrowed"); tokenizing is microseconds.
-        self._tokenizer_lock = threading.Lock()
+        text = TEXT[info.family]
+        tokenizers = [tokenizer if tokenizer is not None and k == 0 else load_tokenizer(info, folder)
+                      for k, folder in enumerate(text.tokenizer_folders)]
+        self.tokenizer = tokenizers[0]
+        self.text = text(info, tokenizers, device)  # prompts -> the U-Net's conditioning inputs
         # cuda_graphs: the static-buffer loop (captured on CUDA, plain calls on CPU); see graphs.py.
         self.graphs: GraphRunner | None = None
         if cuda_graphs:
@@ -154,66 +164,23 @@ class Pipeline:
 
     # -- stages ------------------------------------------------------------------------------
     def token_chunks(self, texts: list[str], long_prompt: str = "truncate") -> torch.Tensor:
-        """(N,) strings → (N, K, S) token ids, each row of S = BOS, tokens, EOS, padding.
-
-        ``truncate`` (diffusers' behaviour, K = 1): over-long text keeps BOS + the first S-2
-        tokens + EOS (what transformers' truncation keeps), with a warning quoting the dropped
-        text. ``chunk`` (AUTOMATIC1111's, compel's): the tokens in runs of S-2, each run with its
-        own BOS and EOS; every text gets the longest text's K (missing chunks are empty: BOS,
-        EOS, padding) so the embeddings concatenate. A text that fits one chunk gives the same
-        row either way. Each text is tokenized once."""
-        s = self.info.max_tokens
-        with self._tokenizer_lock:
-            full = self.tokenizer(texts, verbose=False).input_ids  # ragged, untruncated: [BOS, ..., EOS]
-        bos, eos, pad = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        bodies = []
-        for ids in full:
-            body = ids[1:-1]
-            if long_prompt == "truncate" and len(body) > s - 2:
-                dropped = self.tokenizer.decode(body[s - 2 :])
-                log.warning("prompt truncated to %d tokens, the text encoder's limit; dropped: %r", s, dropped)
-                body = body[: s - 2]
-            bodies.append(body)
-        k = max(1, *(-(-len(b) // (s - 2)) for b in bodies))
-        rows = []
-        for body in bodies:
-            for j in range(k):
-                part = [bos, *body[j * (s - 2) : (j + 1) * (s - 2)], eos]
-                rows.append(part + [pad] * (s - len(part)))
-        return torch.tensor(rows, dtype=torch.long).reshape(len(texts), k, s).to(self.device)  # (N, K, S)
+        """(N,) strings → (N, K, S) token ids of the first tokenizer (see ``text.token_chunks``)."""
+        with self.text._lock:
+            return token_chunks(self.tokenizer, texts, self.info.max_tokens, long_prompt).to(self.device)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """(N,) strings → (N, S) token ids, truncated as diffusers does (see ``token_chunks``)."""
+        """(N,) strings → (N, S) token ids, truncated as diffusers does (see ``text.token_chunks``)."""
         return self.token_chunks(texts, "truncate")[:, 0]
-
-    def encode_text(self, prompts: list[str], negatives: list[str], guided: bool,
-                    long_prompt: str = "truncate") -> torch.Tensor:
-        """→ (2B, K·S, D) as [uncond..., cond...] under guidance, else (B, K·S, D)."""
-        texts, ids = self._text_ids(prompts, negatives, guided, long_prompt)
-        return self._encode_ids(texts, ids)
-
-    def _text_ids(self, prompts: list[str], negatives: list[str], guided: bool, long_prompt: str
-                  ) -> tuple[list[str], torch.Tensor]:
-        texts = negatives + prompts if guided else prompts
-        return texts, self.token_chunks(list(dict.fromkeys(texts)), long_prompt)  # (U, K, S)
 
     def chunks(self, req: Request) -> int:
         """Text-encoder chunks ``req``'s prompts take (1 unless long prompts are chunked);
         requests batched together must agree on it, as on ``BATCH_KEYS``."""
-        return self._text_ids(req.prompts, req.negative_prompts, req.guided, req.long_prompt)[1].shape[1]
+        return self.text.prepare([req], req.guided, req.long_prompt).chunks
 
-    def _encode_ids(self, texts: list[str], ids: torch.Tensor) -> torch.Tensor:
-        """Each distinct text (``ids``' rows, in first-seen order) is encoded once — a batch's
-        empty negatives, a prompt's n images — and gathered to ``texts``' rows; K chunks of a
-        text are encoded as K rows and concatenated along the sequence."""
-        u, k, s = ids.shape
-        emb = self.engines["text_encoder"](input_ids=ids.reshape(u * k, s))["last_hidden_state"]  # (U·K, S, D)
-        emb = emb.reshape(u, k * s, emb.shape[-1])  # (U, K·S, D)
-        if u == len(texts):
-            return emb
-        unique = list(dict.fromkeys(texts))
-        where = torch.tensor([unique.index(t) for t in texts], device=emb.device)
-        return emb.index_select(0, where)  # (2B|B, K·S, D)
+    def encode_text(self, requests: list[Request]) -> dict[str, torch.Tensor]:
+        """The U-Net's text conditioning of ``requests`` (one batch), rows [uncond..., cond...]."""
+        head = requests[0]
+        return self.text.encode(self.engines, self.text.prepare(requests, head.guided, head.long_prompt))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) latents → (B, 3, H, W) float image in [0, 1]."""
@@ -259,13 +226,23 @@ class Pipeline:
                  guidance_scale: float = 7.5, seed: int = 0, scheduler: str = "lms",
                  image: Image.Image | str | Path | None = None, strength: float = 0.8,
                  callback: StepCallback | None = None, progress: bool = False,
-                 profile: bool = False, num_images_per_prompt: int = 1,
-                 long_prompt: str = "chunk") -> GenerationOutput:
-        """Run the guided loop. ``profile`` synchronizes CUDA around each stage for exact timings."""
+                 profile: bool = False, num_images_per_prompt: int = 1, long_prompt: str = "chunk",
+                 prompt_2: str | list[str] | None = None, negative_prompt_2: str | list[str] | None = None,
+                 original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
+                 target_size: tuple[int, int] | None = None, negative_original_size: tuple[int, int] | None = None,
+                 negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+                 negative_target_size: tuple[int, int] | None = None) -> GenerationOutput:
+        """Run the guided loop. ``profile`` synchronizes CUDA around each stage for exact timings.
+        SDXL models also take ``prompt_2`` ... ``negative_target_size`` (diffusers' names and defaults)."""
         req = Request.build(self.info, prompt=prompt, negative_prompt=negative_prompt, height=height,
                             width=width, steps=steps, guidance_scale=guidance_scale, seed=seed,
                             scheduler=scheduler, image=image, strength=strength,
-                            num_images_per_prompt=num_images_per_prompt, long_prompt=long_prompt)
+                            num_images_per_prompt=num_images_per_prompt, long_prompt=long_prompt,
+                            prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, original_size=original_size,
+                            crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+                            negative_original_size=negative_original_size,
+                            negative_crops_coords_top_left=negative_crops_coords_top_left,
+                            negative_target_size=negative_target_size)
         return self.run(req, callback=callback, progress=progress, profile=profile)
 
     def run(self, req: Request, callback: StepCallback | None = None, progress: bool = False,
@@ -310,17 +287,16 @@ class Pipeline:
         timer = StageTimer(self.device, sync=profile)
         t_start = time.perf_counter()
         f = self.info.vae_scale_factor
-        texts, ids = self._text_ids([p for r in requests for p in r.prompts],
-                                    [p for r in requests for p in r.negative_prompts], head.guided, head.long_prompt)
-        if len(requests) > 1 and ids.shape[1] > 1:  # a row's result depends on its text's length
+        prepared = self.text.prepare(requests, head.guided, head.long_prompt)
+        if len(requests) > 1 and prepared.chunks > 1:  # a row's result depends on its text's length
             k = sorted({self.chunks(r) for r in requests})
             if len(k) > 1:
                 raise InvalidArgument(f"requests: a batch must share its prompts' chunk count, but they need {k} "
                                       "chunks (long prompts); run those requests in separate batches")
-        check_request(self.engines, batch, head.height, head.width, head.guided, chunks=ids.shape[1])
+        check_request(self.engines, batch, head.height, head.width, head.guided, chunks=prepared.chunks)
 
         with timer("text_encoder"):
-            text = self._encode_ids(texts, ids)  # (2B|B, K·S, D)
+            cond = self.text.encode(self.engines, prepared)  # encoder_hidden_states (2B|B, K·S, D), ...
         sched = make_scheduler(head.scheduler, self.info.scheduler_config)
         sched.set_timesteps(head.steps, self.device)
         parts = [self._initial_latents(r, sched, (r.batch, self.info.latent_channels, r.height // f, r.width // f),
@@ -329,7 +305,7 @@ class Pipeline:
         noise = None if parts[0][1] is None else torch.cat([n for _, n in parts], dim=1)  # (N, B, C, h, w)
         guidance = [r.guidance_scale for r in requests for _ in range(r.batch)]
         sched.begin(latents)
-        state = LoopState.create(latents, text, guidance, head.guided, noise, len(sched.timesteps))
+        state = LoopState.create(latents, cond, guidance, head.guided, noise, len(sched.timesteps))
 
         first = head.start_step
         run = denoise if self.graphs is None else self.graphs.denoise

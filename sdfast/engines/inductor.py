@@ -14,7 +14,7 @@ import torch
 import torch._inductor
 
 from ..artifacts import Manifest, check_precision, load_manifest, rebuild_hint
-from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, size_multiple
+from ..components import ComponentSpec, Precision, ShapeProfile, size_multiple
 from ..errors import ArtifactMismatch, InvalidArgument
 from ..models import ModelInfo
 from .base import ExportedEngine, engine_inputs
@@ -50,7 +50,7 @@ def _check_runtime(m: Manifest, root: Path, info: ModelInfo, device: torch.devic
     if built != torch.__version__:
         raise ArtifactMismatch(f"engines: {root} was compiled with torch {built} but torch {torch.__version__} "
                                f"is installed; AOTInductor packages only load on the torch that built them; {hint}")
-    where = {m.components[c].get("device", "cpu") for c in SPECS}
+    where = {m.components[c].get("device", "cpu") for c in info.specs}
     if where != {device.type}:
         raise ArtifactMismatch(f"engines: {root} was compiled for {', '.join(sorted(where))} but device "
                                f"{device.type!r} was asked for; pass --device {where.pop()} or {hint}")
@@ -70,7 +70,7 @@ def check_package(runner, m: Manifest, root: Path, info: ModelInfo, name: str) -
     the package metadata; packages without them are held to the input and output counts."""
     hint = rebuild_hint(m, root, info, FORMAT)
     path = m.file(root, name)
-    spec = SPECS[name]
+    spec = info.specs[name]
     meta = dict(runner.get_metadata()) if hasattr(runner, "get_metadata") else {}
     if "sdfast_component" in meta:
         have = (meta["sdfast_component"], meta.get("sdfast_inputs", ""), meta.get("sdfast_outputs", ""))
@@ -103,7 +103,7 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
     _check_runtime(m, root, info, device, precision)
     multiple = size_multiple(info)
     out = {}
-    for name in SPECS:
+    for name in info.specs:
         try:
             runner = torch._inductor.aoti_load_package(
                 str(m.file(root, name)), run_single_threaded=device.type == "cuda",
@@ -114,5 +114,5 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
             raise ArtifactMismatch(f"engines: torch cannot load {m.file(root, name)} ({first}); "
                                    f"{rebuild_hint(m, root, info, FORMAT)}") from None
         check_package(runner, m, root, info, name)
-        out[name] = InductorEngine(SPECS[name], runner, device, m.precision(name), m.profile, multiple)
+        out[name] = InductorEngine(info.specs[name], runner, device, m.precision(name), m.profile, multiple)
     return out

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..artifacts import check_io, check_precision, load_manifest, rebuild_hint
-from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, output_shapes, size_multiple
+from ..components import ComponentSpec, Precision, ShapeProfile, output_shapes, size_multiple
 from ..errors import ArtifactMismatch, InvalidArgument
 from ..models import ModelInfo
 from .base import ExportedEngine, engine_inputs
@@ -188,11 +188,11 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
     root = Path(engines)
     manifest = load_manifest(root, info, "onnx")
     check_precision(manifest, root, precision, "graphs")  # the graphs fix their own precision
-    if device.type == "cpu" and any(manifest.precision(c) is Precision.FP16 for c in SPECS):
+    if device.type == "cpu" and any(manifest.precision(c) is Precision.FP16 for c in info.specs):
         log.info("fp16 graphs on the CPU provider: ORT inserts fp32 casts where it has no fp16 kernel")
     hint = rebuild_hint(manifest, root, info, "onnx")
     out = {}
-    for name in SPECS:
+    for name in info.specs:
         path = manifest.file(root, name)
         try:
             session = open_session(path, device, manifest.precision(name))
@@ -202,7 +202,7 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise ArtifactMismatch(f"engines: ONNX Runtime cannot open {path} ({first}); {hint}") from None
         check_io(manifest, root, info, name, _ort_io(session.get_inputs()), _ort_io(session.get_outputs()))
-        out[name] = OrtEngine(SPECS[name], session, info, device, manifest.precision(name), manifest.profile)
+        out[name] = OrtEngine(info.specs[name], session, info, device, manifest.precision(name), manifest.profile)
     return out
 
 

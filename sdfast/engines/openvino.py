@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..artifacts import Manifest, check_io, check_precision, load_manifest, rebuild_hint
-from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, output_shapes, size_multiple
+from ..components import ComponentSpec, Precision, ShapeProfile, output_shapes, size_multiple
 from ..errors import ArtifactMismatch, InvalidArgument
 from ..models import ModelInfo
 from .base import ExportedEngine, engine_inputs
@@ -147,7 +147,7 @@ def _ov_io(ports) -> list[tuple[str, str | None, list[int | None]]]:
 def check_bounds(model, m: Manifest, root: Path, info: ModelInfo, name: str) -> None:
     """Refuse an IR whose dynamic dims are not bounded by the manifest's profile (check_io has
     made sure they are dynamic; an unbounded or differently bounded one is not this export)."""
-    shapes = m.profile.shapes(SPECS[name], info, "inputs")
+    shapes = m.profile.shapes(info.specs[name], info, "inputs")
     for port in model.inputs:
         tname = sorted(port.get_names())[0]
         lo, _, hi = shapes[tname]
@@ -182,7 +182,7 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
     hint = rebuild_hint(m, root, info, FORMAT)
     core = ov.Core()
     out = {}
-    for name in SPECS:
+    for name in info.specs:
         path = m.file(root, name)
         if m.precision(name) not in OV_HINT:
             raise ArtifactMismatch(f"engines: {root} lists {name} in {m.precision(name).value}, which the openvino "
@@ -195,9 +195,9 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
         check_io(m, root, info, name, _ov_io(model.inputs), _ov_io(model.outputs))
         check_bounds(model, m, root, info, name)
         # The hint follows the checked precision (the manifest's own hint field is informative).
-        engine = OpenVinoEngine(SPECS[name], model, core, compile_config(OV_HINT[m.precision(name)], threads),
+        engine = OpenVinoEngine(info.specs[name], model, core, compile_config(OV_HINT[m.precision(name)], threads),
                                 info, device, m.precision(name), m.profile, static_shapes)
         with engine._lock:  # the tuned shape now: a broken IR fails on load, not mid-generation
-            engine.request_for(tuple(s[1] for s in m.profile.shapes(SPECS[name], info, "inputs").values()))
+            engine.request_for(tuple(s[1] for s in m.profile.shapes(info.specs[name], info, "inputs").values()))
         out[name] = engine
     return out

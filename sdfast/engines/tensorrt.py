@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ..artifacts import check_precision, gpu_record, load_manifest
-from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, size_multiple
+from ..components import ComponentSpec, Precision, ShapeProfile, size_multiple
 from ..errors import InvalidArgument
 from ..models import ModelInfo
 from .base import ExportedEngine
@@ -149,7 +149,7 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
     manifest = load_manifest(root, info, "tensorrt", device=gpu_record(device.index or 0))
     check_precision(manifest, root, precision, "plans")
     return {
-        name: TensorRTEngine(SPECS[name], manifest.file(root, name).read_bytes(), manifest.components[name], info,
+        name: TensorRTEngine(info.specs[name], manifest.file(root, name).read_bytes(), manifest.components[name], info,
                              device, manifest.precision(name), manifest.profile, clone_outputs)
-        for name in SPECS
+        for name in info.specs
     }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..components import SPECS, ComponentSpec, Precision
+from ..components import ComponentSpec, Precision
 from ..errors import InvalidArgument
 from ..models import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
 from .base import engine_inputs
@@ -77,14 +77,17 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
         raise InvalidArgument("engines: the torch backend runs the model folder directly; drop --engines")
     check_dtype_supported(device, precision)
     mods = modules or load_torch_modules(info, dtype=precision.torch_dtype, device=device)
+    if modules is None and precision is Precision.FP16 and info.vae_force_upcast:
+        mods["vae"] = mods["vae"].float()  # the VAE config says it overflows fp16 (SDXL's): diffusers upcasts too
     set_attention(mods, attention)
+    vae_precision = Precision.FP32 if mods["vae"].dtype == torch.float32 else precision
     return {
-        name: TorchEngine(SPECS[name], module, device, precision)
-        for name, module in component_modules(mods).items()
+        name: TorchEngine(info.specs[name], module, device, vae_precision if name.startswith("vae") else precision)
+        for name, module in component_modules(mods, info.family).items()
     }
 
 
 def load_component(info: ModelInfo, name: str, device: torch.device, precision: Precision) -> TorchEngine:
     """One eager engine, loading only the module it needs (the fp32 VAE fallback of fp16 runs)."""
     mods = load_torch_modules(info, dtype=precision.torch_dtype, device=device, parts=(COMPONENT_MODULE[name],))
-    return TorchEngine(SPECS[name], component_modules(mods)[name], device, precision)
+    return TorchEngine(info.specs[name], component_modules(mods, info.family)[name], device, precision)

@@ -45,7 +45,7 @@ from ..artifacts import (
     staging_dir,
     tensor_records,
 )
-from ..components import SPECS, ComponentSpec, Precision, ShapeProfile, sample_inputs, size_multiple
+from ..components import ComponentSpec, Precision, ShapeProfile, sample_inputs, size_multiple
 from ..errors import InvalidArgument
 from ..hardware import resolve_device
 from ..models import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
@@ -125,13 +125,13 @@ def prepare_module(info: ModelInfo, name: str, dtype: torch.dtype, device: torch
             module.fuse_qkv_projections()
         if options.channels_last:
             module.to(memory_format=torch.channels_last)
-    return component_modules({part: module})[name]
+    return component_modules({part: module}, info.family)[name]
 
 
 def export_component(module: torch.nn.Module, name: str, info: ModelInfo, profile: ShapeProfile,
                      dtype: torch.dtype, device: torch.device, dest: Path, configs: dict[str, Any]) -> Path:
     """torch.export one component and compile it into the package ``dest``."""
-    spec = SPECS[name]
+    spec = info.specs[name]
     # Export specializes a dim whose sample value is 1; trace at the max shape when a dynamic
     # dim's opt is 1 (an unguided batch of one image, say).
     dims = profile.component_dims(spec, info)
@@ -154,8 +154,9 @@ def package_metadata(spec: ComponentSpec) -> dict[str, str]:
 
 def export_inductor(info: ModelInfo, out: Path | str, profile: ShapeProfile,
                     options: InductorExportOptions = InductorExportOptions(), model_arg: str | None = None,
-                    components: tuple[str, ...] = tuple(SPECS)) -> Path:
+                    components: tuple[str, ...] | None = None) -> Path:
     """Compile every component into ``out`` (replaced atomically), sealed with a manifest."""
+    components = components or tuple(info.specs)
     device = resolve_device(options.device)
     profile.validate(info)
     out = check_export_out(out, protect=info.path)  # before any work: never replace what we did not write

@@ -43,7 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..artifacts import Manifest, check_export_out, export_command, model_record, staging_dir, tensor_records
-from ..components import SPECS, Precision, ShapeProfile, sample_inputs
+from ..components import Precision, ShapeProfile, sample_inputs
 from ..errors import InvalidArgument
 from ..models import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
 
@@ -112,13 +112,13 @@ def prepare_module(info: ModelInfo, name: str, dtype: torch.dtype) -> torch.nn.M
         mod.set_attn_implementation("eager")
     else:
         mod.set_attn_processor(AttnProcessor())
-    return component_modules({part: mod})[name]
+    return component_modules({part: mod}, info.family)[name]
 
 
 def trace_component(module: torch.nn.Module, name: str, info: ModelInfo, profile: ShapeProfile,
                     dtype: torch.dtype, raw: Path, options: OnnxExportOptions) -> None:
     """Trace one component with the legacy exporter into ``raw`` (unoptimized)."""
-    spec = SPECS[name]
+    spec = info.specs[name]
     inputs = sample_inputs(spec, info, profile, which=1, dtype=dtype)
     raw.parent.mkdir()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
@@ -191,8 +191,9 @@ def _finish(raw: Path, dest: Path, options: OnnxExportOptions) -> list[Path]:
 
 def export_onnx(info: ModelInfo, out: Path | str, profile: ShapeProfile,
                 options: OnnxExportOptions = OnnxExportOptions(), model_arg: str | None = None,
-                components: tuple[str, ...] = tuple(SPECS)) -> Path:
-    """Export all four components into ``out`` (replaced atomically) and seal it with a manifest."""
+                components: tuple[str, ...] | None = None) -> Path:
+    """Export every component of the model family into ``out`` (replaced atomically) and seal it with a manifest."""
+    components = components or tuple(info.specs)
     options.validate()
     profile.validate(info)
     out = check_export_out(out, protect=info.path)  # before any work: never replace what we did not write

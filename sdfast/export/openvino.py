@@ -49,7 +49,7 @@ from ..artifacts import (
     tensor_records,
     versions,
 )
-from ..components import SPECS, Precision, ShapeProfile, sample_inputs
+from ..components import Precision, ShapeProfile, sample_inputs
 from ..errors import InvalidArgument
 from ..models import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
 
@@ -98,7 +98,7 @@ def convert_component(module: torch.nn.Module, name: str, info: ModelInfo, profi
     import openvino as ov
     from openvino.preprocess import PrePostProcessor
 
-    spec = SPECS[name]
+    spec = info.specs[name]
     inputs = sample_inputs(spec, info, profile, which=1)
     args = tuple(inputs[n] for n in spec.input_names)
     with warnings.catch_warnings(), torch.no_grad():
@@ -132,7 +132,7 @@ def export_component(info: ModelInfo, name: str, profile: ShapeProfile, precisio
 
     part = COMPONENT_MODULE[name]
     mods = load_torch_modules(info, dtype=torch.float32, device="cpu", parts=(part,))
-    module = component_modules(mods)[name]
+    module = component_modules(mods, info.family)[name]
     # The IR shares the module's weight memory (convert_model's share_weights), so one copy of
     # the weights is resident and the module must outlive the save.
     model = convert_component(module, name, info, profile, precision)
@@ -143,8 +143,9 @@ def export_component(info: ModelInfo, name: str, profile: ShapeProfile, precisio
 
 def export_openvino(info: ModelInfo, out: Path | str, profile: ShapeProfile,
                     options: OpenVinoExportOptions = OpenVinoExportOptions(), model_arg: str | None = None,
-                    components: tuple[str, ...] = tuple(SPECS)) -> Path:
+                    components: tuple[str, ...] | None = None) -> Path:
     """Convert every component into ``out`` (replaced atomically) and seal it with a manifest."""
+    components = components or tuple(info.specs)
     options.validate()
     profile.validate(info)
     out = check_export_out(out, protect=info.path)  # before any work: never replace what we did not write

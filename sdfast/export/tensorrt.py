@@ -31,7 +31,7 @@ from ..artifacts import (
     staging_dir,
     tensor_records,
 )
-from ..components import SPECS, Precision, ShapeProfile
+from ..components import Precision, ShapeProfile
 from ..errors import ArtifactMismatch, InvalidArgument
 from ..models import ModelInfo, cache_dir
 
@@ -69,7 +69,7 @@ def import_tensorrt():
 
 def profile_triples(info: ModelInfo, profile: ShapeProfile, component: str) -> dict[str, tuple[tuple[int, ...], ...]]:
     """input name -> (min, opt, max) shapes: the arguments of ``IOptimizationProfile.set_shape``."""
-    return profile.shapes(SPECS[component], info, "inputs")
+    return profile.shapes(info.specs[component], info, "inputs")
 
 
 def onnx_covers(onnx_profile: ShapeProfile, profile: ShapeProfile) -> list[str]:
@@ -150,7 +150,7 @@ def export_tensorrt(info: ModelInfo, out: Path | str, profile: ShapeProfile,
         onnx_manifest = load_manifest(onnx_dir, info, "onnx")
         with staging_dir(out) as tmp:
             comps = {}
-            for name in SPECS:
+            for name in info.specs:
                 t0 = time.perf_counter()
                 plan = build_plan(onnx_manifest.file(onnx_dir, name), profile_triples(info, profile, name),
                                   options, timing_cache)
