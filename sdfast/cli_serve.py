@@ -80,17 +80,21 @@ def _sizes(values: list[str]) -> list[tuple[int, int]]:
 
 
 def config_from_args(args: argparse.Namespace):
-    from .serve.service import ServeConfig
+    from .serve.service import ServeConfig, check_config
 
     if not 0 < args.port < 65536:
         raise InvalidArgument(f"port: must be from 1 to 65535 but is {args.port}")
-    return ServeConfig(model=args.model, backend=args.backend, engines=args.engines, device=args.device,
+    if args.replicas < 1 or args.num_cpus < 0 or args.num_gpus < 0:
+        raise InvalidArgument("replicas: must be >= 1, and num-cpus and num-gpus >= 0")
+    config = ServeConfig(model=args.model, backend=args.backend, engines=args.engines, device=args.device,
                        dtype=args.dtype, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                        max_queue=args.max_queue, timeout_s=args.timeout, api_key=args.api_key or None,
                        max_prompt_chars=args.max_prompt_chars, max_n=args.max_n, max_side=args.max_side,
                        max_steps=args.max_steps, warmup_sizes=_sizes(args.warmup_size),
                        batch_invariance=args.batch_invariance, attention=args.attention,
                        kernels=args.kernels)
+    check_config(config)
+    return config
 
 
 def run(args: argparse.Namespace) -> int:

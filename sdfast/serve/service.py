@@ -83,24 +83,34 @@ def use_batch_invariant_kernels() -> None:
 def load_pipeline(config: ServeConfig) -> Pipeline:
     from ..runtime import load
 
-    if config.kernels not in ("fast", "batch-invariant"):
-        raise InvalidArgument(f"kernels: must be 'fast' or 'batch-invariant', not {config.kernels!r}")
+    check_config(config)
     if config.kernels == "batch-invariant":
         use_batch_invariant_kernels()
     return load(config.model, backend=config.backend, device=config.device, dtype=config.dtype,
                 engines=config.engines, attention=config.attention)
 
 
+def check_config(config: ServeConfig) -> None:
+    """Refuse bad settings before any weights load (the CLI's flag names in the messages)."""
+    if config.batch_invariance not in ("require", "allow"):
+        raise InvalidArgument(f"batch-invariance: must be 'require' or 'allow', not {config.batch_invariance!r}")
+    if config.kernels not in ("fast", "batch-invariant"):
+        raise InvalidArgument(f"kernels: must be 'fast' or 'batch-invariant', not {config.kernels!r}")
+    for arg in ("max_batch", "max_queue", "max_n", "max_prompt_chars", "max_steps"):
+        v = getattr(config, arg)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise InvalidArgument(f"{arg.replace('_', '-')}: must be an integer >= 1 but is {v!r}")
+    if config.max_side is not None and config.max_side < 64:
+        raise InvalidArgument(f"max-side: must be at least 64 pixels but is {config.max_side}")
+    if config.max_wait_ms < 0:
+        raise InvalidArgument(f"max-wait-ms: must be >= 0 but is {config.max_wait_ms}")
+    if config.timeout_s <= 0:
+        raise InvalidArgument(f"timeout: must be > 0 seconds but is {config.timeout_s}")
+
+
 class ImageService:
     def __init__(self, pipe: Pipeline, config: ServeConfig):
-        if config.batch_invariance not in ("require", "allow"):
-            raise InvalidArgument(f"batch-invariance: must be 'require' or 'allow', not {config.batch_invariance!r}")
-        for arg in ("max_batch", "max_queue", "max_n", "max_prompt_chars", "max_steps"):
-            v = getattr(config, arg)
-            if not isinstance(v, int) or v < 1:
-                raise InvalidArgument(f"{arg.replace('_', '-')}: must be an integer >= 1 but is {v!r}")
-        if config.max_wait_ms < 0 or config.timeout_s <= 0:
-            raise InvalidArgument("max-wait-ms must be >= 0 and timeout must be > 0 seconds")
+        check_config(config)
         self.pipe = pipe
         self.config = config
         self.info = pipe.info
@@ -163,30 +173,33 @@ class ImageService:
             return
         if self.max_images < 2:
             return
-        if self.pipe.device.type == "cpu" and self.config.kernels == "fast" \
-                and self.config.batch_invariance == "require":
-            # Measured (sdfast/serve/service.py, use_batch_invariant_kernels): oneDNN and MKL rows
-            # depend on the batch size here, and a short probe can pass by luck of rounding.
+        if self.config.batch_invariance == "allow":
+            # Told to batch whatever the arithmetic does: no probe (it costs 2k loops at start-up),
+            # but the largest batch's shapes are warmed up too.
+            self.pipe.warmup(height=size[0], width=size[1], batch=self.max_images, steps=2)
+            self.batcher.run_batch = self._run_batch
+            log.info("batching up to %d images without checking batch invariance", self.max_images)
+            return
+        if self.pipe.device.type == "cpu" and self.config.kernels == "fast":
+            # Measured (see use_batch_invariant_kernels): oneDNN and MKL rows depend on the batch
+            # size on a CPU, and a short probe can pass by luck of rounding.
             self.batch_invariant = False
             self.metrics.batch_invariant.set(0)
             log.warning("CPU kernels 'fast' are not batch-invariant: batching is off; use --kernels "
                         "batch-invariant for exact batching, or --batch-invariance allow to batch anyway")
             return
-        latents_same, images_same = probe_batch_invariance(self.pipe, size, self.max_images)
-        if latents_same and not images_same:
-            # The loop is exact but decoding all rows in one VAE call is not (measured: a 1-row
-            # decode differs from the same row among others). Decode each request's rows on their
-            # own, as its lone run does; this costs a second VAE pass per batched image.
-            self.redecode = True
-            latents_same, images_same = probe_batch_invariance(self.pipe, size, self.max_images, self._run_batch)
-        self.batch_invariant = latents_same and images_same
+        probe = probe_batch_invariance(self.pipe, size, self.max_images)
+        # The loop can be exact while decoding all rows in one VAE call is not (measured: a 1-row
+        # decode differs from the same row among others). Then decode each request's rows on
+        # their own, as its lone run does, at the cost of a second VAE pass per batched image.
+        self.redecode = probe.latents and not probe.images and probe.own_decode
+        self.batch_invariant = probe.latents and (probe.images or probe.own_decode)
         self.metrics.batch_invariant.set(int(self.batch_invariant))
-        if self.batch_invariant or self.config.batch_invariance == "allow":
+        if self.batch_invariant:
             self.batcher.run_batch = self._run_batch
-        if not self.batch_invariant:
+        else:
             log.warning("batched rows differ from lone runs on these engines (kernels are not batch-invariant "
-                        "here); %s", "batching anyway (--batch-invariance allow)" if self.batcher.run_batch
-                        else "batching is off; pass --batch-invariance allow to batch anyway")
+                        "here): batching is off; pass --batch-invariance allow to batch anyway")
 
     def _run_batch(self, requests: list[Request]) -> list[GenerationOutput]:
         outs = self.pipe.run_batch(requests)
@@ -304,35 +317,41 @@ class ImageService:
                 "batch_invariant": self.batch_invariant, "queue_depth": self.batcher.depth}
 
 
-def probe_batch_invariance(pipe: Pipeline, size: tuple[int, int], k: int,
-                           run_batch=None) -> tuple[bool, bool]:
+@dataclass
+class ProbeResult:
+    latents: bool  # every batched latent equals its lone run's
+    images: bool  # every image from run_batch equals its lone run's
+    own_decode: bool  # every image equals when each request's latents are decoded on their own
+
+
+def probe_batch_invariance(pipe: Pipeline, size: tuple[int, int], k: int) -> ProbeResult:
     """Run k short requests (distinct seeds and guidance scales) alone, then the first 2, 3, ...
-    k of them as one batch each; return whether every batched (latent, image) is bit-identical
-    to its lone run. That depends on the kernels (a CPU GEMM may pick another blocking for
-    another row count), so it is measured on the engines actually served, not assumed. Every
-    batch size is tried because kernels switch at sizes of their own (bf16 oneDNN on this
-    project's CPU: 2 requests differ, 4 and 8 agree). It is evidence, not proof: a kernel whose
-    rounding differs only for some values can pass it."""
+    k of them as one batch each, and compare bit for bit with the lone runs. That depends on the
+    kernels (a CPU GEMM may pick another blocking for another row count), so it is measured on
+    the engines actually served, not assumed. Every batch size is tried because kernels switch
+    at sizes of their own (bf16 oneDNN on this project's CPU: 2 requests differ, 4 and 8 agree).
+    It is evidence, not proof: a kernel whose rounding differs only for some values can pass."""
     import numpy as np
     import torch
 
+    def same(a, b) -> bool:
+        return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True))
+
     h, w = size
-    run_batch = run_batch or pipe.run_batch
     # 6 steps of the default scheduler (LMS's multistep history is in play from the second step):
     # rounding-boundary differences are rare events, so a longer run has more chances to show one.
     reqs = [Request.build(pipe.info, prompt=f"probe {i}", height=h, width=w, steps=6,
                           guidance_scale=7.5 + i % 4, seed=1000 + i) for i in range(k)]
     alone = [pipe.run(r) for r in reqs]
-    latents = images = True
+    result = ProbeResult(True, True, True)
     t0 = time.perf_counter()
     for n in range(2, k + 1):
-        together = run_batch(reqs[:n])
-        latents &= all(torch.equal(a.latents, b.latents) for a, b in zip(alone, together, strict=False))
-        images &= all(np.array_equal(np.asarray(ia), np.asarray(ib))
-                      for a, b in zip(alone, together, strict=False) for ia, ib in zip(a.images, b.images, strict=True))
-    log.info("batch-invariance probe (batches of 2..%d) took %.2f s: latents %s, images %s", k,
-             time.perf_counter() - t0, "identical" if latents else "differ", "identical" if images else "differ")
-    return latents, images
+        for a, b in zip(alone, pipe.run_batch(reqs[:n]), strict=False):
+            result.latents &= torch.equal(a.latents, b.latents)
+            result.images &= same(a.images, b.images)
+            result.own_decode &= same(a.images, pipe.to_pil(pipe.decode(b.latents)))
+    log.info("batch-invariance probe (batches of 2..%d) took %.2f s: %s", k, time.perf_counter() - t0, result)
+    return result
 
 
 def _profile(pipe: Pipeline):
