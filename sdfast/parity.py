@@ -24,7 +24,8 @@ import torch
 from .components import Precision, ShapeProfile
 
 #: tier-1 max-abs bounds for fp32 components (DESIGN.md, "Parity").
-FP32_COMPONENT_ATOL = {"text_encoder": 1e-3, "unet": 1e-4, "vae_decoder": 3e-4, "vae_encoder": 3e-4}
+FP32_COMPONENT_ATOL = {"text_encoder": 1e-3, "text_encoder_2": 1e-3, "unet": 1e-4, "vae_decoder": 3e-4,
+                       "vae_encoder": 3e-4}
 FP32_MAX_PIXEL = 2  # of 255
 FP16_MIN_PSNR = 35.0  # dB
 #: PSNR of identical images is infinite; reports cap it so JSON stays standard.
@@ -113,37 +114,45 @@ def _component_row(name: str, label: str, precision: Precision, ref: torch.Tenso
 
 @torch.inference_mode()
 def component_parity(ref_pipe, pipe, profile: ShapeProfile, precisions: dict[str, Precision]) -> list[Row]:
-    """Tier 1: each engine of ``pipe`` against the eager fp32 engine of ``ref_pipe`` on equal inputs."""
+    """Tier 1: each engine of ``pipe`` against the eager fp32 engine of ``ref_pipe`` on equal
+    inputs: the text encoders on the guided call's tokens, the U-Net on the conditioning the
+    model family builds from them (SDXL: pooled text and size ids too), the VAE both ways."""
+    from .request import Request
+
     info = ref_pipe.info
     b, h, w = profile.opt_batch, profile.opt_height, profile.opt_width
     f = info.vae_scale_factor
     g = torch.Generator("cpu").manual_seed(0)
     rows = []
 
-    def both(name: str, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = ref_pipe.engines[name].spec.output_names[0]
-        ref = ref_pipe.engines[name](**inputs)[key].cpu()
-        out = pipe.engines[name](**{k: v.to(pipe.device) for k, v in inputs.items()})[key].cpu()
-        return ref, out
+    def both(name: str, **inputs: torch.Tensor) -> None:
+        ref = ref_pipe.engines[name](**inputs)
+        out = pipe.engines[name](**{k: v.to(pipe.device) for k, v in inputs.items()})
+        for key in ref_pipe.engines[name].spec.output_names:  # every output, e.g. SDXL's pooled text too
+            label = name if len(ref) == 1 else f"{name}.{key}"
+            rows.append(_component_row(name, label, precisions[name], ref[key].cpu(), out[key].cpu()))
+        return ref
 
     prompts = [PARITY_PROMPTS[i % len(PARITY_PROMPTS)] for i in range(b)]
-    ids = ref_pipe.tokenize([""] * b + prompts).cpu()  # (2B, S): the guided call
-    ref_text, out_text = both("text_encoder", input_ids=ids)
-    rows.append(_component_row("text_encoder", "text_encoder", precisions["text_encoder"], ref_text, out_text))
+    req = Request.build(info, prompt=prompts, negative_prompt="", height=h, width=w, long_prompt="truncate")
+    batch = ref_pipe.text.prepare([req], True, "truncate")  # the guided call's distinct texts
+    encoders = [c for c in info.specs if c.startswith("text_encoder")]
+    for name, ids in zip(encoders, batch.ids, strict=True):
+        both(name, input_ids=ids.reshape(-1, ids.shape[-1]).cpu())  # (U, S)
+    cond = {k: v.cpu() for k, v in ref_pipe.text.encode(ref_pipe.engines, batch).items()}  # the U-Net's inputs
 
     latents = torch.randn((2 * b, info.latent_channels, h // f, w // f), generator=g)  # (2B, C, h, w)
     n_train = int(info.scheduler_config.get("num_train_timesteps", 1000))
     for frac in UNET_TIMESTEP_FRACTIONS:
         t = torch.tensor([float(round(frac * (n_train - 1)))])
-        ref, out = both("unet", sample=latents, timestep=t, encoder_hidden_states=ref_text)
-        rows.append(_component_row("unet", f"unet t={int(t.item())}", precisions["unet"], ref, out))
+        n = len(rows)
+        both("unet", sample=latents, timestep=t, **cond)
+        rows[n].name = f"unet t={int(t.item())}"
 
     z = torch.randn((b, info.latent_channels, h // f, w // f), generator=g)  # (B, C, h, w), unscaled
-    ref_img, out_img = both("vae_decoder", latent=z)
-    rows.append(_component_row("vae_decoder", "vae_decoder", precisions["vae_decoder"], ref_img, out_img))
+    ref_img = both("vae_decoder", latent=z)["image"].cpu()
     image = ref_img[:1].clamp(-1, 1)  # (1, 3, H, W): a decoded image, as img2img feeds the encoder
-    ref_m, out_m = both("vae_encoder", image=image)
-    rows.append(_component_row("vae_encoder", "vae_encoder", precisions["vae_encoder"], ref_m, out_m))
+    both("vae_encoder", image=image)
     return rows
 
 

@@ -108,7 +108,7 @@ def prepare_module(info: ModelInfo, name: str, dtype: torch.dtype) -> torch.nn.M
 
     part = COMPONENT_MODULE[name]
     mod = load_torch_modules(info, dtype=dtype, device="cpu", parts=(part,))[part]
-    if part == "text_encoder":
+    if part.startswith("text_encoder"):
         mod.set_attn_implementation("eager")
     else:
         mod.set_attn_processor(AttnProcessor())
