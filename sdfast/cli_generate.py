@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-p", "--prompt", dest="prompts", action="append", default=None, metavar="PROMPT",
                    help="one prompt of a batch; repeat for several (instead of the positional PROMPT)")
     add_model_arguments(p, backend_from_engines=True)
+    p.add_argument("--variant", default=None, metavar="NAME",
+                   help="weight files variant to load, e.g. fp16 for *.fp16.safetensors (default: plain weights, "
+                        "or the only variant a folder holds)")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (default: empty)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's native size)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's native size)")
@@ -39,13 +42,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"classifier-free guidance g in u + g(t - u), 0..{MAX_GUIDANCE:g}; <= 1 turns guidance off "
                         "(default 7.5). Past ~20 images oversaturate; past the bound the latents leave their "
                         "range by orders of magnitude and the result is noise or an fp16 overflow")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    p.add_argument("-s", "--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     p.add_argument("--scheduler", default="lms", choices=list(SCHEDULERS), help="sampling algorithm (default lms)")
     p.add_argument("--init-image", default=None, metavar="PNG", help="img2img: start from this image (PNG, JPEG, ...; 16-bit scaled to 8, "
                         "transparency composited on white)")
     p.add_argument("--strength", type=float, default=0.8,
                    help="img2img: how much of the init image to repaint, in (0, 1] (default 0.8)")
-    p.add_argument("--num-images", type=int, default=1, metavar="N",
+    p.add_argument("-n", "--num-images", type=int, default=1, metavar="N",
                    help="images per prompt, each from its own noise (default 1); written as OUT-0.png, ...")
     p.add_argument("--long-prompt", default="chunk", choices=["chunk", "truncate"],
                    help="prompts longer than the text encoder takes (77 tokens in SD): encode them in chunks "
@@ -56,7 +59,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch backend attention: PyTorch SDPA (default), xformers, or the plain math path")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="capture the guided step as a CUDA graph (default: on for CUDA devices)")
-    p.add_argument("--out", default="out.png", help="output PNG (default out.png)")
+    sdxl = p.add_argument_group("SDXL models (diffusers' names; refused on SD 1.x/2.x)")
+    sdxl.add_argument("--prompt-2", default=None, help="prompt of the second text encoder (default: the prompt)")
+    sdxl.add_argument("--negative-prompt-2", default=None,
+                      help="negative prompt of the second text encoder (default: the negative prompt)")
+    for flag, what in (("--original-size", "H W the image is conditioned as having had (default: the size)"),
+                       ("--crops-coords-top-left", "TOP LEFT crop the image is conditioned on (default 0 0)"),
+                       ("--target-size", "H W the image is conditioned to have (default: the size)")):
+        sdxl.add_argument(flag, type=int, nargs=2, default=None, metavar=("A", "B"), help=what)
+    p.add_argument("-o", "--out", default="out.png", help="output PNG (default out.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
 
@@ -132,7 +143,6 @@ def check_outputs(args: argparse.Namespace, n: int) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import __version__
     from .artifacts import output_group
     from .media import write_animation, write_png
     from .models import resolve_model
@@ -141,13 +151,16 @@ def run(args: argparse.Namespace) -> int:
 
     prompts = prompts_from_args(args)
     outs = check_outputs(args, len(prompts) * max(1, args.num_images))  # a bad N is refused by Request.build
-    info = resolve_model(args.model)
+    info = resolve_model(args.model, variant=args.variant)
     # Every rule is checked here, before loading weights and before the run writes anything.
     req = Request.build(info, prompt=prompts if len(prompts) > 1 else prompts[0],
                         negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                         steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
                         scheduler=args.scheduler, image=args.init_image, strength=args.strength,
-                        num_images_per_prompt=args.num_images, long_prompt=args.long_prompt)
+                        num_images_per_prompt=args.num_images, long_prompt=args.long_prompt,
+                        prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2,
+                        original_size=args.original_size, target_size=args.target_size,
+                        crops_coords_top_left=args.crops_coords_top_left or (0, 0))
     backend = resolve_backend(args.backend, args.engines)
     pipe = load(info, backend=backend, device=args.device, dtype=args.dtype, engines=args.engines,
                 attention=args.attention, cuda_graphs=args.cuda_graphs)
@@ -161,16 +174,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = pipe.run(req, callback=on_step if want_frames else None, progress=not args.quiet)
 
-    meta = {
-        "prompt": req.prompts[0] if req.batch == 1 else req.prompts,
-        "negative_prompt": req.negative_prompts[0] if req.batch == 1 else req.negative_prompts,
-        "seed": req.seed, "steps": req.steps, "guidance_scale": req.guidance_scale,
-        "scheduler": req.scheduler, "height": req.height, "width": req.width,
-        "model": pipe.info.name, "backend": pipe.backend, "dtype": pipe.precision.value,
-        "sdfast_version": __version__,
-    }
-    if req.image is not None:
-        meta.update(init_image=str(args.init_image), strength=req.strength)
+    extra = {"init_image": str(args.init_image)} if req.image is not None else {}
     written = [str(p) for p in outs]
     # All outputs appear together at the end, or none (a failed write discards every one).
     with output_group() as group:
@@ -184,9 +188,7 @@ def run(args: argparse.Namespace) -> int:
             write_animation(frames + [out.images[0]], group.path(args.animation), Path(args.animation).suffix)
             written.append(str(args.animation))
         for k, (img, path) in enumerate(zip(out.images, outs, strict=True)):
-            m = dict(meta, prompt=req.prompts[k], negative_prompt=req.negative_prompts[k], batch_index=k) \
-                if req.batch > 1 else meta
-            write_png(img, group.path(path), m)
+            write_png(img, group.path(path), {**out.metadata(k), **extra})  # the same metadata as out.save()
     if not args.quiet:
         t = out.timings
         chosen = f"{pipe.precision.value}, chosen by --dtype auto" if args.dtype == "auto" else pipe.precision.value

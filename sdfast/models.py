@@ -268,8 +268,9 @@ def builtin_models() -> dict[str, str]:
     }
 
 
-def resolve_model(model: str | os.PathLike) -> ModelInfo:
-    """A folder path, a built-in name, or a hub id → a checked ModelInfo."""
+def resolve_model(model: str | os.PathLike, variant: str | None = None) -> ModelInfo:
+    """A folder path, a built-in name, or a hub id → a checked ModelInfo. ``variant`` picks
+    weight files such as ``*.fp16.safetensors`` (default: plain ones, or the only variant there)."""
     text = os.fspath(model)
     if text == "tiny":
         if (PACKAGED_TINY / "model_index.json").is_file():
@@ -285,9 +286,9 @@ def resolve_model(model: str | os.PathLike) -> ModelInfo:
     if path.exists():
         if not path.is_dir():
             raise MissingFile(f"model: {path} is a file; pass the model *folder* (the one holding model_index.json)")
-        return ModelInfo.from_folder(path)
+        return ModelInfo.from_folder(path, variant=variant)
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        return ModelInfo.from_folder(_download(text), name=text)
+        return ModelInfo.from_folder(_download(text), name=text, variant=variant)
     raise MissingFile(
         f"model: no folder at {text!r}; pass a diffusers model folder, a hub id such as "
         f"'org/name', or a built-in name ({', '.join(builtin_models())})"

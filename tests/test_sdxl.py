@@ -162,3 +162,17 @@ def test_the_graphed_step_equals_the_plain_loop_on_sdxl(sdxl, sdxl_folder):
         ref = pipe.generate("a red circle", steps=3, seed=2, **kw)
         out = graphed.generate("a red circle", steps=3, seed=2, **kw)
         assert torch.equal(out.latents, ref.latents)
+
+
+def test_cli_takes_the_sdxl_flags_and_records_them(sdxl_folder, tmp_path):
+    from sdfast.cli import main
+    from sdfast.media import read_png_metadata
+
+    out = tmp_path / "x.png"
+    rc = main(["generate", "a red circle", "--model", str(sdxl_folder), "--steps", "2", "--dtype", "fp32",
+               "--prompt-2", "a blue square", "--original-size", "128", "96", "--crops-coords-top-left", "4", "8",
+               "--target-size", "64", "80", "-o", str(out), "--quiet"])
+    assert rc == 0
+    meta = read_png_metadata(out)
+    assert meta["prompt_2"] == "a blue square" and meta["original_size"] == [128, 96]
+    assert meta["crops_coords_top_left"] == [4, 8] and meta["target_size"] == [64, 80]
