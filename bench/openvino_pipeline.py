@@ -16,7 +16,8 @@ inference on an AMX CPU) plus ``INFERENCE_NUM_THREADS`` = ``--threads`` so that 
 the same cores, and called from diffusers' own ``StableDiffusionPipeline.__call__`` with numpy
 in and out (``share_inputs``/``share_outputs``), as its OVModelPart wrappers do.
 
-Stages are timed like ``sdfast bench``: sdfast rows by ``generate(profile=True)``, the two
+Rows are interleaved (each timed round runs every row once) so that load drifting on a shared
+CPU touches all rows alike; stages are p50 over the rounds, timed like ``sdfast bench``: sdfast rows by ``generate(profile=True)``, the two
 diffusers-loop rows by forward hooks on the text encoder, U-Net and VAE decoder
 (``sdfast.bench.diffusers_runner``).
 """
@@ -30,6 +31,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,12 +39,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdfast.bench import (  # noqa: E402
+    STAGES,
     BenchConfig,
     add_throughput,
     device_peak,
     diffusers_pipeline,
     diffusers_runner,
-    measure,
+    percentile,
     sdfast_runner,
 )
 from sdfast.components import SPECS, ShapeProfile, sample_inputs  # noqa: E402
@@ -180,40 +183,45 @@ def main() -> None:
     peak = device_peak(CPU, torch.bfloat16)
     wanted = a.rows.split(",")
     print(f"load before: {os.getloadavg()}  threads {a.threads}  bf16 peak {peak.tflops:.3f} TFLOP/s", flush=True)
+    runners: dict[str, Any] = {}
+    extras: dict[str, dict[str, Any]] = {}
+    if "optimum" in wanted:  # first: its conversion holds fp32 copies of every module for a while
+        pipe, convert_s, hint = optimum_style_pipeline(info, cfg.scheduler, a.batch, a.height, a.width, a.threads)
+        print(f"optimum-style conversion + compile: {convert_s:.0f} s; U-Net inference precision {hint}", flush=True)
+        runners["OpenVINO, optimum-intel style"] = diffusers_runner(pipe, cfg, a.batch, a.height, a.width, CPU)
+        extras["OpenVINO, optimum-intel style"] = {"convert_s": convert_s, "inference_precision": hint}
+    if "diffusers" in wanted or "torch" in wanted:
+        modules = load_torch_modules(info, dtype=torch.bfloat16)  # shared by both rows, as in sdfast bench
+        if "diffusers" in wanted:
+            runners["diffusers bf16"] = diffusers_runner(diffusers_pipeline(info, modules, cfg.scheduler), cfg,
+                                                         a.batch, a.height, a.width, CPU)
+        if "torch" in wanted:
+            runners["sdfast torch bf16"] = sdfast_runner(sdfast.load(info, backend="torch", dtype="bf16",
+                                                                     modules=modules), cfg, a.batch, a.height, a.width)
+    if "sdfast-openvino" in wanted:
+        runners["sdfast openvino bf16"] = sdfast_runner(sdfast.load(info, backend="openvino", dtype="bf16",
+                                                                    engines=a.engines), cfg, a.batch, a.height, a.width)
+    gc.collect()
+    # Interleaved: every round runs each row once, so load that drifts on a shared CPU touches
+    # every row alike (rows run one after another drifted by 2x on this machine).
+    for run in runners.values():
+        for _ in range(a.warmup):
+            run()
+    samples: dict[str, list[dict[str, float]]] = {k: [] for k in runners}
+    for _ in range(a.repeat):
+        for name, run in runners.items():
+            samples[name].append(run())
     rows = []
-
-    def record(name: str, runner, **extra) -> None:
-        row = {"backend": name, "dtype": "bf16", "batch": a.batch, **extra, **measure(runner, cfg, CPU),
-               "load": os.getloadavg()[0]}
+    for name, ss in samples.items():
+        row = {"backend": name, "dtype": "bf16", "batch": a.batch, **extras.get(name, {}),
+               "stages_ms": {k: percentile([x[k] for x in ss], 50) for k in STAGES},
+               "totals_ms": [x["total"] for x in ss]}
         add_throughput(row, flops, a.steps, a.batch, peak.tflops)
         rows.append(row)
         st = row["stages_ms"]
         print(f"{name:34s} text {st['text_encoder']:7.0f}  unet/step {st['unet_step']:7.0f}  "
               f"vae {st['vae_decode']:7.0f}  total {st['total']:8.0f} ms  ({row['share_of_peak']['unet']:.0%} of "
               f"peak in the U-Net)", flush=True)
-
-    if "diffusers" in wanted or "torch" in wanted:
-        modules = load_torch_modules(info, dtype=torch.bfloat16)
-        if "diffusers" in wanted:
-            record("diffusers bf16", diffusers_runner(diffusers_pipeline(info, modules, cfg.scheduler), cfg,
-                                                      a.batch, a.height, a.width, CPU))
-        if "torch" in wanted:
-            pipe = sdfast.load(info, backend="torch", dtype="bf16", modules=modules)
-            record("sdfast torch bf16", sdfast_runner(pipe, cfg, a.batch, a.height, a.width))
-            del pipe
-        del modules
-        gc.collect()
-    if "optimum" in wanted:
-        pipe, convert_s, hint = optimum_style_pipeline(info, cfg.scheduler, a.batch, a.height, a.width, a.threads)
-        print(f"optimum-style conversion + compile: {convert_s:.0f} s; U-Net inference precision {hint}", flush=True)
-        record("OpenVINO, optimum-intel style", diffusers_runner(pipe, cfg, a.batch, a.height, a.width, CPU),
-               convert_s=convert_s, inference_precision=hint)
-        del pipe
-        gc.collect()
-    if "sdfast-openvino" in wanted:
-        pipe = sdfast.load(info, backend="openvino", dtype="bf16", engines=a.engines)
-        record("sdfast openvino bf16", sdfast_runner(pipe, cfg, a.batch, a.height, a.width))
-        del pipe
     ref = next((r for r in rows if r["backend"] == "diffusers bf16"), None)
     for r in rows:
         r["speedup_vs_diffusers"] = ref["stages_ms"]["total"] / r["stages_ms"]["total"] if ref else None

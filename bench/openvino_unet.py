@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,16 +37,6 @@ from sdfast.components import SPECS, Precision, ShapeProfile, sample_inputs  # n
 from sdfast.models import component_modules, load_torch_modules, resolve_model  # noqa: E402
 
 UNET = SPECS["unet"]
-
-
-def timed(fn, repeat: int) -> tuple[float, float, torch.Tensor]:
-    out = fn()  # warm-up: allocation, lazy init, first-shape compilation
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), statistics.median(times), out
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
@@ -103,6 +94,20 @@ def compile_aoti(info, inputs, dest: str) -> None:
     print(f"compiled {dest} in {time.perf_counter() - t0:.0f} s")
 
 
+def interleaved(runners: dict[str, Any], rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each runner, one call of each per round (after one warm-up call
+    each): load that drifts on a shared CPU then touches every row alike."""
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for fn in runners.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in runners.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="random-sd15")
@@ -110,8 +115,8 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=256)
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--rows", default="eager,ov,settings", help="comma list of: eager,fp32,ov,settings")
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds (one call of every row each)")
+    ap.add_argument("--rows", default="eager,settings", help="comma list of: eager, fp32, settings")
     ap.add_argument("--onnx", help="an .onnx U-Net (sdfast export --format onnx) to convert too")
     ap.add_argument("--aoti", help="an AOTInductor package from --compile-aoti to time")
     ap.add_argument("--compile-aoti", metavar="PKG", help="only compile the AOTInductor bf16 package")
@@ -125,79 +130,82 @@ def main() -> None:
     if a.compile_aoti:
         compile_aoti(info, inputs, a.compile_aoti)
         return
-    rows_wanted = set(a.rows.split(","))
+    import openvino as ov
+
+    from sdfast.export.openvino import convert_component
+
+    wanted = set(a.rows.split(","))
     gflop = unet_gflop(info, inputs)
     peak = matmul_peak(torch.bfloat16)
     print(f"load before: {os.getloadavg()}  threads {a.threads}  U-Net {gflop:.0f} GFLOP  bf16 matmul peak "
           f"{peak:.3f} TFLOP/s", flush=True)
-    rows = []
-
-    def row(name: str, fn) -> None:
-        best, med, out = timed(fn, a.repeat)
-        err = (out.float() - ref).abs().max().item()
-        rows.append({"engine": name, "best_s": best, "median_s": med, "max_abs_vs_fp32": err,
-                     "share_of_bf16_peak": gflop / 1e3 / best / peak, "load": os.getloadavg()[0]})
-        print(f"{name:58s} best {best:6.3f} s  median {med:6.3f} s  {gflop / 1e3 / best / peak:5.1%} of peak  "
-              f"max|d| vs fp32 {err:.3g}", flush=True)
-
-    import openvino as ov
-
+    runners: dict[str, Any] = {}
     unet = component_modules(load_torch_modules(info, dtype=torch.float32, parts=("unet",)))["unet"]
     with torch.no_grad():
         ref = unet(*args).float()
-        if "eager" in rows_wanted:
-            row("eager torch fp32", lambda m=unet: m(*args))
         t0 = time.perf_counter()
-        from sdfast.export.openvino import convert_component
-
-        model = convert_component(unet, "unet", info, profile, Precision.FP32)
+        model = convert_component(unet, "unet", info, profile, Precision.FP32)  # batch interval [1, 2B]
         convert_s = time.perf_counter() - t0
         print(f"ov.convert_model from torch: {convert_s:.1f} s", flush=True)
+        static = model.clone()
+        static.reshape({i: ov.PartialShape(list(x.shape)) for i, x in enumerate(args)})
+        if "fp32" in wanted:
+            runners["eager torch fp32"] = lambda m=unet: m(*args)
+            runners["OpenVINO fp32 (static, sdfast settings)"] = ov_call(ov_engine(static, "f32", a.threads), args, False)
         # A copy: the IR shares the fp32 module's weight memory (convert_model's share_weights).
         ubf = copy.deepcopy(unet).to(torch.bfloat16)
         bargs = tuple(x.to(torch.bfloat16) for x in args)
-        if "eager" in rows_wanted:
-            row("eager torch bf16 (sdfast's torch backend)", lambda m=ubf: m(*bargs))
-        del ubf
-        gc.collect()
-    if "fp32" in rows_wanted:
-        row("OpenVINO fp32 (from torch, sdfast settings)", ov_call(ov_engine(model, "f32", a.threads), args, False))
-        gc.collect()
-    if "ov" in rows_wanted or "settings" in rows_wanted:
-        row("OpenVINO bf16 (from torch, sdfast settings)", ov_call(ov_engine(model, "bf16", a.threads), args, False))
-        gc.collect()
-    if "settings" in rows_wanted:
-        for label, kw in (("pinning on", {"pinning": True}),
-                          ("THROUGHPUT hint, default streams", {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": "AUTO"}),
-                          ("no hint, plugin defaults", {"PERFORMANCE_HINT": "LATENCY"})):
-            if label == "no hint, plugin defaults":
-                req = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16"}).create_infer_request()
-            else:
-                req = ov_engine(model, "bf16", a.threads, **kw)
-            row(f"OpenVINO bf16, {label}", ov_call(req, args, False))
-            del req
-            gc.collect()
-    del model, unet
-    gc.collect()
+        if "eager" in wanted:
+            runners["eager torch bf16 (sdfast's torch backend)"] = lambda m=ubf: m(*bargs)
+    if "settings" in wanted:
+        runners["OpenVINO bf16, static shapes, sdfast settings"] = ov_call(ov_engine(static, "bf16", a.threads), args, False)
+        runners["OpenVINO bf16, batch interval [1,2B], sdfast settings"] = ov_call(ov_engine(model, "bf16", a.threads), args, False)
+        runners["OpenVINO bf16, static, pinning on"] = ov_call(ov_engine(static, "bf16", a.threads, pinning=True), args, False)
+        runners["OpenVINO bf16, static, THROUGHPUT hint"] = ov_call(
+            ov_engine(static, "bf16", a.threads, PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS="AUTO"), args, False)
+        runners["OpenVINO bf16, static, THROUGHPUT hint, 1 stream, pinning on"] = ov_call(
+            ov_engine(static, "bf16", a.threads, pinning=True, PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS="1"),
+            args, False)
     if a.onnx:
         t0 = time.perf_counter()
         om = ov.convert_model(a.onnx)
+        om.reshape({i: ov.PartialShape(list(x.shape)) for i, x in enumerate(args)})
         print(f"ov.convert_model from ONNX: {time.perf_counter() - t0:.1f} s", flush=True)
-        row("OpenVINO bf16 (from sdfast's ONNX)", ov_call(ov_engine(om, "bf16", a.threads), args, False))
-        del om
-        gc.collect()
+        runners["OpenVINO bf16, static, from sdfast's ONNX"] = ov_call(ov_engine(om, "bf16", a.threads), args, False)
     if a.aoti:
         runner = torch._inductor.aoti_load_package(a.aoti)
-        bargs = tuple(x.to(torch.bfloat16) for x in args)
-        with torch.no_grad():
-            row("AOTInductor bf16, freezing (C++ wrapper)", lambda: runner(*bargs)[0])
-        del runner
+
+        def aoti():
+            with torch.no_grad():
+                out = runner(*bargs)
+            return out[0] if isinstance(out, (list, tuple)) else out
+        runners["AOTInductor bf16, freezing (C++ wrapper)"] = aoti
+    del model, static
+    if "fp32" not in wanted:
+        del unet  # the compiled models hold their own weights
+    gc.collect()
+    errors = {}
+    with torch.no_grad():
+        for name, fn in runners.items():
+            out = fn().float()
+            errors[name] = {"max_abs": (out - ref).abs().max().item(),
+                            "cosine": torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()}
+        times = interleaved(runners, a.repeat)
+    rows = []
+    base = min(times.get("eager torch bf16 (sdfast's torch backend)", [float("nan")]))
+    for name, ts in times.items():
+        best, med = min(ts), statistics.median(ts)
+        rows.append({"engine": name, "best_s": best, "median_s": med, "times_s": ts, **errors[name],
+                     "vs_eager_bf16": base / best, "share_of_bf16_peak": gflop / 1e3 / best / peak})
+        print(f"{name:54s} best {best:6.3f} s  median {med:6.3f} s  {base / best:5.2f}x eager bf16  "
+              f"{gflop / 1e3 / best / peak:5.1%} of peak  max|d| {errors[name]['max_abs']:.3g}  "
+              f"cos {errors[name]['cosine']:.6f}", flush=True)
     print(f"load after: {os.getloadavg()}")
     if a.json:
         Path(a.json).write_text(json.dumps({"model": a.model, "threads": a.threads, "batch": a.batch,
                                             "height": a.height, "width": a.width, "unet_gflop": gflop,
-                                            "bf16_peak_tflops": peak, "convert_s": convert_s, "rows": rows},
-                                           indent=2))
+                                            "bf16_peak_tflops": peak, "convert_s": convert_s,
+                                            "load_after": os.getloadavg(), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
