@@ -40,6 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--max-{dim}", type=int, default=None, help=f"largest {dim} served (default: --{dim})")
     p.add_argument("--min-size", type=int, default=None, help="smallest height and width served")
     p.add_argument("--max-size", type=int, default=None, help="largest height and width served")
+    p.add_argument("--min-chunks", type=int, default=1, metavar="K",
+                   help="shortest prompt served, in text-encoder chunks of 75 tokens (default 1)")
+    p.add_argument("--max-chunks", type=int, default=1, metavar="K",
+                   help="longest prompt served, in chunks of 75 tokens (default 1: up to 75 tokens; long prompts "
+                        "are encoded in chunks, see generate --long-prompt)")
     p.add_argument("--dynamic", action="store_true",
                    help=f"batch 1..{DYNAMIC_MAX_BATCH}, sides 1/{DYNAMIC_SIZE_FACTOR}x..{DYNAMIC_SIZE_FACTOR}x native")
     for record in BACKENDS.values():  # each exporter's own flags, from its backend record
@@ -83,7 +88,7 @@ def profile_from_args(args: argparse.Namespace, info) -> ShapeProfile:
             raise InvalidArgument(f"{side}: the profile must stay within {MIN_SIDE}..{MAX_SIDE} pixels "
                                   f"but is {lo[side]}..{hi[side]}")
     profile = ShapeProfile(lo["batch"], batch, hi["batch"], lo["height"], height, hi["height"],
-                           lo["width"], width, hi["width"])
+                           lo["width"], width, hi["width"], args.min_chunks, args.min_chunks, args.max_chunks)
     profile.validate(info)
     return profile
 

@@ -80,3 +80,19 @@ def test_a_prompt_longer_than_the_export_serves_is_refused_before_any_work(tiny_
     ort = sdfast.load(tiny_info.path, backend="onnxruntime", engines=onnx_fp16, dtype="fp16")
     with pytest.raises(InvalidArgument, match="chunks 2 is outside 1..1.*--min-chunks 1 --max-chunks 2"):
         ort.generate(long_prompt(tiny_pipe, "blue"), steps=2)
+
+
+def test_export_cli_serves_the_chunks_it_was_asked_for(tiny_info, tiny_pipe, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from sdfast.cli import main
+
+    out = tmp_path / "chunks"
+    assert main(["export", "--model", str(tiny_info.path), "--out", str(out), "--format", "onnx",
+                 "--height", "64", "--width", "64", "--max-chunks", "2"]) == 0
+    ort = sdfast.load(tiny_info.path, backend="onnxruntime", engines=out)
+    assert ort.engines["unet"].profile.chunks == (1, 1, 2)
+    ort.generate(long_prompt(tiny_pipe, "blue"), steps=2)  # two chunks: served
+    capsys.readouterr()
+    assert main(["export", "--model", str(tiny_info.path), "--out", str(tmp_path / "bad"), "--max-chunks", "0"]) == 2
+    assert "chunks: the profile needs 1 <= min <= opt <= max" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
