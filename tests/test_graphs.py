@@ -197,9 +197,12 @@ def test_capture_failure_falls_back_to_the_plain_loop_with_one_warning(tiny_info
 
 class NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
     """Fails on the ops that make the host wait for the device (``.item()``, ``bool(t)``,
-    ``t[i]`` with a 0-d tensor i, ``nonzero``): a CUDA graph capture refuses all of them."""
+    ``t[i]`` with a 0-d tensor i, ``nonzero``) and on tensors made from host data
+    (``torch.tensor(...)``: ``lift_fresh``), which on CUDA is a host→device copy: a CUDA graph
+    capture refuses all of them. (A CPU run cannot see a ``.to("cuda")`` of a CPU tensor; the
+    GPU tests capture for real.)"""
 
-    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.equal")
+    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.equal", "aten.lift_fresh")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if str(func.overloadpacket).replace("aten::", "aten.") in self.SYNCING or \
@@ -227,3 +230,8 @@ def test_the_no_host_sync_detector_catches_tensor_indexing():
     table, i = torch.arange(4.0), torch.tensor(2)
     with pytest.raises(AssertionError, match="sync the host"), NoHostSync():
         table[i]  # what the schedulers' at() avoids
+
+
+def test_the_no_host_sync_detector_catches_tensors_made_from_host_data():
+    with pytest.raises(AssertionError, match="sync the host"), NoHostSync():
+        torch.tensor([1.0, 2.0])  # a host->device copy on CUDA
