@@ -57,8 +57,10 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 #: distributions whose versions every manifest records (one list, read here only).
-VERSIONED_PACKAGES = {"sdfast": "sdfast", "torch": "torch", "onnx": "onnx", "onnxruntime": "onnxruntime",
-                      "onnxscript": "onnxscript", "tensorrt": "tensorrt"}
+#: diffusers and transformers too: exports trace their modules. `sdfast info` and bench show the same.
+VERSIONED_PACKAGES = {"sdfast": "sdfast", "torch": "torch", "diffusers": "diffusers", "transformers": "transformers",
+                      "onnx": "onnx", "onnxruntime": "onnxruntime", "onnxscript": "onnxscript",
+                      "openvino": "openvino", "tensorrt": "tensorrt"}
 #: ORT distributions: any of them provides the ``onnxruntime`` module.
 ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml")
 #: manifests written before the inductor format had one name.

@@ -26,7 +26,6 @@ The table, JSON and plot are written by ``sdfast.bench_report``.
 from __future__ import annotations
 
 import gc
-import importlib
 import logging
 import math
 import os
@@ -124,15 +123,9 @@ def machine_info(device: torch.device) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("diffusers", "transformers", "onnxruntime"):
-        try:
-            versions[pkg] = importlib.import_module(pkg).__version__
-        except ImportError:
-            versions[pkg] = None
-    from . import __version__
+    from .artifacts import versions as artifact_versions
 
-    versions["sdfast"] = __version__
+    versions = {"python": platform.python_version(), **artifact_versions()}  # the one version list
     info = {
         "device": str(device),
         "cpu": cpu,

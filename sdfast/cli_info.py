@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 CPUINFO = Path("/proc/cpuinfo")
-PACKAGES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,22 +32,16 @@ def cpu_model_name() -> str:
 
 
 def collect() -> dict:
-    import importlib.metadata as md
     import platform
 
     import torch
 
-    from . import __version__
+    from .artifacts import versions as artifact_versions
     from .backends import BACKENDS
     from .hardware import cpu_bf16_supported
     from .models import builtin_models
 
-    versions: dict[str, str | None] = {"sdfast": __version__, "python": platform.python_version()}
-    for pkg in PACKAGES:
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
+    versions: dict[str, str | None] = {"python": platform.python_version(), **artifact_versions()}
     cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
         if torch.cuda.is_available() else []
     backends = {}

@@ -16,14 +16,13 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .bpe import CLIP_BPE_FILE, CLIP_VOCAB_SIZE, EOS, write_clip_tokenizer
 from .errors import InvalidArgument
+from .fsio import staging_dir
 from .model_folder import MODEL_INDEX, SD15_SCHEDULER_CONFIG, cache_dir
 
 log = logging.getLogger(__name__)
@@ -199,34 +198,23 @@ def random_model_folder(name: str) -> Path:
         return dest
     log.info("writing the config-only folder of %s in %s", name, dest)
     recipe = copy.deepcopy(RECIPES[name])
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        configs = {
-            "text_encoder/config.json": recipe["text_encoder"],
-            "unet/config.json": recipe["unet"],
-            "vae/config.json": recipe["vae"],
-            "scheduler/scheduler_config.json": recipe["scheduler"],
-            "model_index.json": {**recipe.get("model_index", MODEL_INDEX), "_sdfast_random_weights": True},
-        }
-        if "text_encoder_2" in recipe:
-            configs["text_encoder_2/config.json"] = recipe["text_encoder_2"]
+    configs = {
+        "text_encoder/config.json": recipe["text_encoder"],
+        "unet/config.json": recipe["unet"],
+        "vae/config.json": recipe["vae"],
+        "scheduler/scheduler_config.json": recipe["scheduler"],
+        "model_index.json": {**recipe.get("model_index", MODEL_INDEX), "_sdfast_random_weights": True},
+    }
+    if "text_encoder_2" in recipe:
+        configs["text_encoder_2/config.json"] = recipe["text_encoder_2"]
+    # Written whole or not at all; a concurrent writer of the same recipe writes the same bytes.
+    with staging_dir(dest, complete="model_index.json") as tmp:
         for rel, cfg in configs.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_text(json.dumps(cfg, indent=2), encoding="utf-8")
         write_clip_tokenizer(tmp / "tokenizer", model_max_length=MAX_TOKENS, pad_token=recipe["pad_token"])
         if "pad_token_2" in recipe:
             write_clip_tokenizer(tmp / "tokenizer_2", model_max_length=MAX_TOKENS, pad_token=recipe["pad_token_2"])
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            # Another process finished the same folder first: identical content, keep theirs.
-            if not (dest / "model_index.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 
@@ -236,8 +224,6 @@ def build_tiny_sdxl(dest: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from .fsio import staging_dir
 
     vocab = len(json.loads((tokenizer_dir / "vocab.json").read_text(encoding="utf-8")))
     text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5, vocab_size=vocab,

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 from ..artifacts import (
     Manifest,
+    atomic_write,
+    check_export_out,
     export_command,
     gpu_record,
     load_manifest,
@@ -97,9 +99,7 @@ def save_timing_cache(config, path: Path) -> None:
     if cache is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as fh:
-        fh.write(memoryview(cache.serialize()))
-    Path(fh.name).replace(path)
+    atomic_write(path, bytes(memoryview(cache.serialize())))
 
 
 def build_plan(onnx_path: Path, triples: dict[str, tuple[tuple[int, ...], ...]], options: TensorRTBuildOptions,
@@ -136,8 +136,8 @@ def build_plan(onnx_path: Path, triples: dict[str, tuple[tuple[int, ...], ...]],
 def export_tensorrt(info: ModelInfo, out: Path | str, profile: ShapeProfile,
                     options: TensorRTBuildOptions = TensorRTBuildOptions(), model_arg: str | None = None) -> Path:
     """ONNX (given or exported now) → one plan per component in ``out``, sealed by a manifest."""
-    out = Path(out)
     profile.validate(info)
+    out = check_export_out(out, protect=info.path)  # before any work: never replace what we did not write
     trt = import_tensorrt()
     device = gpu_record()
     timing_cache = Path(options.timing_cache) if options.timing_cache else \
