@@ -14,7 +14,7 @@ import logging
 from .backends import BACKENDS, FORMATS, ExportJob, for_format
 from .components import Precision, ShapeProfile, size_multiple
 from .errors import InvalidArgument
-from .request import MAX_SIDE, MIN_SIDE  # Request.build's side limits bound every profile too
+from .rules import MAX_SIDE, MIN_SIDE  # the side limits of every request bound every profile too
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,6 @@ def profile_from_args(args: argparse.Namespace, info) -> ShapeProfile:
                 f"{dim}: --{dim} {opt[dim]} must lie within --min-{dim} {lo[dim]} .. --max-{dim} {hi[dim]}; "
                 f"widen the range or change --{dim}"
             )
-    for side in ("height", "width"):
-        if not (MIN_SIDE <= lo[side] and hi[side] <= MAX_SIDE):
-            raise InvalidArgument(f"{side}: the profile must stay within {MIN_SIDE}..{MAX_SIDE} pixels "
-                                  f"but is {lo[side]}..{hi[side]}")
     profile = ShapeProfile(lo["batch"], batch, hi["batch"], lo["height"], height, hi["height"],
                            lo["width"], width, hi["width"], args.min_chunks, args.min_chunks, args.max_chunks)
     profile.validate(info)
