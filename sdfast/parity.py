@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -210,7 +209,3 @@ def run_parity(model: str, backend: str, engines: str | None = None, device: str
     report.rows += component_parity(ref, pipe, profile, precisions)
     report.rows += end_to_end_parity(ref, pipe, profile, Precision(candidate_dtype), schedulers, steps, seed)
     return report
-
-
-def report_dict(report: ParityReport) -> dict[str, Any]:
-    return json.loads(report.to_json())

@@ -177,11 +177,6 @@ class Pipeline:
         requests batched together must agree on it, as on ``BATCH_KEYS``."""
         return self.text.prepare([req], req.guided, req.long_prompt).chunks
 
-    def encode_text(self, requests: list[Request]) -> dict[str, torch.Tensor]:
-        """The U-Net's text conditioning of ``requests`` (one batch), rows [uncond..., cond...]."""
-        head = requests[0]
-        return self.text.encode(self.engines, self.text.prepare(requests, head.guided, head.long_prompt))
-
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) latents → (B, 3, H, W) float image in [0, 1]."""
         z = latents / self.info.scaling_factor
