@@ -246,3 +246,14 @@ def _metric(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise AssertionError(f"{name} not in /metrics")
+
+
+def test_long_and_short_prompts_never_share_a_loop(tiny_pipe):
+    if not hasattr(tiny_pipe, "chunks"):
+        pytest.skip("this Pipeline does not chunk long prompts")
+    service = ImageService(tiny_pipe, ServeConfig())
+    short = service.parse({"prompt": "a red circle", "steps": STEPS})
+    long = service.parse({"prompt": " ".join(["a red circle on a blue square"] * 30), "steps": STEPS})
+    assert tiny_pipe.chunks(long) > tiny_pipe.chunks(short)
+    assert service._batch_key(short) != service._batch_key(long)
+    assert service._batch_key(short) == service._batch_key(service.parse({"prompt": "x", "steps": STEPS}))

@@ -63,6 +63,7 @@ def batch_key(req: Request) -> tuple:
 class Job:
     request: Request
     deadline: float  # time.monotonic() after which the result is no longer wanted
+    key: tuple = ()  # batch key, computed once at submit
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -76,7 +77,7 @@ class Done:
     """A job's result and the loop it ran in (how many requests and images shared it)."""
 
     output: Any
-    batch_requests: int
+    batch_requests: int  # requests that shared the loop
     batch_images: int
 
 
@@ -99,11 +100,12 @@ class Batcher:
 
     def __init__(self, run_batch: RunBatch | None, run_one: Callable[[Request], Any], *, max_images: int,
                  max_wait_s: float, max_queue: int, on_batch: Callable[[BatchStats], None] | None = None,
-                 on_depth: Callable[[int], None] | None = None):
+                 on_depth: Callable[[int], None] | None = None, key: Callable[[Request], tuple] = batch_key):
         if max_images < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError("max_images and max_queue must be >= 1 and max_wait_s >= 0")
         self.run_batch = run_batch
         self.run_one = run_one
+        self.key = key
         self.max_images = max_images
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -119,12 +121,13 @@ class Batcher:
 
     # -- intake (any thread) -------------------------------------------------------------------
     def submit(self, request: Request, timeout_s: float) -> Future:
+        key = self.key(request)  # outside the lock: it may tokenize
         with self._cv:
             if self._closed:
                 raise Closed("server: shutting down; retry on another replica")
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(len(self._queue), self.retry_after_s())
-            job = Job(request, deadline=time.monotonic() + timeout_s)
+            job = Job(request, deadline=time.monotonic() + timeout_s, key=key)
             self._queue.append(job)
             self.on_depth(len(self._queue))
             self._cv.notify()
@@ -165,10 +168,9 @@ class Batcher:
                     return None
                 self._cv.wait()
             head = self._queue[0]
-            key = batch_key(head.request)
             until = head.enqueued + self.max_wait_s
             while True:
-                mates = [j for j in self._queue if batch_key(j.request) == key]
+                mates = [j for j in self._queue if j.key == head.key]
                 batch, images = [], 0
                 for j in mates:
                     if images + j.images <= self.max_images or not batch:

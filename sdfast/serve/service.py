@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidArgument
 from ..request import Request
-from .batching import Batcher
+from .batching import Batcher, batch_key
 from .metrics import ServeMetrics
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ class ImageService:
         self.batch_invariant: bool | None = None
         self.batcher = Batcher(None, pipe.run, max_images=self.max_images, max_wait_s=config.max_wait_ms / 1000,
                                max_queue=config.max_queue, on_batch=self.metrics.on_batch,
-                               on_depth=self.metrics.queue_depth.set)
+                               on_depth=self.metrics.queue_depth.set, key=self._batch_key)
         self.redecode = False
         self._started = False
         self._lock = threading.Lock()
@@ -209,6 +209,11 @@ class ImageService:
         else:
             log.warning("batched rows differ from lone runs on these engines (kernels are not batch-invariant "
                         "here): batching is off; pass --batch-invariance allow to batch anyway")
+
+    def _batch_key(self, req: Request) -> tuple:
+        # Long prompts: only requests with the same text-encoder chunk count share a loop.
+        chunks = self.pipe.chunks(req) if hasattr(self.pipe, "chunks") else 1
+        return (*batch_key(req), chunks)
 
     def _run_batch(self, requests: list[Request]) -> list[GenerationOutput]:
         outs = self.pipe.run_batch(requests)
