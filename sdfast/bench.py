@@ -1,14 +1,14 @@
 """``sdfast bench``: every backend against diffusers' own pipeline, stage by stage.
 
 For each dtype and batch size the same model, scheduler, steps, size and seed run through
-diffusers' ``StableDiffusionPipeline`` (built from the very torch modules our torch backend
-runs) and through each sdfast backend asked for, in this process: ``warmup`` untimed runs,
-then ``repeat`` timed ones. How each stage is timed:
+diffusers' ``StableDiffusionPipeline`` (``StableDiffusionXLPipeline`` for SDXL; built from the
+very torch modules our torch backend runs) and through each sdfast backend asked for, in this
+process: ``warmup`` untimed runs, then ``repeat`` timed ones. How each stage is timed:
 
 - sdfast backends: ``Pipeline.generate(profile=True)``, whose StageTimer wraps every stage
   with ``perf_counter`` and, on CUDA, synchronizes before and after it. ``scheduler_step`` is
   everything in the loop but the U-Net (batch concat, input scaling, guidance, the update).
-- diffusers: forward pre/post hooks on its text encoder, U-Net and VAE decoder (+
+- diffusers: forward pre/post hooks on its text encoder (SDXL: both), U-Net and VAE decoder (+
   post_quant_conv) add up the wall time inside those modules (synchronizing on CUDA), and
   ``callback_on_step_end`` marks the end of each step; ``scheduler_step`` is the loop's span
   (first U-Net call to the last step's end) minus U-Net time, per step: the same definition
@@ -184,14 +184,24 @@ def diffusers_scheduler(name: str, config: dict[str, Any]):
     return cls.from_config(config, **kw)
 
 
-def diffusers_pipeline(info: ModelInfo, modules: dict[str, torch.nn.Module], scheduler: str):
-    from diffusers import StableDiffusionPipeline
+#: the diffusers pipeline class each model family is timed against (its parity reference).
+DIFFUSERS_PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 
-    pipe = StableDiffusionPipeline(
-        vae=modules["vae"], text_encoder=modules["text_encoder"], tokenizer=load_tokenizer(info),
-        unet=modules["unet"], scheduler=diffusers_scheduler(scheduler, info.scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+
+def diffusers_pipeline(info: ModelInfo, modules: dict[str, torch.nn.Module], scheduler: str):
+    """diffusers' own pipeline for ``info``'s family, built from ``modules`` (the very modules the
+    sdfast torch row runs) and diffusers' scheduler for ``scheduler``."""
+    import diffusers
+
+    cls = getattr(diffusers, DIFFUSERS_PIPELINES[info.family])
+    common = dict(vae=modules["vae"], text_encoder=modules["text_encoder"], tokenizer=load_tokenizer(info),
+                  unet=modules["unet"], scheduler=diffusers_scheduler(scheduler, info.scheduler_config))
+    if info.family == "sdxl":
+        pipe = cls(**common, text_encoder_2=modules["text_encoder_2"],
+                   tokenizer_2=load_tokenizer(info, "tokenizer_2"),
+                   force_zeros_for_empty_prompt=info.force_zeros_for_empty_prompt, add_watermarker=False)
+    else:
+        pipe = cls(**common, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -243,9 +253,13 @@ def diffusers_runner(pipe, cfg: BenchConfig, batch: int, height: int, width: int
     """One timed diffusers generation per call. The timing hooks are attached for the call
     and removed when it ends, failed or not (see ``_HookTimer``)."""
     timer = _HookTimer(device)
-    hooked = [(pipe.text_encoder, "text_encoder"), (pipe.unet, "unet"),
-              (pipe.vae.post_quant_conv, "vae_decode"), (pipe.vae.decoder, "vae_decode")]
+    # SDXL's two text encoders run one after the other; both count as text_encoder.
+    hooked = [(pipe.text_encoder, "text_encoder"), (getattr(pipe, "text_encoder_2", None), "text_encoder"),
+              (pipe.unet, "unet"), (pipe.vae.post_quant_conv, "vae_decode"), (pipe.vae.decoder, "vae_decode")]
     prompts = [cfg.prompt] * batch
+    # As the sdfast row: no negative prompt. SD pipelines encode "" for it (passed explicitly, as
+    # before); SDXL's zeroes it under force_zeros_for_empty_prompt, and sdfast does the same.
+    negative = None if hasattr(pipe, "text_encoder_2") else [""] * batch
 
     def run() -> dict[str, float]:
         timer.reset()
@@ -254,7 +268,7 @@ def diffusers_runner(pipe, cfg: BenchConfig, batch: int, height: int, width: int
                 timer.attach(module, stage)
         try:
             t0 = time.perf_counter()
-            pipe(prompt=prompts, negative_prompt=[""] * batch, height=height, width=width,
+            pipe(prompt=prompts, negative_prompt=negative, height=height, width=width,
                  num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                  generator=torch.Generator("cpu").manual_seed(cfg.seed), output_type="pil",
                  callback_on_step_end=timer.on_step_end)
@@ -412,7 +426,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
             for backend in kinds:
                 extra: dict[str, Any] = {"timing": "sdfast Pipeline profile=True"}
                 if backend == "diffusers":
-                    extra["timing"] = "diffusers StableDiffusionPipeline, forward hooks"
+                    extra["timing"] = f"diffusers {DIFFUSERS_PIPELINES[info.family]}, forward hooks"
                 elif backend != "torch":
                     engines_dir, export_s, reason = ensure_engines(cfg, info, backend, dtype, batch, height, width)
                     if reason:

@@ -6,6 +6,10 @@ under ``torch.utils.flop_counter.FlopCounterMode``. That counter counts matmul, 
 attention ops (1 multiply-add = 2 FLOP) and nothing elementwise. Attention is forced onto the
 classic processors (diffusers' ``AttnProcessor``, transformers' "eager") so the QKᵀ and AV
 matmuls are counted as plain (b)mm ops; through SDPA on CPU they would be missed.
+
+Each component is called through its fixed-I/O wrapper (``sdfast.wrappers``, what export traces
+and the eager engine runs) on zeros shaped from the family's spec (``info.specs``), so SDXL's
+second text encoder and its U-Net's ``text_embeds``/``time_ids`` are counted like the rest.
 """
 
 from __future__ import annotations
@@ -54,19 +58,30 @@ def _meta_modules(info: ModelInfo) -> dict[str, torch.nn.Module]:
 
 
 def _build_meta_modules(info: ModelInfo) -> dict[str, torch.nn.Module]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """The family's torch modules (``models.MODULE_CLASSES``: SDXL adds text_encoder_2) on meta."""
+    import importlib
 
+    from diffusers.models.attention_processor import AttnProcessor
+    from transformers import CLIPTextConfig
+
+    from .models import MODULE_CLASSES
+    from .wrappers import family_modules
+
+    mods: dict[str, torch.nn.Module] = {}
     with torch.device("meta"):
-        te_cfg = CLIPTextConfig(**_clean(info.text_encoder_config))
-        te_cfg._attn_implementation = "eager"  # explicit matmuls, so attention is counted
-        te = CLIPTextModel(te_cfg)
-        unet = UNet2DConditionModel.from_config(_clean(info.unet_config))
-        vae = AutoencoderKL.from_config(_clean(info.vae_config))
-    unet.set_attn_processor(AttnProcessor())
-    vae.set_attn_processor(AttnProcessor())
-    return {"text_encoder": te.eval(), "unet": unet.eval(), "vae": vae.eval()}
+        for part in family_modules(info.family):
+            lib, name = MODULE_CLASSES[part]
+            cls = getattr(importlib.import_module(lib), name)
+            cfg = _clean(getattr(info, f"{part}_config"))
+            if lib == "transformers":
+                text_cfg = CLIPTextConfig(**cfg)
+                text_cfg._attn_implementation = "eager"  # explicit matmuls, so attention is counted
+                mods[part] = cls(text_cfg)
+            else:
+                mods[part] = cls.from_config(cfg)
+    for part in ("unet", "vae"):
+        mods[part].set_attn_processor(AttnProcessor())
+    return {k: m.eval() for k, m in mods.items()}
 
 
 def _count(fn) -> float:
@@ -77,28 +92,50 @@ def _count(fn) -> float:
     return float(counter.get_total_flops())
 
 
+def text_rows(info: ModelInfo, batch: int, guided: bool) -> int:
+    """Rows each text encoder runs for ``batch`` prompts without a negative prompt (bench's
+    call, both sides): 2 × batch under guidance (the empty negative is encoded), except where
+    the model zeroes an absent negative instead (SDXL's ``force_zeros_for_empty_prompt``)."""
+    return 2 * batch if guided and not info.force_zeros_for_empty_prompt else batch
+
+
 def count_stage_flops(info: ModelInfo, height: int, width: int, batch: int, guided: bool = True) -> StageFlops:
-    """FLOPs per stage for ``batch`` images of height × width; under guidance the text encoder
-    and U-Net see 2 × batch rows (uncond + cond), the VAE decodes ``batch`` latents.
-    Counted once per model and shape."""
+    """FLOPs per stage for ``batch`` images of height × width; under guidance the U-Net sees
+    2 × batch rows (uncond + cond), the text encoders ``text_rows`` and the VAE decodes
+    ``batch`` latents. ``text_encoder`` is the sum over the family's text encoders (SDXL: both
+    CLIPs). Counted once per model and shape."""
     key = (str(info.path), height, width, batch, guided)
     if key not in _FLOPS:
         _FLOPS[key] = _count_stage_flops(info, height, width, batch, guided)
     return _FLOPS[key]
 
 
+#: component (``info.specs``) -> the StageFlops field its FLOPs add to; vae_encoder is img2img only.
+STAGE_OF = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "unet": "unet_step",
+            "vae_decoder": "vae_decode"}
+
+
 def _count_stage_flops(info: ModelInfo, height: int, width: int, batch: int, guided: bool) -> StageFlops:
-    mods = _meta_modules(info)
-    f = info.vae_scale_factor
-    rows = 2 * batch if guided else batch
-    s, d = info.max_tokens, info.text_hidden_size
-    c = info.latent_channels
-    te = _count(lambda: mods["text_encoder"](torch.zeros(rows, s, dtype=torch.long)))
-    unet = _count(lambda: mods["unet"](torch.zeros(rows, c, height // f, width // f), torch.zeros(1),
-                                       torch.zeros(rows, s, d)))
-    vae_c = int(info.vae_config.get("latent_channels", c))
-    vae = _count(lambda: mods["vae"].decode(torch.zeros(batch, vae_c, height // f, width // f)))
-    return StageFlops(text_encoder=te, unet_step=unet, vae_decode=vae)
+    from .components import ShapeProfile
+    from .wrappers import component_modules
+
+    wrappers = component_modules(_meta_modules(info), info.family)
+    dims_of = ShapeProfile.static(batch, height, width)
+    rows = {"unet": 2 * batch if guided else batch, "vae_decoder": batch}
+    totals = dict.fromkeys(STAGE_OF.values(), 0.0)
+    for name, stage in STAGE_OF.items():
+        spec = info.specs.get(name)
+        if spec is None:
+            continue
+        # Every input shaped from the component's spec (SDXL's U-Net: text_embeds, time_ids too),
+        # one prompt chunk, with the stage's row count as B.
+        dims = dims_of.component_dims(spec, info)
+        b = rows.get(name, text_rows(info, batch, guided))
+        inputs = [torch.zeros(tuple(b if d == "B" else dims[d][1] for d in t.dims),
+                              dtype=torch.long if t.kind == "int64" else torch.float32, device="meta")
+                  for t in spec.inputs]
+        totals[stage] += _count(lambda w=wrappers[name], x=inputs: w(*x))
+    return StageFlops(**totals)
 
 
 # -- device peak -----------------------------------------------------------------------------
