@@ -14,6 +14,7 @@ prints whether they did:
 
     python scripts/mutate.py                 # every mutation, one pytest process at a time
     python scripts/mutate.py --list          # names, targets and tests
+    python scripts/mutate.py --check         # only: is every target still in the code? (seconds)
     python scripts/mutate.py lms-order seed  # some of them
 
 Before the mutations, the union of their tests runs once on the unmutated copy (skip it with
@@ -66,7 +67,7 @@ MUTATIONS: tuple[Mutation, ...] = (
              (f"{PARITY}::test_guidance_one_equals_cond_only_and_differs_from_guided",
               f"{PARITY}::test_txt2img_variants_match_diffusers[guidance-1]"),
              "guidance 1 runs the doubled U-Net batch (diffusers runs guidance only for g > 1)"),
-    Mutation("text-halves-swapped", "sdfast/runtime.py",
+    Mutation("text-halves-swapped", "sdfast/text.py",
              "texts = negatives + prompts if guided else prompts",
              "texts = prompts + negatives if guided else prompts",
              (f"{PARITY}::test_txt2img_variants_match_diffusers[negative-prompt]",
@@ -151,6 +152,15 @@ MUTATIONS: tuple[Mutation, ...] = (
 )
 
 
+def stale_reason(m: Mutation, root: Path) -> str | None:
+    """Why the mutation cannot be applied in ``root``, or None when its target occurs exactly once."""
+    target = root / m.path
+    if not target.is_file():
+        return "file missing"
+    found = target.read_text(encoding="utf-8").count(m.old)
+    return None if found == 1 else f"target text found {found} times, not once"
+
+
 def tracked_files(root: Path) -> list[str]:
     """Tracked and untracked-but-not-ignored files: what the working tree holds, without caches."""
     out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
@@ -211,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", help="mutations to run (default: all)")
     p.add_argument("--list", action="store_true", help="list the mutations and exit")
+    p.add_argument("--check", action="store_true",
+                   help="only check that every target text is still in the code, once (seconds, no tests)")
     p.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the tests")
     p.add_argument("--timeout", type=float, default=900, help="seconds per pytest run (default 900)")
     args = p.parse_args(argv)
@@ -224,6 +236,13 @@ def main(argv: list[str] | None = None) -> int:
         for m in chosen:
             print(f"{m.name:36} {m.path:30} {' '.join(m.tests)}\n{'':36} {m.bug}")
         return 0
+
+    if args.check:
+        stale = [(m, d) for m in chosen if (d := stale_reason(m, ROOT))]
+        for m, detail in stale:
+            print(f"stale     {m.name}: {m.path}: {detail}")
+        print(f"{len(chosen) - len(stale)} of {len(chosen)} targets found once")
+        return 1 if stale else 0
 
     with tempfile.TemporaryDirectory(prefix="sdfast-mutate-") as tmp:
         copy, cache = Path(tmp) / "repo", Path(tmp) / "cache"
@@ -243,12 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for m in chosen:
             target = copy / m.path
-            original = target.read_text(encoding="utf-8") if target.is_file() else None
-            found = 0 if original is None else original.count(m.old)
-            if found != 1:
-                detail = "file missing" if original is None else f"target text found {found} times, not once"
+            detail = stale_reason(m, copy)
+            if detail:
                 rows.append((m, "stale", detail, 0.0))
             else:
+                original = target.read_text(encoding="utf-8")
                 target.write_text(original.replace(m.old, m.new), encoding="utf-8")
                 t0 = time.perf_counter()
                 try:
