@@ -231,3 +231,11 @@ def test_each_shape_compiles_static_until_the_limit_then_the_interval_model_serv
     assert set(engine._requests) == {tuned, ((1, tiny_info.latent_channels, 8, 8), (1,), (1, tiny_info.max_tokens, tiny_info.text_hidden_size))}
     assert engine._dynamic is not None  # the two shapes past the limit ran on the interval model
     assert engine._dynamic.get_compiled_model().input("sample").get_partial_shape().is_dynamic
+
+
+def test_sdfast_parity_passes_every_tier_on_openvino_fp32(tiny_info, ov_fp32):
+    from sdfast.parity import run_parity
+
+    report = run_parity(str(tiny_info.path), "openvino", engines=str(ov_fp32), steps=4)
+    print(report.table())
+    assert report.passed and len(report.rows) == 8  # 6 component rows, 2 schedulers end to end
