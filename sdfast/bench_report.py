@@ -41,6 +41,11 @@ def format_table(report: dict[str, Any]) -> str:
     fmt = "  ".join(f"{{:{'<' if i < 2 else '>'}{w}}}" for i, w in enumerate(widths))
     lines += [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*row) for row in body]
+    # Which pipeline the reference rows are (StableDiffusionXLPipeline for SDXL, whose text_enc
+    # is both CLIPs), run on the same torch modules as the torch rows.
+    for timing in dict.fromkeys(r.get("timing") for r in report["results"] if r["backend"] == "diffusers"):
+        if timing:
+            lines.append(f"diffusers rows: {timing}, on the torch rows' modules")
     for s in cfg["skipped"]:
         lines.append(f"skipped {s['backend']} {s['dtype']} batch {s['batch']}: {s['reason']}")
     for r in report["results"]:

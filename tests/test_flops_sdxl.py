@@ -147,3 +147,21 @@ def test_sd_folders_still_get_the_sd_pipeline(tiny_info):
     pipe = bench.diffusers_pipeline(tiny_info, modules, "lms")
     assert type(pipe).__name__ == "StableDiffusionPipeline"
     assert not hasattr(pipe, "text_encoder_2")
+
+
+@pytest.mark.parametrize("part", ["unet", "vae"])
+def test_random_weights_built_at_bf16_equal_fp32_built_then_cast(sdxl_info, part):
+    # random-sdxl's U-Net is built child by child at the bench dtype so its fp32 build (10 GB)
+    # never sits in memory whole: the weights must be exactly those of building in fp32 and
+    # casting, or a bf16 bench would run other weights than an fp32 export of the same model.
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from sdfast.models import _random_module
+
+    cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[part]
+    cfg = getattr(sdxl_info, f"{part}_config")
+    ref = _random_module(cls, cfg, 1).to(torch.bfloat16).state_dict()
+    built = _random_module(cls, cfg, 1, torch.bfloat16).state_dict()
+    assert ref.keys() == built.keys()
+    for k in ref:
+        assert built[k].dtype == torch.bfloat16 and torch.equal(built[k], ref[k]), k
