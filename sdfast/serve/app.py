@@ -104,6 +104,9 @@ def create_app(service: ImageService, drain_timeout_s: float | None = None) -> F
             return error_response(service, 429, "queue_full", str(e), {"Retry-After": str(e.retry_after_s)})
         except Closed as e:
             return error_response(service, 503, "shutting_down", str(e), {"Retry-After": "1"})
+        except Exception as e:  # a checking bug: logged in full, answered in one line
+            log.exception("request check failed")
+            return error_response(service, 500, "internal", _one_line(f"internal: {type(e).__name__}: {e}"))
         service.metrics.in_flight.inc()
         try:
             done = await asyncio.wait_for(asyncio.wrap_future(future), service.config.timeout_s)

@@ -325,7 +325,10 @@ class ImageService:
         return result
 
     def health(self) -> dict[str, Any]:
-        return {"status": self.state, "detail": self.state_detail, "pid": os.getpid(), "model": self.info.name,
+        import torch
+
+        return {"status": self.state, "detail": self.state_detail, "pid": os.getpid(),
+                "torch_threads": torch.get_num_threads(), "model": self.info.name,
                 "backend": self.pipe.backend, "dtype": self.pipe.precision.value,
                 "max_batch": self.max_images if self.batcher.run_batch is not None else 1,
                 "batch_invariant": self.batch_invariant, "queue_depth": self.batcher.depth}
