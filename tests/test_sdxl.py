@@ -176,3 +176,17 @@ def test_cli_takes_the_sdxl_flags_and_records_them(sdxl_folder, tmp_path):
     meta = read_png_metadata(out)
     assert meta["prompt_2"] == "a blue square" and meta["original_size"] == [128, 96]
     assert meta["crops_coords_top_left"] == [4, 8] and meta["target_size"] == [64, 80]
+
+
+def test_openvino_meets_tier_1_on_every_sdxl_component(sdxl_folder, tmp_path):
+    pytest.importorskip("openvino")
+    from sdfast.components import Precision, ShapeProfile
+    from sdfast.export.openvino import OpenVinoExportOptions, export_openvino
+    from sdfast.models import resolve_model
+    from sdfast.parity import run_parity
+
+    out = export_openvino(resolve_model(sdxl_folder), tmp_path / "ov", ShapeProfile.static(1, 64, 64),
+                          OpenVinoExportOptions(precision=Precision.FP32))
+    report = run_parity(str(sdxl_folder), "openvino", str(out), schedulers=("euler",), steps=4)
+    assert any(r.name == "text_encoder_2.text_embeds" for r in report.rows)
+    assert report.passed, report.table()
