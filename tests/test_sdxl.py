@@ -178,6 +178,7 @@ def test_cli_takes_the_sdxl_flags_and_records_them(sdxl_folder, tmp_path):
     assert meta["crops_coords_top_left"] == [4, 8] and meta["target_size"] == [64, 80]
 
 
+@pytest.mark.slow  # OpenVINO converts five components (~20 s idle)
 def test_openvino_meets_tier_1_on_every_sdxl_component(sdxl_folder, tmp_path):
     pytest.importorskip("openvino")
     from sdfast.components import Precision, ShapeProfile
