@@ -257,3 +257,21 @@ def test_long_and_short_prompts_never_share_a_loop(tiny_pipe):
     assert tiny_pipe.chunks(long) > tiny_pipe.chunks(short)
     assert service._batch_key(short) != service._batch_key(long)
     assert service._batch_key(short) == service._batch_key(service.parse({"prompt": "x", "steps": STEPS}))
+
+
+def test_limits_follow_the_exported_engines_profile(tiny_info, onnx_dynamic):
+    # onnx_dynamic serves 1..2 images of 64..128 high and 64..96 wide (tests/conftest.py).
+    import sdfast
+    from sdfast.errors import InvalidArgument
+
+    service = ImageService(sdfast.load(tiny_info.path, backend="onnxruntime", engines=onnx_dynamic),
+                           ServeConfig(max_batch=8, max_n=8))
+    assert service.max_images == 2 and service.max_side == 128
+    req = service.parse({"prompt": "x", "size": "96x128", "n": 2, "steps": STEPS})
+    assert (req.width, req.height, req.batch) == (96, 128, 2)
+    with pytest.raises(InvalidArgument, match=r"^n: must be an integer from 1 to 2"):
+        service.parse({"prompt": "x", "n": 3})
+    with pytest.raises(InvalidArgument, match=r"^engines: .*outside the exported profile"):
+        service.parse({"prompt": "x", "size": "128x64"})  # 128 wide: within max-side, not the profile
+    with pytest.raises(InvalidArgument, match=r"^size: width 256 is above this server's limit of 128"):
+        service.parse({"prompt": "x", "size": "256x64"})
