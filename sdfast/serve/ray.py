@@ -20,8 +20,9 @@ Whose batching: ours, inside each replica. ``@serve.batch`` would hand a method 
 arrived together, mixing sizes, step counts and schedulers that cannot share a U-Net call, and
 knows nothing of the exactness probe, the bounded queue or failure isolation. Ray does what it
 is good at: placing replicas on CPUs/GPUs, routing each request to a lightly loaded replica, and
-restarting failed ones; ``max_ongoing_requests`` lets up to a queue's worth reach each replica so
-our batcher has requests to coalesce. A replica warms up (and probes) in its constructor, so Ray
+restarting failed ones; ``max_ongoing_requests`` (two batches' worth) lets enough requests reach
+a replica to fill a batch while a burst still spreads over all replicas; past that, requests wait
+in Ray's router up to ``max_queue`` (then Ray answers 503 where a lone server answers 429). A replica warms up (and probes) in its constructor, so Ray
 routes to it only when it is ready. GPU replicas (num_gpus > 0) are unverified: no GPU here.
 """
 
@@ -67,9 +68,13 @@ def deployment(config: ServeConfig, replicas: int = 1, num_cpus: float = 1.0, nu
     if num_gpus > 0 and config.device == "cpu":
         config = replace(config, device="cuda")  # a GPU replica computing on its CPU wastes the GPU
     cls = serve.ingress()(SdfastReplica)
+    # Two batches' worth per replica (one running, one forming): enough for full batches, few
+    # enough that Ray spreads a burst over the replicas instead of queueing it all on the first.
+    # The rest waits in Ray's router, bounded by max_queued_requests (Ray answers 503 past it).
     dep = serve.deployment(cls, name="sdfast", num_replicas=replicas,
                            ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
-                           max_ongoing_requests=config.max_queue + config.max_batch)
+                           max_ongoing_requests=2 * config.max_batch, max_queued_requests=config.max_queue,
+                           graceful_shutdown_timeout_s=config.timeout_s)
     return dep.bind(config)
 
 
