@@ -52,6 +52,12 @@ SKIP: dict[str, str] = {
     "--format tensorrt": "needs TensorRT and a CUDA GPU",
 }
 
+#: --fresh leaves out the test section's install too, so the sections after it run with only the
+#: quick start's install plus their own, as a reader who skipped the tests has.
+SKIP_FRESH: dict[str, str] = {
+    "pip install -e '.[dev]'": "--fresh: the tests' install, left out so later sections prove they need only theirs",
+}
+
 #: flags whose value is a file or folder the command must write.
 OUTPUT_FLAGS = ("--out", "-o", "--animation", "--save-steps", "--json", "--plot")
 
@@ -71,7 +77,7 @@ class Step:
     reason: str = ""
     section: str = ""
     outputs: tuple[str, ...] = ()
-    status: str = "pending"  # "ok" | "failed" | "skipped" | "checked"
+    status: str = "pending"  # "ok" | "failed" | "skipped" | "checked" (install verified) | "installed" (--fresh)
     seconds: float = 0.0
     detail: str = ""
 
@@ -197,7 +203,7 @@ def _check_outputs(step: Step, cwd: Path, started: float) -> str:
 TOY_CAPTION = re.compile(r"a (\w+) (circle|square|triangle) on a (\w+) background")
 
 
-def _check_drawing(step: Step, cwd: Path) -> str:
+def _check_drawing(step: Step, cwd: Path, python: Path | None = None) -> str:
     """A README example on the built-in toy model must draw what its caption says (issue 18.2)."""
     argv = shlex.split(step.text)
     def value(flag: str, default: str) -> str:
@@ -207,12 +213,19 @@ def _check_drawing(step: Step, cwd: Path) -> str:
     if not m or value("--model", "tiny") != "tiny":
         return ""
     png = value("--out", value("-o", "out.png"))
-    sys.path.insert(0, str(ROOT))
-    from PIL import Image
+    if python is not None and not python.exists():
+        return f"cannot grade the drawing: no {python} (did the quick start's venv move?)"
+    if python is not None:  # --fresh: the walk's own interpreter may lack numpy and Pillow
+        code = "import sys; from PIL import Image; from sdfast import toy; print(*toy.classify(Image.open(sys.argv[1])))"
+        got = tuple(subprocess.run([str(python), "-c", code, str(cwd / png)], capture_output=True, text=True,
+                                   check=True).stdout.split())
+    else:
+        sys.path.insert(0, str(ROOT))
+        from PIL import Image
 
-    from sdfast import toy
+        from sdfast import toy
 
-    got = toy.classify(Image.open(cwd / png))
+        got = toy.classify(Image.open(cwd / png))
     want = (m.group(1), m.group(3))
     return "" if got == want else f"draws {got[0]} on {got[1]}, the prompt says {want[0]} on {want[1]}"
 
@@ -266,11 +279,14 @@ def walk_fresh(readme: Path, workdir: Path, timeout: float = 3600) -> list[Step]
     steps = plan(readme.read_text(encoding="utf-8"))
     lines = ["set -e"]
     for k, step in enumerate(steps):
+        if step.text in SKIP_FRESH:
+            step.kind, step.reason = "skip", SKIP_FRESH[step.text]
         if step.kind == "skip":
             step.status = "skipped"
             continue
         body = step.text if step.kind != "python" else f"python - <<'SDFAST_README_EOF'\n{step.text}SDFAST_README_EOF"
-        lines += [f"echo '@@step {k}' >&2", body]
+        lines += [f"echo \"@@step {k} $(date +%s.%N)\" >&2", body]
+    lines.append('echo "@@step end $(date +%s.%N)" >&2')
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
                                   if not os.environ.get("VIRTUAL_ENV") or not p.startswith(os.environ["VIRTUAL_ENV"]))
@@ -278,14 +294,20 @@ def walk_fresh(readme: Path, workdir: Path, timeout: float = 3600) -> list[Step]
     t0 = time.time()
     proc = subprocess.run(["bash", "-c", "\n".join(lines)], cwd=repo, env=env, capture_output=True, text=True,
                           timeout=timeout)
-    reached = [int(x) for x in re.findall(r"^@@step (\d+)$", proc.stderr, flags=re.M)]
+    marks = re.findall(r"^@@step (\d+|end) ([\d.]+)$", proc.stderr, flags=re.M)
+    reached = [int(k) for k, _ in marks if k != "end"]
     last = reached[-1] if reached else -1
+    times = [float(t) for _, t in marks]
+    for i, k in enumerate(reached):
+        if i + 1 < len(times):
+            steps[k].seconds = times[i + 1] - times[i]
     for k, step in enumerate(steps):
         if step.status == "skipped":
             continue
         if k < last or (k == last and proc.returncode == 0):
-            step.status = "ok" if step.kind != "install" else "checked"
-            step.detail = _check_outputs(step, repo, t0) if step.kind in ("run", "python") else ""
+            step.status = "ok" if step.kind != "install" else "installed"
+            step.detail = _check_outputs(step, repo, t0) or _check_drawing(step, repo, repo / ".venv/bin/python") \
+                if step.kind in ("run", "python") else ""
             if step.detail:
                 step.status = "failed"
         elif k == last:
@@ -315,7 +337,7 @@ def main() -> int:
         steps = (walk_fresh if args.fresh else walk)(args.readme, workdir)
     print(report(steps))
     failed = [s for s in steps if s.status == "failed"]
-    print(f"\n{len(steps)} steps: {sum(s.status in ('ok', 'checked') for s in steps)} passed, "
+    print(f"\n{len(steps)} steps: {sum(s.status in ('ok', 'checked', 'installed') for s in steps)} passed, "
           f"{sum(s.status == 'skipped' for s in steps)} skipped, {len(failed)} failed")
     return 1 if failed else 0
 
