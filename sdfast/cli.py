@@ -25,7 +25,8 @@ COMMANDS = {
     "serve": "cli_serve",
 }
 
-EPILOG = """backend      --format     (`sdfast info` says which backends can run here)
+EPILOG = """backends (`sdfast info` says which can run here):
+  name         --format
 {backends}
 
 examples:
