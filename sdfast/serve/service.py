@@ -271,7 +271,8 @@ class ImageService:
                             height=height, width=width, steps=steps, **opts)
         from ..engines import check_request
 
-        check_request(self.pipe.engines, req.batch, req.height, req.width, req.guided)
+        chunks = self.pipe.chunks(req) if hasattr(self.pipe, "chunks") else 1  # long prompts: a profile dim
+        check_request(self.pipe.engines, req.batch, req.height, req.width, req.guided, chunks=chunks)
         return req
 
     def _size(self, size: Any) -> tuple[int, int]:
