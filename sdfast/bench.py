@@ -211,7 +211,9 @@ class _HookTimer:
 
     The hooks synchronize CUDA, so they must never outlive the diffusers row: the modules are
     shared with the sdfast torch row, whose CUDA-graph capture fails on a sync (and would then
-    time diffusers' hooks too). ``attach`` keeps every handle and ``detach`` removes them all."""
+    time diffusers' hooks too). ``attach`` keeps every handle and ``detach`` removes them all.
+    Several modules may share a stage (SDXL's two text encoders) as long as they run one after
+    the other, never one inside another: the entry time is kept per stage."""
 
     def __init__(self, device: torch.device):
         self.device = device
