@@ -180,7 +180,8 @@ def test_full_queue_is_429_with_retry_after(tiny_pipe):
 def test_request_past_its_timeout_is_504_and_the_server_recovers(tiny_pipe):
     gated = GatedPipe(tiny_pipe)
     gated.gate.set()
-    with serving(gated, timeout_s=0.3, max_batch=1) as (url, _), httpx.Client(base_url=url, timeout=60) as http:
+    # the gated request waits out the whole timeout; 2 s leaves the recovery request room on a loaded CPU
+    with serving(gated, timeout_s=2.0, max_batch=1) as (url, _), httpx.Client(base_url=url, timeout=60) as http:
         gated.gate.clear()
         r = http.post("/v1/images/generations", json={"prompt": "x", "steps": STEPS})
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
