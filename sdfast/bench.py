@@ -26,6 +26,7 @@ The table, JSON and plot are written by ``sdfast.bench_report``.
 from __future__ import annotations
 
 import gc
+import importlib.util
 import logging
 import math
 import os
@@ -383,6 +384,10 @@ def validate(cfg: BenchConfig) -> tuple[ModelInfo, torch.device, int, int]:
         raise InvalidArgument(f"warmup: must be 0 or more but is {cfg.warmup}")
     if cfg.engines is not None and not Path(cfg.engines).is_dir():
         raise InvalidArgument(f"engines: {cfg.engines!r} is not a folder; pass the --out folder of `sdfast export`")
+    if cfg.diffusers and cfg.scheduler == "lms" and importlib.util.find_spec("scipy") is None:
+        # diffusers' LMSDiscreteScheduler integrates with scipy (sdfast's lms does not)
+        raise InvalidArgument("scheduler: the diffusers row's lms needs scipy, which is not installed; "
+                              "pip install scipy, or bench another --scheduler (e.g. euler)")
     device = resolve_device(cfg.device)
     info = resolve_model(cfg.model)
     req = Request.build(info, prompt=cfg.prompt, height=cfg.height, width=cfg.width, steps=cfg.steps,

@@ -1,9 +1,11 @@
-"""``sdfast export``: build an artifact folder (ONNX graphs, TensorRT plans, AOTInductor packages) for one shape profile.
+"""sdfast export: build an artifact folder (ONNX graphs, TensorRT plans, AOTInductor or OpenVINO
+packages) for one shape profile, sealed by a hash-verified manifest.
 
-The profile is ``--batch/--height/--width`` (the tuned shape) widened by the range flags
-``--min-X/--max-X`` (X = batch, height, width), ``--min-size/--max-size`` (both sides) or
-``--dynamic`` (batch 1..4, sides from half to twice the model's native size). Without any
-range flag the export is static.
+The profile is --batch/--height/--width (the tuned shape) widened by the range flags
+--min-X/--max-X (X = batch, height, width, chunks), --min-size/--max-size (both sides) or
+--dynamic (batch 1..4, sides from half to twice the model's native size). Without any range
+flag the export is static. Run the result with `sdfast generate --engines DIR` and check it
+with `sdfast parity --engines DIR`.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help=f"export engines for a model ({', '.join(FORMATS)})", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="diffusers model folder, hub id or built-in name (default tiny)")
-    p.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write: new, empty, or an earlier sdfast export (replaced atomically)")
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="artifact folder to write: new, empty, or an earlier sdfast export (replaced atomically)")
     p.add_argument("--format", default="onnx", choices=FORMATS, help="artifact format (default onnx)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="text encoder and U-Net precision")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="text encoder and U-Net precision (default fp32; bf16: OpenVINO on CPUs with bf16 units)")
     p.add_argument("--vae-precision", default=None, choices=["fp32", "fp16", "bf16"],
                    help="VAE precision (default fp32, even with --precision fp16: the SD VAE overflows fp16)")
     p.add_argument("--batch", type=int, default=1, help="images per call the engines are tuned for (default 1)")
@@ -96,6 +98,11 @@ def run(args: argparse.Namespace) -> int:
     info = resolve_model(args.model)
     profile = profile_from_args(args, info)
     record = for_format(args.format)
+    for flag, value in (("precision", args.precision), ("vae-precision", args.vae_precision)):
+        if value is not None and value not in record.precisions:
+            raise InvalidArgument(f"{flag}: --format {args.format} builds {' or '.join(record.precisions)}, not {value}; "
+                                  f"pass --{flag} {record.precisions[0]}" + (", or --format openvino for bf16 on the CPU"
+                                                                           if value == "bf16" else ""))
     record.require()
     # Before any work: --out is replaced as a whole, so it must be new, empty or an earlier export.
     out_dir = check_export_out(args.out, protect=info.path)

@@ -35,9 +35,7 @@ def test_top_help_lists_every_backend_and_format():
     assert "inductor" in text
 
 
-@pytest.mark.parametrize("command", ["top", "generate", pytest.param("export", marks=pytest.mark.xfail(
-    strict=True, reason="sdfast/cli_export.py's description still uses ``x`` (issue 18.5, being fixed there)")),
-    "parity", "bench", "info"])
+@pytest.mark.parametrize("command", ["top", "generate", "export", "parity", "bench", "info"])
 def test_help_has_no_rst_markup(command):
     parser = build_parser()
     text = parser.format_help() if command == "top" else _subparsers(parser)[command].format_help()
