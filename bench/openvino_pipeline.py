@@ -55,15 +55,8 @@ from sdfast.models import load_torch_modules, resolve_model  # noqa: E402
 CPU = torch.device("cpu")
 
 
-class _OVPart(torch.nn.Module):
-    """An optimum-intel style model part: a compiled OpenVINO model behind a module interface
-    (a module so that diffusers' pipeline and the timing hooks accept it; it has no weights)."""
-
-    def __init__(self, compiled, config):
-        super().__init__()
-        self.compiled = compiled
-        self.request = compiled.create_infer_request()
-        self.config = config
+class _OnCPU:
+    """What diffusers' pipeline asks of a module part: its device and dtype (fp32 on the CPU)."""
 
     @property
     def device(self) -> torch.device:
@@ -72,6 +65,17 @@ class _OVPart(torch.nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return torch.float32
+
+
+class _OVPart(_OnCPU, torch.nn.Module):
+    """An optimum-intel style model part: a compiled OpenVINO model behind a module interface
+    (a module so that diffusers' pipeline and the timing hooks accept it; it has no weights)."""
+
+    def __init__(self, compiled, config):
+        super().__init__()
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self.config = config
 
     def run(self, *arrays) -> torch.Tensor:
         out = self.request.infer(list(arrays), share_inputs=True, share_outputs=True)
@@ -95,20 +99,12 @@ class OVVaeDecoder(_OVPart):
         return self.run(latent.float().numpy())
 
 
-class OVVae(torch.nn.Module):
+class OVVae(_OnCPU, torch.nn.Module):
     def __init__(self, decoder: OVVaeDecoder, config):
         super().__init__()
         self.decoder = decoder
         self.post_quant_conv = None  # inside the decoder IR, as in optimum-intel
         self.config = config
-
-    @property
-    def device(self) -> torch.device:
-        return CPU
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
 
     def decode(self, z, return_dict=False, generator=None):
         return (self.decoder(z),)

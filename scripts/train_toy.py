@@ -435,18 +435,10 @@ def export(args, tok_dir: Path, vae, text, unet, scale: float) -> None:
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n",
                                                                  encoding="utf-8")
         PNDMScheduler.from_pretrained(tmp / "scheduler")  # sanity check that it loads
-        index = {
-            "_class_name": "StableDiffusionPipeline",
-            "_diffusers_version": __import__("diffusers").__version__,
-            "feature_extractor": [None, None],
-            "requires_safety_checker": False,
-            "safety_checker": [None, None],
-            "scheduler": ["diffusers", "PNDMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        }
+        from sdfast.model_folder import MODEL_INDEX  # the SD 1.x pipeline index every built-in writes
+
+        index = {"_class_name": MODEL_INDEX["_class_name"], "_diffusers_version": __import__("diffusers").__version__,
+                 **{k: v for k, v in MODEL_INDEX.items() if k != "_class_name"}}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         (tmp / "TRAINING.md").write_text(
             "Toy Stable Diffusion trained by scripts/train_toy.py on the synthetic world of sdfast/toy.py.\n\n"
