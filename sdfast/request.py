@@ -100,7 +100,9 @@ class Request:
                     negative_crops_coords_top_left=negative_crops_coords_top_left,
                     negative_target_size=negative_target_size)
         if info.family != "sdxl":
-            given = [k for k, v in sdxl.items() if v not in (None, (0, 0))]
+            # the crops' default (0, 0) is SD 1.x's behaviour too, in any sequence type (JSON gives lists)
+            given = [k for k, v in sdxl.items()
+                     if v is not None and not ("crops" in k and isinstance(v, list | tuple) and list(v) == [0, 0])]
             if given:
                 raise InvalidArgument(f"{given[0]}: only SDXL models take it, and {info.name!r} is an SD 1.x/2.x "
                                       "model; drop it, or use an SDXL model folder")

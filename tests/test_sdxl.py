@@ -108,6 +108,14 @@ def test_sdxl_only_arguments_are_refused_on_sd_models(tiny_pipe):
         tiny_pipe.generate("a", prompt_2="b", steps=2)
     with pytest.raises(InvalidArgument, match="^original_size: only SDXL models take it"):
         tiny_pipe.generate("a", original_size=(64, 64), steps=2)
+    with pytest.raises(InvalidArgument, match="^crops_coords_top_left: only SDXL models take it"):
+        tiny_pipe.generate("a", crops_coords_top_left=[8, 0], steps=2)
+    with pytest.raises(InvalidArgument, match="^original_size: only SDXL models take it"):
+        tiny_pipe.generate("a", original_size=[0, 0], steps=2)  # (0, 0) is the default only for crops
+    # the crops' default, as a tuple or as the list a JSON body gives, asks for nothing SDXL-only
+    for crops in ((0, 0), [0, 0]):
+        assert tiny_pipe.generate("a", crops_coords_top_left=crops, negative_crops_coords_top_left=crops,
+                                  steps=2).steps == 2
 
 
 def test_bad_sizes_are_refused_naming_the_argument(sdxl):
