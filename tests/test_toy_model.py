@@ -60,7 +60,7 @@ def toy_accuracy(toy_pipe):
 def test_toy_model_draws_the_prompt_at_guidance_7_5(toy_accuracy, scheduler):
     acc = toy_accuracy(scheduler, 7.5)
     print(f"{scheduler}: {acc:.1%} at guidance 7.5")
-    assert acc >= 0.9
+    assert acc >= 0.95  # issue 18's bar; measured 100 % for every scheduler here, 99.4-100 % held out
 
 
 def test_toy_model_lms_at_moderate_guidance(toy_accuracy):
@@ -69,11 +69,12 @@ def test_toy_model_lms_at_moderate_guidance(toy_accuracy):
 
 def test_guidance_0_scores_clearly_lower(toy_accuracy):
     # Guidance 0 is diffusers' rule "no classifier-free guidance": the conditional half alone. The
-    # caption still steers it, but without guidance's push the check scores clearly lower.
+    # caption still steers it, but without guidance's push it misses clearly more: guidance takes
+    # away at least three quarters of its misses (measured: 75 % -> 100 %; the model before: 69 -> 98).
     plain = toy_accuracy("euler", 0.0)
     guided = toy_accuracy("euler", 7.5)
     print(f"guidance 0: {plain:.1%}, guidance 7.5: {guided:.1%}")
-    assert plain <= guided - 0.25
+    assert plain <= 0.9 and 1 - guided <= (1 - plain) / 4
 
 
 def test_guidance_pulls_towards_the_prompt(toy_pipe, toy_accuracy):
@@ -84,6 +85,23 @@ def test_guidance_pulls_towards_the_prompt(toy_pipe, toy_accuracy):
     guided = toy_accuracy("ddim", 7.5)
     print(f"unconditional {uncond:.1%}, guided {guided:.1%}")
     assert uncond <= 0.3 and guided >= 0.9
+
+
+def test_yellow_shapes_are_drawn_yellow_not_orange(toy_pipe):
+    # Issue 18: the model shipped before drew "a yellow X" orange (12 of its 54 held-out misses were
+    # yellow drawn red): its VAE put yellow between red and white in latent space. Every yellow
+    # caption x both seeds: each shape is graded yellow, and its centre is near the palette's yellow
+    # (that model: median 33-48 RGB units off with euler, lms and dpmpp_2m; the retrained one: 15-16).
+    prompts = [toy.caption(*c) for c in toy.combos() if c[1] == "yellow"]
+    graded, distance = [], []
+    for seed in SEEDS:
+        for image in toy_pipe.generate(prompts, steps=STEPS, guidance_scale=7.5, seed=seed, scheduler="euler").images:
+            graded.append(toy.classify(image)[0])
+            centre = np.asarray(image, dtype=np.float64)[28:36, 28:36].reshape(-1, 3).mean(axis=0)
+            distance.append(float(np.linalg.norm(centre - toy.PALETTE["yellow"])))
+    print(f"yellow: {graded.count('yellow')}/{len(graded)}, median distance {np.median(distance):.0f}")
+    assert graded.count("yellow") >= len(graded) - 1
+    assert np.median(distance) <= 25
 
 
 @pytest.mark.parametrize("size", [64, 128])
@@ -143,7 +161,7 @@ def toy_onnx(tmp_path_factory):
 def test_toy_model_draws_the_prompt_through_onnxruntime(toy_onnx, scheduler):
     acc = accuracy(toy_onnx, scheduler, 7.5)
     print(f"onnxruntime {scheduler}: {acc:.1%}")
-    assert acc >= 0.9
+    assert acc >= 0.95
 
 
 def test_bf16_matches_fp32_end_to_end_tier_3(toy_pipe):
