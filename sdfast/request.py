@@ -100,9 +100,8 @@ class Request:
                     negative_crops_coords_top_left=negative_crops_coords_top_left,
                     negative_target_size=negative_target_size)
         if info.family != "sdxl":
-            # the crops' default (0, 0) is SD 1.x's behaviour too, in any sequence type (JSON gives lists)
-            given = [k for k, v in sdxl.items()
-                     if v is not None and not ("crops" in k and isinstance(v, list | tuple) and list(v) == [0, 0])]
+            # an argument at its default asks for nothing SDXL-only, as a tuple or the list JSON gives
+            given = [k for k, v in sdxl.items() if (tuple(v) if isinstance(v, list) else v) != _SDXL_DEFAULTS.get(k)]
             if given:
                 raise InvalidArgument(f"{given[0]}: only SDXL models take it, and {info.name!r} is an SD 1.x/2.x "
                                       "model; drop it, or use an SDXL model folder")
@@ -174,6 +173,10 @@ def _per_prompt(value: str | list[str], arg: str, n: int) -> list[str]:
         raise InvalidArgument(f"{arg}: a list must have one entry per prompt, but has {len(texts)} for {n} prompts; "
                               f"pass {n} strings or one string")
     return texts
+
+
+#: Request.build's SDXL-only arguments whose default is not None (SD 1.x's behaviour too).
+_SDXL_DEFAULTS = {"crops_coords_top_left": (0, 0), "negative_crops_coords_top_left": (0, 0)}
 
 
 def _pair(arg: str, value) -> tuple[int, int] | None:
