@@ -366,16 +366,15 @@ def stage_unet(args, tokenizer, lat_mean, lat_std, scale, captions):
     ckpt_path = args.work / "unet.pt"
     text = build_text(tokenizer, args)
     unet = build_unet(args)
-    params = list(text.parameters()) + list(unet.parameters())
-    ema = [p.detach().clone() for p in params]
     if args.init_from:  # fine-tune: start from a trained model's weights (fp16 on disk -> fp32)
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
         text.load_state_dict(CLIPTextModel.from_pretrained(args.init_from / "text_encoder").float().state_dict())
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(args.init_from / "unet").float().state_dict())
-        ema = [p.detach().clone() for p in params]
         log(args, f"text encoder + unet: from {args.init_from}")
+    params = list(text.parameters()) + list(unet.parameters())
+    ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(args.seed * 1000 + 3)
     step = 0
