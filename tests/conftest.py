@@ -27,7 +27,34 @@ SLOW_IN_DEFAULT_RUN: dict[str, str] = {
 }
 
 
+def stale_slow_keys(tests_dir, collected: list[str]) -> list[str]:
+    """Keys of SLOW_IN_DEFAULT_RUN that name no test any more: a renamed test or parameter would
+    otherwise silently come back into the default run (or drop out of CI's slow run). A test
+    function must exist in its file's source; a parameter is checked against the collected node
+    ids whenever that function was collected with more than one parameter."""
+    from collections import Counter
+    from pathlib import Path
+
+    per_function = Counter(n.partition("[")[0] for n in collected)
+    stale = []
+    for key in SLOW_IN_DEFAULT_RUN:
+        file, _, test = key.partition("::")
+        name = test.partition("[")[0]
+        path = Path(tests_dir) / file
+        source = path.read_text(encoding="utf-8") if path.is_file() else ""
+        if f"def {name}(" not in source:
+            stale.append(key)
+        elif "[" in test and per_function[f"{file}::{name}"] > 1 and key not in collected:
+            stale.append(key)
+    return stale
+
+
 def pytest_collection_modifyitems(config, items):
+    from pathlib import Path
+
+    stale = stale_slow_keys(Path(__file__).parent, [i.nodeid.removeprefix("tests/") for i in items])
+    if stale:
+        raise pytest.UsageError(f"tests/conftest.py SLOW_IN_DEFAULT_RUN names tests that do not exist: {stale}")
     for item in items:
         if item.nodeid.removeprefix("tests/") in SLOW_IN_DEFAULT_RUN:
             item.add_marker(pytest.mark.slow)
