@@ -59,7 +59,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-s", "--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--prompt", default=None, help="prompt (default: a fixed astronaut prompt)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads of torch (onnxruntime sessions follow it); default: torch's choice")
     p.add_argument("--engines", default=None, metavar="DIR",
                    help="artifact folder from `sdfast export` for the non-torch backends (default: export into the cache)")
     p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers reference rows")
@@ -85,8 +84,6 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from .bench import run_bench, validate
     from .bench_report import check_plot_available, format_table, write_json, write_plot
 
@@ -100,10 +97,6 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidArgument(f"{flag}: {path!r} is a folder; pass a file path")
     if args.plot:
         check_plot_available()
-    if args.threads is not None:
-        if args.threads < 1:
-            raise InvalidArgument(f"threads: must be at least 1 but is {args.threads}")
-        torch.set_num_threads(args.threads)
     validate(cfg)  # every rule before the (long) run
     report = run_bench(cfg, progress=lambda line: print(f"sdfast bench: {line}", file=sys.stderr, flush=True))
     print(format_table(report))

@@ -38,7 +38,7 @@ def collect() -> dict:
 
     from .artifacts import versions as artifact_versions
     from .backends import BACKENDS
-    from .hardware import cpu_bf16_supported
+    from .hardware import cpu_bf16_supported, default_threads
     from .models import builtin_models
 
     versions: dict[str, str | None] = {"python": platform.python_version(), **artifact_versions()}
@@ -51,7 +51,8 @@ def collect() -> dict:
     return {
         "versions": versions,
         "cpu": {"model": cpu_model_name(), "machine": platform.machine(),
-                "threads": torch.get_num_threads(), "capability": torch.backends.cpu.get_cpu_capability(),
+                "threads": torch.get_num_threads(), "default_threads": "{} ({})".format(*default_threads()),
+                "capability": torch.backends.cpu.get_cpu_capability(),
                 "bf16": cpu_bf16_supported()},
         "cuda_devices": cuda,
         "backends": backends,

@@ -139,3 +139,116 @@ def test_auto_dtype_takes_the_exported_precision(onnx_dynamic, tiny_info):
 
     pipe = sdfast.load(tiny_info, backend="onnxruntime", engines=onnx_dynamic, dtype="auto")
     assert pipe.precision.value == "fp32"
+
+
+# -- start-up, no command, threads --------------------------------------------------------------
+
+def test_top_help_imports_no_command_module_and_no_torch():
+    code = ("import sys\nfrom sdfast.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('sdfast.cli_')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_no_command_prints_the_help_and_exits_0():
+    r = subprocess.run([sys.executable, "-m", "sdfast"], capture_output=True, text=True)
+    assert r.returncode == 0 and "error" not in r.stderr
+    for name in ("generate", "export", "parity", "bench", "serve", "info", "--threads"):
+        assert name in r.stdout
+
+
+def test_the_listing_repeats_each_commands_own_help():
+    from sdfast.cli import COMMANDS, build_parser
+
+    def helps(parser):
+        action = next(a for a in parser._actions if a.dest == "command")
+        return {a.dest: a.help for a in action._choices_actions}
+
+    full, light = helps(build_parser()), helps(build_parser(full=[]))
+    assert set(full) == set(COMMANDS) and full == light
+
+
+def test_every_command_takes_threads():
+    from sdfast.cli import COMMANDS, build_parser
+
+    action = next(a for a in build_parser()._actions if a.dest == "command")
+    for name in COMMANDS:
+        assert "--threads" in {f for a in action.choices[name]._actions for f in a.option_strings}, name
+
+
+@pytest.mark.parametrize("argv", [["info", "--json", "--threads", "1"], ["--threads", "1", "info", "--json"]])
+def test_threads_flag_sets_the_thread_count_the_command_runs_with(argv, capsys):
+    import json
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(argv) == 0
+        assert json.loads(capsys.readouterr().out)["cpu"]["threads"] == 1
+        assert torch.get_num_threads() == 2  # restored for an in-process caller
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "two"])
+def test_threads_below_one_or_not_a_number_is_refused(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["info", "--threads", value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--threads" in err and value in err
+
+
+def test_default_threads_leaves_the_cores_other_processes_keep_busy(monkeypatch):
+    from sdfast import hardware
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(hardware.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(hardware, "usable_cores", lambda: 2)
+    for busy, want in ((0, 2), (0.4, 2), (1, 1), (1.7, 1), (2, 1), (8, 1)):
+        monkeypatch.setattr(hardware, "busy_cpus", lambda b=busy: b)
+        assert hardware.default_threads()[0] == want, busy
+    monkeypatch.setattr(hardware.os, "cpu_count", lambda: 64)  # a 2-core slice of a big, busy host
+    monkeypatch.setattr(hardware, "busy_cpus", lambda: 30)
+    assert hardware.default_threads()[0] == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert hardware.default_threads() == (3, "OMP_NUM_THREADS")
+    for bad in ("0", "x", ""):
+        monkeypatch.setenv("OMP_NUM_THREADS", bad)
+        assert hardware.default_threads()[0] == 2
+
+
+def test_usable_cores_counts_physical_cores_and_the_cgroup_quota(tmp_path, monkeypatch):
+    from sdfast import hardware
+
+    cpuinfo = tmp_path / "cpuinfo"
+    # 4 logical CPUs: two cores with two hyper-threads each
+    cpuinfo.write_text("".join(f"processor\t: {p}\nphysical id\t: 0\ncore id\t\t: {p // 2}\n\n" for p in range(4)))
+    monkeypatch.setattr(hardware, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(hardware, "CGROUP_CPU_MAX", tmp_path / "absent")
+    assert hardware.usable_cores() == 2
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: {0, 1})  # one core's two threads
+    assert hardware.usable_cores() == 1
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    quota = tmp_path / "cpu.max"
+    monkeypatch.setattr(hardware, "CGROUP_CPU_MAX", quota)
+    for text, want in (("max 100000", 2), ("100000 100000", 1), ("150000 100000", 1), ("50000 100000", 1)):
+        quota.write_text(text)
+        assert hardware.usable_cores() == want, text
+
+
+def test_busy_cpus_reads_the_runnable_count_less_this_process(tmp_path, monkeypatch):
+    from sdfast import hardware
+
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("8.00 7.00 6.00 5/300 12345\n")
+    monkeypatch.setattr(hardware, "LOADAVG", loadavg)
+    assert hardware.busy_cpus(interval_s=0) == 4
+    loadavg.write_text("0.00 0.00 0.00 1/300 12345\n")
+    assert hardware.busy_cpus(interval_s=0) == 0
+    monkeypatch.setattr(hardware, "LOADAVG", tmp_path / "absent")
+    assert hardware.busy_cpus(interval_s=0) == 0
