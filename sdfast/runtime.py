@@ -115,7 +115,9 @@ class _Stage:
 
 
 #: what requests must share to run in one loop (one U-Net call per step over all their rows).
-BATCH_KEYS = ("height", "width", "steps", "scheduler", "guided", "start_step")
+#: what requests batched into one loop must share; long_prompt too: the text batch is encoded under
+#: one policy, so a "truncate" request batched after a "chunk" one would get the other's encoding.
+BATCH_KEYS = ("height", "width", "steps", "scheduler", "guided", "start_step", "long_prompt")
 
 
 def check_batchable(requests: list[Request]) -> None:

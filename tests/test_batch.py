@@ -63,3 +63,23 @@ def test_requests_that_cannot_share_a_loop_are_refused(pipe, tiny_info):
             pipe.run_batch([a, b])
     with pytest.raises(InvalidArgument, match="requests: the list is empty"):
         pipe.run_batch([])
+
+
+def test_long_prompt_policy_is_per_request(pipe, tiny_info):
+    """A request that asks to truncate its long prompt batched with one that asks to chunk it:
+    each row is its lone run, or the batch is refused naming long_prompt; never one request's
+    policy applied to the other's prompt (the first request's policy used to win)."""
+    long = " ".join(["a red circle on a blue background"] * 12)  # well past 77 tokens
+    chunk = Request.build(tiny_info, prompt=long, steps=3, scheduler="euler", seed=1, long_prompt="chunk")
+    cut = Request.build(tiny_info, prompt=long, steps=3, scheduler="euler", seed=2, long_prompt="truncate")
+    alone = {id(r): pipe.run(r).latents for r in (chunk, cut)}
+    assert rel_err(alone[id(chunk)], pipe.run(Request.build(
+        tiny_info, prompt=long, steps=3, scheduler="euler", seed=1, long_prompt="truncate")).latents) > 1e-3
+    for reqs in ([cut, chunk], [chunk, cut]):
+        try:
+            outs = pipe.run_batch(reqs)
+        except InvalidArgument as e:
+            assert "long_prompt" in str(e)
+            continue
+        for req, out in zip(reqs, outs, strict=True):
+            assert rel_err(out.latents, alone[id(req)]) <= 3e-4
