@@ -21,6 +21,8 @@ written together at the end: a run that fails leaves none of them.
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .request import DEFAULTS as D
+    from .request import LONG_PROMPT
     from .rules import MAX_GUIDANCE
     from .schedulers import SCHEDULERS
 
@@ -37,20 +39,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (default: empty)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's native size)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's native size)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    p.add_argument("--guidance-scale", type=float, default=7.5,
+    p.add_argument("--steps", type=int, default=D["steps"], help=f"denoising steps (default {D['steps']})")
+    p.add_argument("--guidance-scale", type=float, default=D["guidance_scale"],
                    help=f"classifier-free guidance g in u + g(t - u), 0..{MAX_GUIDANCE:g}; <= 1 turns guidance off "
-                        "(default 7.5). Past ~20 images oversaturate; past the bound the latents leave their "
+                        f"(default {D['guidance_scale']:g}). Past ~20 images oversaturate; past the bound the latents leave their "
                         "range by orders of magnitude and the result is noise or an fp16 overflow")
-    p.add_argument("-s", "--seed", type=int, default=0, help="seed of the initial noise (default 0)")
-    p.add_argument("--scheduler", default="lms", choices=list(SCHEDULERS), help="sampling algorithm (default lms)")
+    p.add_argument("-s", "--seed", type=int, default=D["seed"], help=f"seed of the initial noise (default {D['seed']})")
+    p.add_argument("--scheduler", default=D["scheduler"], choices=list(SCHEDULERS),
+                   help=f"sampling algorithm (default {D['scheduler']})")
     p.add_argument("--init-image", default=None, metavar="PNG", help="img2img: start from this image (PNG, JPEG, ...; 16-bit scaled to 8, "
                         "transparency composited on white)")
-    p.add_argument("--strength", type=float, default=0.8,
-                   help="img2img: how much of the init image to repaint, in (0, 1] (default 0.8)")
-    p.add_argument("-n", "--num-images", type=int, default=1, metavar="N",
+    p.add_argument("--strength", type=float, default=D["strength"],
+                   help=f"img2img: how much of the init image to repaint, in (0, 1] (default {D['strength']:g})")
+    p.add_argument("-n", "--num-images", type=int, default=D["num_images_per_prompt"], metavar="N",
                    help="images per prompt, each from its own noise (default 1); written as OUT-0.png, ...")
-    p.add_argument("--long-prompt", default="chunk", choices=["chunk", "truncate"],
+    p.add_argument("--long-prompt", default=D["long_prompt"], choices=list(LONG_PROMPT),
                    help="prompts longer than the text encoder takes (77 tokens in SD): encode them in chunks "
                         "(default) or cut them (diffusers' behaviour)")
     p.add_argument("--save-steps", default=None, metavar="DIR", help="write one decoded frame per step into DIR")
@@ -74,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_model_arguments(p: argparse.ArgumentParser, backend_from_engines: bool = False) -> None:
     """--model, --backend, --engines, --device, --dtype. ``backend_from_engines``: without
-    --backend, --engines DIR runs on the backend its manifest names (``resolve_backend``)."""
+    --backend, --engines DIR runs on the backend its manifest names (``runtime.load``)."""
     from .backends import BACKENDS
     from .models import builtin_models
 
@@ -88,16 +91,6 @@ def add_model_arguments(p: argparse.ArgumentParser, backend_from_engines: bool =
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="compute precision. auto (default): fp16 on CUDA, bf16 on CPUs with bf16 units "
                         "(AMX/AVX512-BF16, ~3x faster than fp32 there), else fp32; fp32 is the parity reference")
-
-
-def resolve_backend(backend: str | None, engines: str | None) -> str:
-    """--backend as given; else the backend of --engines DIR's manifest; else torch."""
-    if backend is not None or engines is None:
-        return backend or "torch"
-    from .artifacts import read_manifest
-    from .backends import for_format
-
-    return for_format(read_manifest(engines).format).name
 
 
 def prompts_from_args(args: argparse.Namespace) -> list[str]:
@@ -161,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
                         prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2,
                         original_size=args.original_size, target_size=args.target_size,
                         crops_coords_top_left=args.crops_coords_top_left or (0, 0))
-    backend = resolve_backend(args.backend, args.engines)
-    pipe = load(info, backend=backend, device=args.device, dtype=args.dtype, engines=args.engines,
+    # backend None: the one --engines DIR was exported for (load reads its manifest once)
+    pipe = load(info, backend=args.backend, device=args.device, dtype=args.dtype, engines_dir=args.engines,
                 attention=args.attention, cuda_graphs=args.cuda_graphs)
 
     frames: list = []

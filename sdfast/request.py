@@ -7,9 +7,10 @@ bad input before it creates a single output file.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import rules
 from .errors import InvalidArgument
@@ -194,3 +195,15 @@ def _prompts(value: str | list[str], arg: str) -> list[str]:
     if isinstance(value, list | tuple) and all(isinstance(p, str) for p in value):
         return list(value)
     raise InvalidArgument(f"{arg}: must be a string or a list of strings, not {type(value).__name__}")
+
+
+def request_defaults() -> dict[str, Any]:
+    """Every option of ``Request.build`` with its default, read from its signature: the one place
+    the request surface and its defaults are written. The CLI, serve and ``Pipeline.generate`` read
+    them from here (``DEFAULTS``) instead of restating them."""
+    params = inspect.signature(Request.build).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+#: option -> default of every generation option (``Request.build``'s keywords).
+DEFAULTS: dict[str, Any] = request_defaults()

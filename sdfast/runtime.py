@@ -25,7 +25,7 @@ from .graphs import GraphRunner
 from .hardware import resolve_device
 from .loop import LoopState, StepCallback, denoise
 from .models import ModelInfo, load_tokenizer, resolve_model
-from .request import Request
+from .request import DEFAULTS, Request
 from .safety import DecodeFallback, check_finite
 from .schedulers import Scheduler, make_scheduler
 from .text import TEXT, token_chunks
@@ -144,6 +144,8 @@ class Pipeline:
         self.device = device
         self.precision = precision
         self.backend = backend
+        #: the export's manifest as ``load`` read it (None for eager engines)
+        self.manifest = None
         text = TEXT[info.family]
         tokenizers = [tokenizer if tokenizer is not None and k == 0 else load_tokenizer(info, folder)
                       for k, folder in enumerate(text.tokenizer_folders)]
@@ -206,7 +208,8 @@ class Pipeline:
         return (mean + std * eps) * self.info.scaling_factor
 
     def warmup(self, height: int | None = None, width: int | None = None, batch: int = 1, steps: int = 2,
-               guidance_scale: float = 7.5, scheduler: str = "lms") -> float:
+               guidance_scale: float = DEFAULTS["guidance_scale"], scheduler: str | None = DEFAULTS["scheduler"]
+               ) -> float:
         """Pay one-time costs (allocation, lazy init, compile, CUDA-graph capture) for this shape
         now, with a short generation at exactly the shape later calls use (the U-Net sees 2·batch
         rows under guidance, batch rows without). Returns the seconds it took."""
@@ -218,28 +221,18 @@ class Pipeline:
         return time.perf_counter() - t0
 
     # -- the loop ----------------------------------------------------------------------------
-    def generate(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
-                 height: int | None = None, width: int | None = None, steps: int = 50,
-                 guidance_scale: float = 7.5, seed: int = 0, scheduler: str = "lms",
-                 image: Image.Image | str | Path | None = None, strength: float = 0.8,
-                 callback: StepCallback | None = None, progress: bool = False,
-                 profile: bool = False, num_images_per_prompt: int = 1, long_prompt: str = "chunk",
-                 prompt_2: str | list[str] | None = None, negative_prompt_2: str | list[str] | None = None,
-                 original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
-                 target_size: tuple[int, int] | None = None, negative_original_size: tuple[int, int] | None = None,
-                 negative_crops_coords_top_left: tuple[int, int] = (0, 0),
-                 negative_target_size: tuple[int, int] | None = None) -> GenerationOutput:
-        """Run the guided loop. ``profile`` synchronizes CUDA around each stage for exact timings.
-        SDXL models also take ``prompt_2`` ... ``negative_target_size`` (diffusers' names and defaults)."""
-        req = Request.build(self.info, prompt=prompt, negative_prompt=negative_prompt, height=height,
-                            width=width, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                            scheduler=scheduler, image=image, strength=strength,
-                            num_images_per_prompt=num_images_per_prompt, long_prompt=long_prompt,
-                            prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, original_size=original_size,
-                            crops_coords_top_left=crops_coords_top_left, target_size=target_size,
-                            negative_original_size=negative_original_size,
-                            negative_crops_coords_top_left=negative_crops_coords_top_left,
-                            negative_target_size=negative_target_size)
+    def generate(self, prompt: str | list[str], *, callback: StepCallback | None = None, progress: bool = False,
+                 profile: bool = False, **options: Any) -> GenerationOutput:
+        """Run the guided loop on ``prompt``. ``options`` are ``Request.build``'s keywords, with
+        its defaults (``request.DEFAULTS``: negative_prompt, height, width, steps, guidance_scale,
+        seed, scheduler, image, strength, num_images_per_prompt, long_prompt, and SDXL's prompt_2
+        ... negative_target_size); an unknown one is refused naming it. ``profile`` synchronizes
+        CUDA around each stage for exact timings."""
+        unknown = sorted(set(options) - set(DEFAULTS))
+        if unknown:
+            raise InvalidArgument(f"{unknown[0]}: not an option of generate; the options are "
+                                  f"{', '.join(DEFAULTS)}")
+        req = Request.build(self.info, prompt=prompt, **options)
         return self.run(req, callback=callback, progress=progress, profile=profile)
 
     def run(self, req: Request, callback: StepCallback | None = None, progress: bool = False,
@@ -332,15 +325,21 @@ class Pipeline:
         return "; or ".join(hints)
 
 
-def load(model: str | Path | ModelInfo = "tiny", backend: str = "torch", device: str | torch.device = "cpu",
-         dtype: str | Precision = "fp32", engines: str | Path | None = None, attention: str = "sdpa",
-         cuda_graphs: bool | None = None, modules: dict[str, torch.nn.Module] | None = None) -> Pipeline:
+def load(model: str | Path | ModelInfo = "tiny", backend: str | None = "torch", device: str | torch.device = "cpu",
+         dtype: str | Precision = "fp32", engines_dir: str | Path | None = None, attention: str = "sdpa",
+         cuda_graphs: bool | None = None, modules: dict[str, torch.nn.Module] | None = None, *,
+         engines: str | Path | None = None) -> Pipeline:
     """Load a model for generation: the one way a Pipeline is assembled (the CLI, bench and the
-    device check all come here, so they run with the safety setup users get). See DESIGN.md's
-    API contract.
+    device check all come here, so they run with the safety setup users get). See
+    docs/architecture.md's API contract.
+
+    engines_dir: the folder of `sdfast export` (``engines=`` is the same argument under its older
+    name); its manifest is read once here (the engines' loader then verifies it) and kept as
+    ``pipe.manifest``. backend: None takes the
+    backend that folder was exported for (torch without one).
 
     dtype: "fp32" (the parity reference, default), "fp16", "bf16", or "auto": fp16 on CUDA, bf16
-    on CPUs with bf16 units, else fp32; with ``engines``, the precision they were exported in.
+    on CPUs with bf16 units, else fp32; with ``engines_dir``, the precision they were exported in.
 
     attention: "sdpa" | "xformers" | "math" for the torch backend (other backends ignore it).
     cuda_graphs: None = on for CUDA, off for CPU; True on CPU runs the static-buffer loop
@@ -350,17 +349,25 @@ def load(model: str | Path | ModelInfo = "tiny", backend: str = "torch", device:
     """
     from . import backends
 
-    record = backends.get(backend)
-    dev = resolve_device(device)
+    if engines is not None:
+        if engines_dir is not None and str(engines_dir) != str(engines):
+            raise InvalidArgument("engines_dir: given twice (engines_dir and its older name engines); pass one")
+        engines_dir = engines
     info = model if isinstance(model, ModelInfo) else resolve_model(model)
-    if dtype == "auto" and engines is not None:
-        # Exported graphs fix their precision: "auto" takes the one they were built with.
+    manifest = None
+    if engines_dir is not None:
         from .artifacts import read_manifest
 
-        precision = read_manifest(engines, info).precision("unet")
+        manifest = read_manifest(engines_dir, info, "onnx" if backend is None else backends.get(backend).format)
+    if backend is None:
+        backend = "torch" if manifest is None else backends.for_format(manifest.format).name
+    record = backends.get(backend)
+    dev = resolve_device(device)
+    if dtype == "auto" and manifest is not None:
+        precision = manifest.precision("unet")  # exported graphs fix their precision: "auto" takes theirs
     else:
         precision = Precision.resolve(dtype, dev)
-    engine_set = load_engines(info, backend, dev, precision, None if engines is None else str(engines),
+    engine_set = load_engines(info, backend, dev, precision, None if engines_dir is None else str(engines_dir),
                               options={"attention": attention, "modules": modules})
     if cuda_graphs is None:
         cuda_graphs = dev.type == "cuda"
@@ -371,4 +378,6 @@ def load(model: str | Path | ModelInfo = "tiny", backend: str = "torch", device:
 
             return load_component(info, "vae_decoder", dev, Precision.FP32)
 
-    return Pipeline(info, engine_set, dev, precision, backend, cuda_graphs=cuda_graphs, fp32_vae_decoder=fallback)
+    pipe = Pipeline(info, engine_set, dev, precision, backend, cuda_graphs=cuda_graphs, fp32_vae_decoder=fallback)
+    pipe.manifest = manifest
+    return pipe
