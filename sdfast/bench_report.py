@@ -118,3 +118,47 @@ def write_plot(report: dict[str, Any], path: str | Path) -> None:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     _readable(Path(path))
+
+
+def write_pareto_plot(points: list[dict[str, Any]], path: str | Path, title: str, xlabel: str) -> None:
+    """Accuracy against seconds per image: one marker per configuration (``points``: dicts with
+    ``label``, ``seconds``, ``accuracy`` or None, ``kind`` "sdfast" | "diffusers"), the sdfast
+    Pareto front joined by a line. Configurations without a measured accuracy are drawn at the
+    bottom edge with their label. Needs matplotlib."""
+    check_plot_available()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .bench import pareto_front
+    from .media import atomic_path
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ours = [p for p in points if p["kind"] == "sdfast" and p["accuracy"] is not None]
+    for kind, marker, colour in (("sdfast", "o", "tab:blue"), ("diffusers", "x", "tab:red")):
+        sel = [p for p in points if p["kind"] == kind]
+        if not sel:
+            continue
+        xs = [p["seconds"] for p in sel]
+        ys = [100 * p["accuracy"] if p["accuracy"] is not None else 0.0 for p in sel]
+        ax.scatter(xs, ys, marker=marker, color=colour, label=kind if kind == "sdfast" else
+                   "diffusers, same recipe (at the recipe's sdfast accuracy)")
+        for p, x, y in zip(sel, xs, ys, strict=True):
+            ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(4, 4 if kind == "sdfast" else -10),
+                        fontsize=7, color=colour)
+    front = pareto_front([(p["seconds"], p["accuracy"]) for p in ours])
+    if front:
+        ax.plot([ours[i]["seconds"] for i in front], [100 * ours[i]["accuracy"] for i in front], "--",
+                color="tab:blue", alpha=0.5, label="sdfast Pareto front")
+    ax.axhline(95, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("held-out toy accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize="small", loc="lower right")
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    _readable(Path(path))

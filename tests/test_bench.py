@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch
 from sdfast import bench
 from sdfast.backends import get as get_backend
 from sdfast.cli import main
+from sdfast.errors import InvalidArgument
 
 STAGES = {"text_encoder", "unet_step", "scheduler_step", "vae_decode", "total"}
 
@@ -226,3 +228,100 @@ def test_random_model_folder_is_made_once_with_the_release_configs():
     base = random_model_folder("random-sd21-base")
     sched = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
     assert sched["prediction_type"] == "epsilon"  # 2.1-base convention
+
+
+# -- the few-step benchmark's pieces (bench/fewstep.py) ----------------------------------------
+
+def test_toy_accuracy_counts_exactly_the_images_drawn_right():
+    from sdfast import toy
+
+    combos = toy.combos()[:6]
+
+    def generate(prompts, seed):
+        # seed 100 draws every scene right; seed 101 draws the background of the first two wrong
+        out = []
+        for k, (shape, colour, background) in enumerate(combos):
+            wrong_bg = seed == 101 and k < 2
+            bg = next(c for c in toy.COLOURS if c not in (colour, background)) if wrong_bg else background
+            out.append(toy.render(shape, colour, bg, rng=k))
+        assert prompts == [toy.caption(*c) for c in combos]  # the canonical captions, in order
+        return out
+
+    row = bench.toy_accuracy(generate, [100, 101], combos)
+    assert row["images"] == 12 and row["seeds"] == [100, 101]
+    assert row["accuracy"] == pytest.approx(10 / 12)
+    assert sum(row["wrong"].values()) == 2
+    with pytest.raises(RuntimeError, match="3 images for 6 prompts"):
+        bench.toy_accuracy(lambda p, s: generate(p, s)[:3], [100], combos)
+
+
+def test_interleaved_runs_every_row_once_per_round_in_order_with_wall_and_cpu():
+    calls = []
+
+    def busy(name, seconds):
+        def run():
+            calls.append(name)
+            t0 = time.process_time()
+            while time.process_time() - t0 < seconds:
+                pass
+        return run
+
+    samples = bench.interleaved({"a": busy("a", 0.02), "b": busy("b", 0.0), "c": busy("c", 0.01)}, rounds=3)
+    assert calls == ["a", "b", "c"] * 3
+    assert [s["round"] for s in samples["a"]] == [0, 1, 2]
+    for s in samples["a"]:
+        assert s["cpu_s"] >= 0.02 and s["wall_s"] >= s["cpu_s"] * 0.9
+    assert max(s["cpu_s"] for s in samples["b"]) < min(s["cpu_s"] for s in samples["a"])
+    with pytest.raises(InvalidArgument, match="rounds"):
+        bench.interleaved({"a": busy("a", 0)}, rounds=0)
+
+
+def test_pareto_front_keeps_exactly_the_undominated_points():
+    points = [(10.0, 1.0), (5.0, 0.99), (5.0, 0.95), (2.0, 0.9), (3.0, 0.85), (2.0, 0.9), (1.0, 0.3), (20.0, 1.0)]
+    # (5, .95) loses to (5, .99); (3, .85) to (2, .9); (20, 1) to (10, 1); the duplicates (2, .9) both stay
+    assert bench.pareto_front(points) == [6, 3, 5, 1, 0]
+    assert bench.pareto_front([]) == []
+
+
+def test_fewstep_deepcache_fallback_restores_the_plain_unet(tiny_pipe):
+    from sdfast.deepcache import DeepCacheUNet
+
+    fewstep = _fewstep()
+    plain = tiny_pipe.engines["unet"]
+    seen = []
+    original = DeepCacheUNet.__call__
+
+    def spy(self, **inputs):
+        seen.append(self)
+        return original(self, **inputs)
+
+    cfg = fewstep.Config("dc", steps=4, cache_interval=2)
+    try:
+        DeepCacheUNet.__call__ = spy
+        out = fewstep.sdfast_generate(tiny_pipe, cfg, prompt="a red circle on a blue background", seed=100)
+    finally:
+        DeepCacheUNet.__call__ = original
+    if "cache_interval" in fewstep._generate_params(tiny_pipe):
+        pytest.skip("Pipeline.generate takes cache_interval itself; the fallback is not used")
+    assert len(seen) == 4 and seen[0].history == ["full", "shallow", "full", "shallow"]
+    assert tiny_pipe.engines["unet"] is plain
+    exact = tiny_pipe.generate("a red circle on a blue background", steps=4, seed=100, scheduler="euler")
+    assert not torch.equal(out.latents, exact.latents)  # the approximation really ran
+
+
+def test_fewstep_names_what_this_checkout_cannot_run(tiny_pipe):
+    fewstep = _fewstep()
+    assert fewstep.unsupported(tiny_pipe, fewstep.BY_NAME["euler-20"]) is None
+    assert "'nonesuch'" in fewstep.unsupported(tiny_pipe, fewstep.Config("x", scheduler="nonesuch"))
+
+
+def _fewstep():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "fewstep.py"
+    spec = importlib.util.spec_from_file_location("fewstep_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
