@@ -254,3 +254,29 @@ def test_an_unknown_block_type_is_refused_clearly():
         up_block_types=("UpBlock2D", "SimpleCrossAttnUpBlock2D"), attention_head_dim=8).eval()
     with pytest.raises(InvalidArgument, match="SimpleCrossAttnDownBlock2D"):
         wrap_unet(TorchEngine(UNET, UNetWrapper(unet), CPU, Precision.FP32), 2)
+
+
+def test_same_outputs_as_the_deepcache_packages_helper(sd):
+    # The DeepCache package's DeepCacheSDHelper patches diffusers' module forwards and reads the step
+    # index from pipe.scheduler.timesteps; on a two-layers-per-block U-Net its cache_branch_id is
+    # our branch. Every call of a 7-call generation, every branch: the same tensors.
+    import types
+
+    helper_cls = pytest.importorskip("DeepCache").DeepCacheSDHelper
+    inputs = trajectory(sd, calls=7)
+    unet = sd.module.unet
+    pipe = types.SimpleNamespace(unet=unet, scheduler=types.SimpleNamespace(
+        timesteps=torch.cat([i["timestep"] for i in inputs])))
+    for branch in range(branch_count(sd)):
+        ours = run(wrap_unet(sd, 3, branch), inputs)
+        helper = helper_cls(pipe=pipe)
+        helper.set_params(cache_interval=3, cache_branch_id=branch)
+        helper.enable()
+        try:
+            with torch.inference_mode():
+                theirs = [unet(i["sample"], i["timestep"], i["encoder_hidden_states"], return_dict=False)[0]
+                          for i in inputs]
+        finally:
+            helper.disable()
+        for k, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            assert torch.equal(a, b), f"branch {branch} call {k}"
