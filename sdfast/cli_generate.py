@@ -56,6 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--long-prompt", default=D["long_prompt"], choices=list(LONG_PROMPT),
                    help="prompts longer than the text encoder takes (77 tokens in SD): encode them in chunks "
                         "(default) or cut them (diffusers' behaviour)")
+    approx = p.add_argument_group("approximations (off by default; each is recorded in the PNG metadata)")
+    approx.add_argument("--guidance-until", type=float, default=D["guidance_until"], metavar="F",
+                        help="classifier-free guidance for the first fraction F in [0, 1] of the steps only, then "
+                             "one U-Net row per image (default: every step; 1 is the exact run)")
+    approx.add_argument("--cache-interval", type=int, default=D["cache_interval"], metavar="N",
+                        help="DeepCache (torch backend): the full U-Net every N steps, a shallow pass reusing its "
+                             "deep features between (default: off; 1 = every step full)")
     p.add_argument("--save-steps", default=None, metavar="DIR", help="write one decoded frame per step into DIR")
     p.add_argument("--animation", default=None, metavar="OUT.gif|OUT.mp4", help="write the denoising as an animation")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "math"],
@@ -153,7 +160,11 @@ def run(args: argparse.Namespace) -> int:
                         num_images_per_prompt=args.num_images, long_prompt=args.long_prompt,
                         prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2,
                         original_size=args.original_size, target_size=args.target_size,
-                        crops_coords_top_left=args.crops_coords_top_left or (0, 0))
+                        crops_coords_top_left=args.crops_coords_top_left or (0, 0),
+                        guidance_until=args.guidance_until, cache_interval=args.cache_interval)
+    if req.cache_interval is not None and req.cache_interval > 1 and args.backend not in (None, "torch"):
+        raise InvalidArgument(f"cache_interval: DeepCache runs on the torch backend only, not {args.backend}; "
+                              "use --backend torch, or drop --cache-interval")
     # backend None: the one --engines DIR was exported for (load reads its manifest once)
     pipe = load(info, backend=args.backend, device=args.device, dtype=args.dtype, engines_dir=args.engines,
                 attention=args.attention, cuda_graphs=args.cuda_graphs)
@@ -187,4 +198,6 @@ def run(args: argparse.Namespace) -> int:
         chosen = f"{pipe.precision.value}, chosen by --dtype auto" if args.dtype == "auto" else pipe.precision.value
         print(f"wrote {', '.join(written)} ({t['total']:.2f} s; U-Net {t.get('unet', 0):.2f} s over {out.steps} "
               f"steps; {pipe.backend}, {chosen})")
+        for line in out.approximations:  # never silent
+            print(f"approximation: {line}")
     return 0

@@ -262,6 +262,9 @@ class GraphRunner:
         n = len(sched.timesteps)
         b, _, h, w = run.latents.shape
         key = StepKey(b, h, w, run.guided, sched.name, tuple((k, tuple(v.shape)) for k, v in sorted(run.cond.items())))
+        if run.cut is not None and run.cut < n:
+            # guidance_until changes the batch mid-loop: the plain loop runs it (no graph per half yet)
+            return denoise(unet, sched, run, first, timer, callback, progress)
         with self.runtime.lock, torch.no_grad():
             g = None if self.failed else self._steps.get(key)
             if not self.failed and (g is None or g.capacity < n):

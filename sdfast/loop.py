@@ -48,13 +48,23 @@ class LoopState:
     guided: bool
     noise: torch.Tensor | None  # (N, B, C, h, w) ancestral noise by absolute step index, or None
     finite: torch.Tensor  # (N,) bool; finite[i] is False when the latents after step i are not
+    #: guidance_until: from this step index on, the conditional rows only (one U-Net row per
+    #: image); None: every step as ``guided`` says
+    cut: int | None = None
 
     @classmethod
     def create(cls, latents: torch.Tensor, cond: dict[str, torch.Tensor], guidance: list[float] | torch.Tensor,
-               guided: bool, noise: torch.Tensor | None, steps: int) -> LoopState:
+               guided: bool, noise: torch.Tensor | None, steps: int, cut: int | None = None) -> LoopState:
         g = torch.as_tensor(guidance, dtype=torch.float32).reshape(-1, 1, 1, 1).to(latents.device)  # (B, 1, 1, 1)
         finite = torch.ones(steps, dtype=torch.bool, device=latents.device)
-        return cls(latents, cond, g, guided, noise, finite)
+        return cls(latents, cond, g, guided, noise, finite, cut)
+
+    def drop_guidance(self) -> None:
+        """From now on run the conditional rows only: the [uncond..., cond...] inputs keep their
+        cond half (B rows), and the step takes the conditional prediction as it is."""
+        b = self.latents.shape[0]
+        self.cond = {k: v[b:] if v.shape[0] == 2 * b else v for k, v in self.cond.items()}
+        self.guided = False
 
 
 def guided_step(unet, sched: Scheduler, s: LoopState, i: StepIndex, timer: Timer | None = None) -> torch.Tensor:
@@ -81,10 +91,13 @@ def guided_step(unet, sched: Scheduler, s: LoopState, i: StepIndex, timer: Timer
 
 def denoise(unet, sched: Scheduler, s: LoopState, first: int, timer: Timer | None = None,
             callback: StepCallback | None = None, progress: bool = False) -> torch.Tensor:
-    """The plain loop: ``guided_step`` for steps ``first .. N-1``; returns the final latents."""
+    """The plain loop: ``guided_step`` for steps ``first .. N-1`` (conditional-only from
+    ``s.cut`` on); returns the final latents."""
     from tqdm.auto import tqdm
 
     for i in tqdm(range(first, len(sched.timesteps)), disable=not progress, unit="step"):
+        if s.guided and s.cut is not None and i >= s.cut:
+            s.drop_guidance()
         s.latents = guided_step(unet, sched, s, i, timer)
         if callback is not None:
             callback(i, sched.timesteps[i : i + 1], s.latents)

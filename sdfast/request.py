@@ -8,6 +8,7 @@ bad input before it creates a single output file.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,34 @@ class Request:
     negative_original_size: tuple[int, int] | None = None
     negative_crops_coords_top_left: tuple[int, int] = (0, 0)
     negative_target_size: tuple[int, int] | None = None
+    #: approximations, all off by default (see ``approximations``): classifier-free guidance only
+    #: for the first fraction of the steps that run, then conditional-only steps (None: every step)
+    guidance_until: float | None = None
+    #: DeepCache (sdfast.deepcache): the full U-Net every N calls, a shallow pass between (None: off)
+    cache_interval: int | None = None
+
+    @property
+    def guidance_cut(self) -> int | None:
+        """The step index from which the U-Net runs the conditional rows only (guidance_until),
+        or None when every step that runs is guided as asked. Of the steps that run (img2img
+        runs fewer), the first ceil(F × that many) are guided."""
+        if not self.guided or self.guidance_until is None:
+            return None
+        k = self.steps - self.start_step
+        cut = self.start_step + math.ceil(round(self.guidance_until * k, 9))
+        return None if cut >= self.steps else cut
+
+    def approximations(self) -> list[str]:
+        """What this request runs that is not the exact computation it asks for (never silent:
+        GenerationOutput and the PNG metadata list them)."""
+        out = []
+        if self.guidance_cut is not None:
+            out.append(f"guidance_until {self.guidance_until:g}: classifier-free guidance for steps "
+                       f"{self.start_step}..{self.guidance_cut - 1} only, conditional-only steps after")
+        if self.cache_interval is not None and self.cache_interval > 1:
+            out.append(f"cache_interval {self.cache_interval}: DeepCache, the full U-Net every "
+                       f"{self.cache_interval} calls, a shallow pass reusing cached features between")
+        return out
 
     def time_ids(self) -> tuple[list[float], list[float]]:
         """SDXL's (negative, positive) size conditioning: original (h, w) + crop (top, left) +
@@ -93,7 +122,8 @@ class Request:
               original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
               target_size: tuple[int, int] | None = None, negative_original_size: tuple[int, int] | None = None,
               negative_crops_coords_top_left: tuple[int, int] = (0, 0),
-              negative_target_size: tuple[int, int] | None = None) -> Request:
+              negative_target_size: tuple[int, int] | None = None, guidance_until: float | None = None,
+              cache_interval: int | None = None) -> Request:
         """Check every rule of the API contract against ``info``'s model (keywords only)."""
         sdxl = dict(prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, original_size=original_size,
                     crops_coords_top_left=crops_coords_top_left, target_size=target_size,
@@ -139,6 +169,15 @@ class Request:
         rules.check_int("seed", seed, 0, rules.MAX_SEED, hi_text="2**64-1")
         rules.check_choice("scheduler", scheduler, SCHEDULERS)
         rules.check_choice("long_prompt", long_prompt, LONG_PROMPT)
+        if guidance_until is not None:
+            if isinstance(guidance_until, bool) or not isinstance(guidance_until, int | float) \
+                    or not math.isfinite(guidance_until) or not 0 <= guidance_until <= 1:
+                raise InvalidArgument(f"guidance_until: must be a fraction of the steps in [0, 1] but is "
+                                      f"{guidance_until!r}; 1 guides every step (the exact run), 0 none")
+            guidance_until = float(guidance_until)
+        if cache_interval is not None:
+            cache_interval = rules.check_int("cache_interval", cache_interval, 1, None,
+                                             "1 runs the full U-Net every step (no caching), 2-5 are usual")
 
         init = None
         if image is not None:
@@ -162,7 +201,7 @@ class Request:
                    n, long_prompt, prompts_2, negatives_2, negative_prompt is not None,
                    sdxl["original_size"], sdxl["crops_coords_top_left"], sdxl["target_size"],
                    sdxl["negative_original_size"], sdxl["negative_crops_coords_top_left"],
-                   sdxl["negative_target_size"])
+                   sdxl["negative_target_size"], guidance_until=guidance_until, cache_interval=cache_interval)
 
 
 def _per_prompt(value: str | list[str], arg: str, n: int) -> list[str]:

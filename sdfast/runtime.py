@@ -48,6 +48,9 @@ class GenerationOutput:
     model: str = ""
     backend: str = ""
     dtype: str = ""
+    #: every approximation this image was made with (few-step model or scheduler, guidance_until,
+    #: DeepCache, ...), one line each; empty for the exact computation
+    approximations: list[str] = field(default_factory=list)
 
     def metadata(self, k: int = 0) -> dict[str, Any]:
         """What the PNG of image ``k`` records (A1111-style generation parameters)."""
@@ -71,6 +74,11 @@ class GenerationOutput:
             meta["batch_index"] = k
         if r.image is not None:
             meta["strength"] = r.strength
+        for key in ("guidance_until", "cache_interval"):
+            if getattr(r, key) is not None:
+                meta[key] = getattr(r, key)
+        if self.approximations:
+            meta["approximations"] = list(self.approximations)
         return meta
 
     def save(self, path: str | Path) -> list[Path]:
@@ -117,7 +125,8 @@ class _Stage:
 #: what requests must share to run in one loop (one U-Net call per step over all their rows).
 #: what requests batched into one loop must share; long_prompt too: the text batch is encoded under
 #: one policy, so a "truncate" request batched after a "chunk" one would get the other's encoding.
-BATCH_KEYS = ("height", "width", "steps", "scheduler", "guided", "start_step", "long_prompt")
+BATCH_KEYS = ("height", "width", "steps", "scheduler", "guided", "start_step", "long_prompt", "guidance_cut",
+              "cache_interval")
 
 
 def check_batchable(requests: list[Request]) -> None:
@@ -273,6 +282,15 @@ class Pipeline:
         the engines compute a row independently of the batch size (see sdfast/serve)."""
         check_batchable(requests)
         head = requests[0]
+        unet = self.engines["unet"]
+        if head.cache_interval is not None and head.cache_interval > 1:
+            if self.backend != "torch":
+                raise InvalidArgument(f"cache_interval: DeepCache runs on the torch backend only, and this pipeline "
+                                      f"runs {self.backend}; load it with backend='torch' (--backend torch), or "
+                                      "drop cache_interval")
+            from .deepcache import wrap_unet
+
+            unet = wrap_unet(unet, head.cache_interval)  # a fresh cache for this run
         batch = sum(r.batch for r in requests)
         timer = StageTimer(self.device, sync=profile)
         t_start = time.perf_counter()
@@ -295,11 +313,13 @@ class Pipeline:
         noise = None if parts[0][1] is None else torch.cat([n for _, n in parts], dim=1)  # (N, B, C, h, w)
         guidance = [r.guidance_scale for r in requests for _ in range(r.batch)]
         sched.begin(latents)
-        state = LoopState.create(latents, cond, guidance, head.guided, noise, len(sched.timesteps))
+        state = LoopState.create(latents, cond, guidance, head.guided, noise, len(sched.timesteps),
+                                 cut=head.guidance_cut)
 
         first = head.start_step
-        run = denoise if self.graphs is None else self.graphs.denoise
-        latents = run(self.engines["unet"], sched, state, first, timer, callback, progress)
+        # DeepCache's call schedule is host state: it runs the plain loop
+        run = denoise if self.graphs is None or unet is not self.engines["unet"] else self.graphs.denoise
+        latents = run(unet, sched, state, first, timer, callback, progress)
         check_finite(state.finite, first, sched.timesteps, self._numerics_hint(head))
 
         with timer("vae_decode"):
@@ -309,9 +329,14 @@ class Pipeline:
         for r in requests:
             outs.append(GenerationOutput(images=images[row : row + r.batch], latents=latents[row : row + r.batch],
                                          timings=dict(timer.totals), request=r, steps=r.steps - first,
-                                         model=self.info.name, backend=self.backend, dtype=self.precision.value))
+                                         model=self.info.name, backend=self.backend, dtype=self.precision.value,
+                                         approximations=self.approximations(r)))
             row += r.batch
         return outs
+
+    def approximations(self, req: Request) -> list[str]:
+        """Every approximation ``req`` runs with on this pipeline (see ``Request.approximations``)."""
+        return req.approximations()
 
     def _numerics_hint(self, req: Request) -> str:
         """What could actually help when the latents blow up, given this pipeline's settings."""
