@@ -1,0 +1,66 @@
+"""Approximations are opt-in and never silent: cache_interval (DeepCache) runs the deep U-Net
+blocks only every N steps on the torch backend, is refused by name elsewhere, and every
+approximation in effect is listed in GenerationOutput.approximations and the PNG metadata."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdfast.cli import main
+from sdfast.errors import InvalidArgument
+from sdfast.media import read_png_metadata
+from sdfast.request import Request
+from sdfast.runtime import Pipeline
+
+PROMPT = "a red circle on a blue background"
+
+
+def mid_block_calls(pipe, **options) -> tuple[int, object]:
+    unet = pipe.engines["unet"].module
+    unet = getattr(unet, "unet", unet)
+    calls = []
+    handle = unet.mid_block.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        out = pipe.generate(PROMPT, steps=6, scheduler="euler", seed=2, **options)
+    finally:
+        handle.remove()
+    return len(calls), out
+
+
+def test_cache_interval_runs_the_deep_blocks_every_n_steps_and_says_so(tiny_pipe, tmp_path):
+    n_exact, exact = mid_block_calls(tiny_pipe)
+    n_one, one = mid_block_calls(tiny_pipe, cache_interval=1)
+    n_three, three = mid_block_calls(tiny_pipe, cache_interval=3)
+    assert (n_exact, n_one, n_three) == (6, 6, 2)  # full calls at steps 0 and 3
+    assert torch.equal(one.latents, exact.latents) and one.approximations == exact.approximations == []
+    assert (three.latents - exact.latents).abs().max() > 1e-3  # the cache really changed the result
+    assert len(three.approximations) == 1 and "cache_interval 3: DeepCache" in three.approximations[0]
+    (path,) = three.save(tmp_path / "c.png")
+    meta = read_png_metadata(path)
+    assert meta["cache_interval"] == 3 and meta["approximations"] == three.approximations
+    (path,) = exact.save(tmp_path / "e.png")
+    assert "approximations" not in read_png_metadata(path)
+
+
+def test_every_approximation_in_effect_is_listed(tiny_pipe):
+    out = tiny_pipe.generate(PROMPT, steps=6, scheduler="euler", seed=2, cache_interval=2, guidance_until=0.5)
+    assert [a.split(":")[0] for a in out.approximations] == ["guidance_until 0.5", "cache_interval 2"]
+
+
+def test_cache_interval_on_another_backend_is_refused_by_name(tiny_pipe, tiny_info, tmp_path, capsys):
+    other = Pipeline(tiny_info, tiny_pipe.engines, tiny_pipe.device, tiny_pipe.precision, "onnxruntime",
+                     tokenizer=tiny_pipe.tokenizer)
+    with pytest.raises(InvalidArgument, match="cache_interval: DeepCache runs on the torch backend only"):
+        other.generate(PROMPT, steps=2, cache_interval=2)
+    other.generate(PROMPT, steps=2, cache_interval=1)  # 1 caches nothing: allowed anywhere
+    out = tmp_path / "o.png"
+    assert main(["generate", "x", "--model", str(tiny_info.path), "--backend", "onnxruntime", "--cache-interval", "2",
+                 "--out", str(out), "--quiet"]) == 2
+    assert "cache_interval" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_cache_interval_below_one_or_not_whole_is_refused(tiny_info, bad):
+    with pytest.raises(InvalidArgument, match="cache_interval: must be an integer >= 1"):
+        Request.build(tiny_info, prompt="x", cache_interval=bad)
