@@ -78,6 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        ("--target-size", "H W the image is conditioned to have (default: the size)")):
         sdxl.add_argument(flag, type=int, nargs=2, default=None, metavar=("A", "B"), help=what)
     p.add_argument("-o", "--out", default="out.png", help="output PNG (default out.png)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out file that sdfast did not write (an sdfast PNG is replaced anyway)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
 
@@ -122,6 +124,20 @@ def _out_paths(out: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(n)]
 
 
+def written_by_sdfast(path: Path) -> bool:
+    """True when ``path`` is a PNG whose metadata sdfast wrote (its ``sdfast`` text chunk)."""
+    import json
+
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            meta = json.loads(getattr(im, "text", {}).get("sdfast", "null"))
+    except (OSError, ValueError, SyntaxError):  # not an image, or not one PIL reads
+        return False
+    return isinstance(meta, dict) and "sdfast_version" in meta
+
+
 def check_outputs(args: argparse.Namespace, n: int) -> list[Path]:
     """Every output of the run, checked before any work (writable, not a folder, names that fit)."""
     from .artifacts import check_output_dir, check_output_path
@@ -130,6 +146,9 @@ def check_outputs(args: argparse.Namespace, n: int) -> list[Path]:
     outs = _out_paths(args.out, n)
     for path in outs:
         check_output_path(path, "out")
+        if not getattr(args, "force", False) and path.exists() and not written_by_sdfast(path):
+            raise InvalidArgument(f"out: {str(path)!r} exists and sdfast did not write it; pass --force to replace "
+                                  "it, or choose another --out")
     if args.animation:
         check_animation_path(args.animation)
         check_output_path(args.animation, "animation")
