@@ -12,6 +12,7 @@ host inside the step: no ``.item()``, no sync.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,6 +35,26 @@ def guide(eps: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
     ``guidance`` is (B, 1, 1, 1): every row keeps its own scale."""
     uncond, cond = eps.chunk(2)
     return uncond + guidance * (cond - uncond)  # u + g·(t − u)
+
+
+def guidance_embedding(guidance: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B,) guidance scales g → (B, dim) float32 embedding of w = g − 1, the ``timestep_cond`` an
+    LCM-distilled U-Net (``time_cond_proj_dim``) takes instead of an uncond batch.
+
+    w is embedded like a timestep (VDM's sinusoidal embedding of 1000·w): ``dim // 2`` sines then
+    as many cosines of 1000·w·10000^(−k/(dim/2 − 1)), k = 0 .. dim/2 − 1, and a zero column when
+    ``dim`` is odd. The −1: the U-Net learned LCM's cond + w·(cond − uncond) guidance, and g is
+    the cond-relative scale of u + g·(t − u) (diffusers' LatentConsistencyModelPipeline subtracts
+    1 the same way)."""
+    w = (guidance.to(torch.float32).reshape(-1) - 1.0) * 1000.0  # (B,)
+    half = dim // 2
+    k = torch.arange(half, dtype=torch.float32, device=w.device)
+    freqs = torch.exp(k * (-math.log(10000.0) / (half - 1)))  # (half,)
+    angles = w[:, None] * freqs[None, :]  # (B, half)
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (B, 2·half)
+    if dim % 2:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb
 
 
 @dataclass
