@@ -21,6 +21,9 @@ from .schedulers import SCHEDULERS
 
 #: how prompts longer than the text encoder's window are encoded (see Pipeline.token_chunks).
 LONG_PROMPT = ("chunk", "truncate")
+#: samplers built for few-step consistency models: an approximation of the model's ODE, listed
+#: in every output's approximations
+FEW_STEP_SCHEDULERS = ("lcm", "tcd")
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -61,6 +64,9 @@ class Request:
     guidance_until: float | None = None
     #: DeepCache (sdfast.deepcache): the full U-Net every N calls, a shallow pass between (None: off)
     cache_interval: int | None = None
+    #: the model's U-Net takes the guidance scale as an embedding (an LCM-distilled U-Net's
+    #: ``timestep_cond``): one U-Net batch per step, no uncond rows
+    guidance_embedded: bool = False
 
     @property
     def guidance_cut(self) -> int | None:
@@ -77,6 +83,11 @@ class Request:
         """What this request runs that is not the exact computation it asks for (never silent:
         GenerationOutput and the PNG metadata list them)."""
         out = []
+        if self.guidance_embedded:
+            out.append("LCM-distilled U-Net: a few-step consistency model, guidance learned as an embedding of "
+                       "the scale (no uncond pass)")
+        if self.scheduler in FEW_STEP_SCHEDULERS:
+            out.append(f"scheduler {self.scheduler}: few-step consistency sampling")
         if self.guidance_cut is not None:
             out.append(f"guidance_until {self.guidance_until:g}: classifier-free guidance for steps "
                        f"{self.start_step}..{self.guidance_cut - 1} only, conditional-only steps after")
@@ -102,8 +113,9 @@ class Request:
 
     @property
     def guided(self) -> bool:
-        """Classifier-free guidance runs only when it changes the result (diffusers: g > 1)."""
-        return self.guidance_scale > 1.0
+        """Classifier-free guidance (an uncond batch) runs only when it changes the result
+        (diffusers: g > 1), and never for a U-Net that takes the scale as an embedding."""
+        return self.guidance_scale > 1.0 and not self.guidance_embedded
 
     @property
     def start_step(self) -> int:
@@ -169,6 +181,14 @@ class Request:
         rules.check_int("seed", seed, 0, rules.MAX_SEED, hi_text="2**64-1")
         rules.check_choice("scheduler", scheduler, SCHEDULERS)
         rules.check_choice("long_prompt", long_prompt, LONG_PROMPT)
+        embedded = info.unet_config.get("time_cond_proj_dim") is not None
+        if embedded and negative_prompt is not None and any(_prompts(negative_prompt, "negative_prompt")):
+            raise InvalidArgument("negative_prompt: this model's U-Net is LCM-distilled: it takes the guidance scale "
+                                  "as an embedding and runs no uncond pass, so there is nothing to steer away "
+                                  "from (diffusers' LatentConsistencyModelPipeline takes none either); drop it")
+        if embedded and guidance_until is not None:
+            raise InvalidArgument("guidance_until: this model's U-Net is LCM-distilled and runs no uncond pass to "
+                                  "cut; drop it")
         if guidance_until is not None:
             if isinstance(guidance_until, bool) or not isinstance(guidance_until, int | float) \
                     or not math.isfinite(guidance_until) or not 0 <= guidance_until <= 1:
@@ -201,7 +221,8 @@ class Request:
                    n, long_prompt, prompts_2, negatives_2, negative_prompt is not None,
                    sdxl["original_size"], sdxl["crops_coords_top_left"], sdxl["target_size"],
                    sdxl["negative_original_size"], sdxl["negative_crops_coords_top_left"],
-                   sdxl["negative_target_size"], guidance_until=guidance_until, cache_interval=cache_interval)
+                   sdxl["negative_target_size"], guidance_until=guidance_until, cache_interval=cache_interval,
+                   guidance_embedded=embedded)
 
 
 def _per_prompt(value: str | list[str], arg: str, n: int) -> list[str]:

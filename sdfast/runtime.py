@@ -23,7 +23,7 @@ from .engines import Engine, check_request, load_engines
 from .errors import InvalidArgument
 from .graphs import GraphRunner
 from .hardware import resolve_device
-from .loop import LoopState, StepCallback, denoise
+from .loop import LoopState, StepCallback, denoise, guidance_embedding
 from .models import ModelInfo, load_tokenizer, resolve_model
 from .request import DEFAULTS, Request
 from .safety import DecodeFallback, check_finite
@@ -305,13 +305,16 @@ class Pipeline:
 
         with timer("text_encoder"):
             cond = self.text.encode(self.engines, prepared)  # encoder_hidden_states (2B|B, K·S, D), ...
+        guidance = [r.guidance_scale for r in requests for _ in range(r.batch)]
+        if head.guidance_embedded:  # an LCM U-Net: each row's scale as its timestep_cond (B, E)
+            dim = int(self.info.unet_config["time_cond_proj_dim"])
+            cond["timestep_cond"] = guidance_embedding(torch.tensor(guidance), dim).to(self.device)
         sched = make_scheduler(head.scheduler, self.info.scheduler_config)
         sched.set_timesteps(head.steps, self.device)
         parts = [self._initial_latents(r, sched, (r.batch, self.info.latent_channels, r.height // f, r.width // f),
                                        timer) for r in requests]
         latents = torch.cat([lat for lat, _ in parts])  # (B, C, h, w)
         noise = None if parts[0][1] is None else torch.cat([n for _, n in parts], dim=1)  # (N, B, C, h, w)
-        guidance = [r.guidance_scale for r in requests for _ in range(r.batch)]
         sched.begin(latents)
         state = LoopState.create(latents, cond, guidance, head.guided, noise, len(sched.timesteps),
                                  cut=head.guidance_cut)
