@@ -127,6 +127,16 @@ SDXL_UNET = ComponentSpec(
     outputs=UNET.outputs,
 )
 
+#: A U-Net distilled with guidance as an input (LCM: diffusers' ``time_cond_proj_dim``) takes each
+#: row's guidance-scale embedding (E = time_cond_proj_dim wide) as one more input, last.
+TIMESTEP_COND = TensorSpec("timestep_cond", ("B", "E"))
+
+
+def with_timestep_cond(spec: ComponentSpec) -> ComponentSpec:
+    """``spec`` (a U-Net's) with the guidance-embedding input appended."""
+    return ComponentSpec(spec.name, inputs=(*spec.inputs, TIMESTEP_COND), outputs=spec.outputs)
+
+
 #: the components of each model family, in load and export order.
 FAMILY_SPECS: dict[str, dict[str, ComponentSpec]] = {
     "sd": SPECS,
@@ -254,6 +264,7 @@ class ShapeProfile:
             **{k: (v,) * 3 for k, v in info.text_dims.items()},
             "C": (c,) * 3,
             "2C": (2 * c,) * 3,
+            "E": ((info.timestep_cond_dim or 0),) * 3,
             "H": self.height,
             "W": self.width,
             "h": tuple(v // f for v in self.height),
@@ -315,6 +326,8 @@ def output_shapes(spec: ComponentSpec, info: ModelInfo, inputs: dict[str, tuple[
     f = info.vae_scale_factor
     known: dict[str, int] = {"S": info.max_tokens, "D": info.text_hidden_size, "C": info.latent_channels,
                              "2C": 2 * info.latent_channels, **info.text_dims}
+    if info.timestep_cond_dim:
+        known["E"] = info.timestep_cond_dim
     for t in spec.inputs:
         for d, v in zip(t.dims, inputs[t.name], strict=True):
             known[d] = v

@@ -25,6 +25,7 @@ REQUIRED_CONFIGS = (
 TOKENIZER_LAYOUTS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 #: model_index.json's pipeline class -> model family (components.FAMILY_SPECS).
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionImg2ImgPipeline": "sd",
+            "LatentConsistencyModelPipeline": "sd",
             "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl"}
 #: model_index.json entries SD releases carry that sdfast does not run (said once, at info level).
 IGNORED_PARTS = ("safety_checker", "feature_extractor", "image_encoder")
@@ -58,6 +59,23 @@ SD15_SCHEDULER_CONFIG = {
     "set_alpha_to_one": False,
     "skip_prk_steps": True,
     "steps_offset": 1,
+    "clip_sample": False,
+    "trained_betas": None,
+}
+
+#: diffusers' LCMScheduler as LCM-distilled SD 1.5 releases ship it (SD 1.5's betas, 50 original steps).
+LCM_SCHEDULER_CONFIG = {
+    "_class_name": "LCMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "original_inference_steps": 50,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "timestep_scaling": 10.0,
     "clip_sample": False,
     "trained_betas": None,
 }

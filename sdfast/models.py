@@ -24,6 +24,7 @@ import torch
 from .errors import InvalidArgument, MissingFile
 from .model_folder import (
     IGNORED_PARTS,
+    LCM_SCHEDULER_CONFIG,
     MODEL_INDEX,
     SD15_SCHEDULER_CONFIG,
     cache_dir,
@@ -107,10 +108,21 @@ class ModelInfo:
 
     @property
     def specs(self):
-        """The family's component specs (``components.FAMILY_SPECS``), by component name."""
-        from .components import FAMILY_SPECS
+        """The family's component specs (``components.FAMILY_SPECS``), by component name; a U-Net
+        distilled with guidance as an input (LCM) takes ``timestep_cond`` too."""
+        from .components import FAMILY_SPECS, with_timestep_cond
 
-        return FAMILY_SPECS[self.family]
+        specs = FAMILY_SPECS[self.family]
+        if self.timestep_cond_dim:
+            specs = {**specs, "unet": with_timestep_cond(specs["unet"])}
+        return specs
+
+    @property
+    def timestep_cond_dim(self) -> int | None:
+        """Width of the guidance-scale embedding an LCM U-Net takes (``time_cond_proj_dim``), or None:
+        such a U-Net is guided by that input, in one batch per step, with no unconditional rows."""
+        dim = self.unet_config.get("time_cond_proj_dim")
+        return int(dim) if dim else None
 
     @property
     def text_dims(self) -> dict[str, int]:
@@ -220,32 +232,42 @@ def write_model_folder(dest: Path, text_encoder, unet, vae, tokenizer_dir: Path,
     return Path(dest)
 
 
-def build_tiny_random(dest: Path, seed: int = 0) -> Path:
-    """Make the random tiny model folder from a fixed seed (same weights on every machine)."""
+#: ``tiny-random-lcm``: the tiny random SD whose U-Net takes a guidance embedding this wide.
+TINY_LCM_COND_DIM = 32
+
+
+def build_tiny_random(dest: Path, seed: int = 0, lcm: bool = False) -> Path:
+    """Make the random tiny model folder from a fixed seed (same weights on every machine);
+    ``lcm``: its U-Net takes a guidance embedding (``time_cond_proj_dim``) and its scheduler is LCM's."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     vocab = _read_json(TOKENIZER_DIR / "vocab.json")
     max_tokens = int(_read_json(TOKENIZER_DIR / "tokenizer_config.json")["model_max_length"])
     cfg = tiny_random_configs(len(vocab), max_tokens)
+    if lcm:
+        cfg["unet"]["time_cond_proj_dim"] = TINY_LCM_COND_DIM
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])).eval()
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(**cfg["unet"]).eval()
     torch.manual_seed(seed + 2)
     vae = AutoencoderKL(**cfg["vae"]).eval()
-    return write_model_folder(dest, text_encoder, unet, vae, TOKENIZER_DIR, SD15_SCHEDULER_CONFIG)
+    return write_model_folder(dest, text_encoder, unet, vae, TOKENIZER_DIR,
+                              LCM_SCHEDULER_CONFIG if lcm else SD15_SCHEDULER_CONFIG)
 
 
-def _tiny_random_folder() -> Path:
+def _tiny_random_folder(lcm: bool = False) -> Path:
     # The folder name carries a hash of what builds it, so a changed recipe never reuses old weights.
-    recipe = json.dumps([tiny_random_configs(0, 0), SD15_SCHEDULER_CONFIG, torch.__version__], sort_keys=True)
-    recipe += (TOKENIZER_DIR / "vocab.json").read_text(encoding="utf-8")
+    scheduler = LCM_SCHEDULER_CONFIG if lcm else SD15_SCHEDULER_CONFIG
+    parts = [tiny_random_configs(0, 0), scheduler, torch.__version__] + ([TINY_LCM_COND_DIM] if lcm else [])
+    recipe = json.dumps(parts, sort_keys=True) + (TOKENIZER_DIR / "vocab.json").read_text(encoding="utf-8")
     key = hashlib.sha256(recipe.encode()).hexdigest()[:12]
-    dest = cache_dir() / "models" / f"tiny-random-{key}"
+    name = "tiny-random-lcm" if lcm else "tiny-random"
+    dest = cache_dir() / "models" / f"{name}-{key}"
     if not (dest / "model_index.json").is_file():
-        log.info("building the tiny random model in %s", dest)
-        build_tiny_random(dest)
+        log.info("building the %s model in %s", name, dest)
+        build_tiny_random(dest, lcm=lcm)
     return dest
 
 
@@ -255,6 +277,8 @@ RANDOM_ARCHITECTURES = {
     "random-sd21": "SD 2.1 (768 px, v-prediction) architecture, random weights, real CLIP tokenizer (benchmarks only)",
     "random-sd21-base": "SD 2.1-base (512 px, epsilon) architecture, random weights, real CLIP tokenizer (benchmarks only)",
     "random-sdxl": "SDXL base 1.0 architecture (1024 px, two text encoders), random weights (benchmarks only)",
+    "random-sd15-lcm": "SD 1.5 architecture with an LCM U-Net (guidance embedding, 256 wide) and LCM's "
+                       "scheduler, random weights (benchmarks only)",
 }
 
 
@@ -265,6 +289,7 @@ def builtin_models() -> dict[str, str]:
         if (PACKAGED_TINY / "model_index.json").is_file()
         else "alias of tiny-random (the trained toy model is not installed)",
         "tiny-random": "SD component classes at toy size with random weights (tests)",
+        "tiny-random-lcm": "tiny-random with an LCM U-Net (guidance embedding input) and LCM's scheduler (tests)",
         **RANDOM_ARCHITECTURES,
     }
 
@@ -277,8 +302,8 @@ def resolve_model(model: str | os.PathLike, variant: str | None = None) -> Model
         if (PACKAGED_TINY / "model_index.json").is_file():
             return ModelInfo.from_folder(PACKAGED_TINY, name="tiny")
         return ModelInfo.from_folder(_tiny_random_folder(), name="tiny")
-    if text == "tiny-random":
-        return ModelInfo.from_folder(_tiny_random_folder(), name="tiny-random")
+    if text in ("tiny-random", "tiny-random-lcm"):
+        return ModelInfo.from_folder(_tiny_random_folder(lcm=text.endswith("-lcm")), name=text)
     if text in RANDOM_ARCHITECTURES:
         from .random_models import random_model_folder
 

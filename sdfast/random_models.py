@@ -23,7 +23,7 @@ from typing import Any
 from .bpe import CLIP_BPE_FILE, CLIP_VOCAB_SIZE, EOS, write_clip_tokenizer
 from .errors import InvalidArgument
 from .fsio import staging_dir
-from .model_folder import MODEL_INDEX, SD15_SCHEDULER_CONFIG, cache_dir
+from .model_folder import LCM_SCHEDULER_CONFIG, MODEL_INDEX, SD15_SCHEDULER_CONFIG, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,17 @@ RECIPES: dict[str, dict[str, Any]] = {
         "vae": _VAE,
         "scheduler": SD15_SCHEDULER_CONFIG,
         "pad_token": EOS,
+    },
+    # LCM-distilled SD 1.5 releases (e.g. LCM_Dreamshaper_v7): SD 1.5's U-Net plus a 256-wide
+    # guidance embedding, and LCM's scheduler.
+    "random-sd15-lcm": {
+        "text_encoder": _TEXT_SD15,
+        "unet": {**_UNET_SD15, "time_cond_proj_dim": 256},
+        "vae": _VAE,
+        "scheduler": LCM_SCHEDULER_CONFIG,
+        "pad_token": EOS,
+        "model_index": {**MODEL_INDEX, "_class_name": "LatentConsistencyModelPipeline",
+                        "scheduler": ["diffusers", "LCMScheduler"]},
     },
     "random-sd21": {
         "text_encoder": _TEXT_SD21,

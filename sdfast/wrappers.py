@@ -54,10 +54,10 @@ class UNetWrapper(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        # (B, C, h, w), (1,), (B, S, D) -> (B, C, h, w)
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+        # (B, C, h, w), (1,), (B, S, D)[, (B, E) for an LCM U-Net] -> (B, C, h, w)
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False)[0]
 
 
 class SDXLUNetWrapper(torch.nn.Module):
@@ -68,10 +68,12 @@ class SDXLUNetWrapper(torch.nn.Module):
         self.unet = unet
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                text_embeds: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
-        # (B, C, h, w), (1,), (B, S, D), (B, P), (B, 6) -> (B, C, h, w)
+                text_embeds: torch.Tensor, time_ids: torch.Tensor,
+                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+        # (B, C, h, w), (1,), (B, S, D), (B, P), (B, 6)[, (B, E) for an LCM U-Net] -> (B, C, h, w)
         cond = {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=cond, return_dict=False)[0]
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
+                         added_cond_kwargs=cond, return_dict=False)[0]
 
 
 class VAEDecoderWrapper(torch.nn.Module):
