@@ -42,6 +42,8 @@ DATA_DIR = Path(__file__).parent / "data"
 TOKENIZER_DIR = DATA_DIR / "tokenizer"
 #: The trained toy model shipped in the package (issue 5); "tiny" falls back to the random one.
 PACKAGED_TINY = DATA_DIR / "models" / "tiny"
+#: the toy model distilled into a latent consistency model (scripts/distill_lcm.py)
+PACKAGED_TINY_LCM = DATA_DIR / "models" / "tiny-lcm"
 
 #: diffusers' AutoencoderKL class default, used only for old folders whose vae config lacks the key.
 DIFFUSERS_DEFAULT_SCALING_FACTOR = 0.18215
@@ -288,6 +290,9 @@ def builtin_models() -> dict[str, str]:
         "tiny": "trained toy SD (coloured shapes, 64x64), shipped in the package"
         if (PACKAGED_TINY / "model_index.json").is_file()
         else "alias of tiny-random (the trained toy model is not installed)",
+        **({"tiny-lcm": "the toy model distilled into a latent consistency model: 1-4 steps, no uncond "
+                        "batch (an approximation of tiny at 20 guided steps)"}
+           if (PACKAGED_TINY_LCM / "model_index.json").is_file() else {}),
         "tiny-random": "SD component classes at toy size with random weights (tests)",
         "tiny-random-lcm": "tiny-random with an LCM U-Net (guidance embedding input) and LCM's scheduler (tests)",
         **RANDOM_ARCHITECTURES,
@@ -302,6 +307,8 @@ def resolve_model(model: str | os.PathLike, variant: str | None = None) -> Model
         if (PACKAGED_TINY / "model_index.json").is_file():
             return ModelInfo.from_folder(PACKAGED_TINY, name="tiny")
         return ModelInfo.from_folder(_tiny_random_folder(), name="tiny")
+    if text == "tiny-lcm" and (PACKAGED_TINY_LCM / "model_index.json").is_file():
+        return ModelInfo.from_folder(PACKAGED_TINY_LCM, name="tiny-lcm")
     if text in ("tiny-random", "tiny-random-lcm"):
         return ModelInfo.from_folder(_tiny_random_folder(lcm=text.endswith("-lcm")), name=text)
     if text in RANDOM_ARCHITECTURES:
