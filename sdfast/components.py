@@ -13,7 +13,7 @@ Dim names:
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -63,11 +63,44 @@ class TensorSpec:
     kind: str = "float"
 
 
+#: How a component's batch dim relates to a call's images (``ShapeProfile.component_dims``):
+#: "texts": the call's distinct texts × their chunks (1 .. 2 × images × chunks); "guided": the
+#: U-Net's rows, 2 × images under guidance and images without; "init": one init image, expanded
+#: after encoding; "images": one row per image.
+ROWS = ("texts", "guided", "init", "images")
+
+
 @dataclass(frozen=True)
 class ComponentSpec:
+    """Everything known about one component: its tensors, the torch module (folder) it runs,
+    and how its batch dim counts rows. Code elsewhere reads these facts, never the name."""
+
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    #: the model folder's torch module it wraps: "text_encoder", "text_encoder_2", "unet", "vae".
+    module: str = ""
+    rows: str = "images"
+    #: tier-1 parity: the max-abs bound an fp32 engine of it is held to against eager.
+    atol: float = 1e-4
+    #: the bench stage its time and FLOPs count under.
+    stage: str = ""
+    #: run through the CUDA-graph runner's static buffers when CUDA graphs are on (the U-Net is
+    #: captured inside the whole guided step instead, graphs.py).
+    graphed: bool = False
+
+    def __post_init__(self):
+        assert self.rows in ROWS, self.rows
+
+    @property
+    def is_vae(self) -> bool:
+        """Part of the VAE: kept in fp32 by exporters unless told otherwise; fp32 VAE fallback."""
+        return self.module == "vae"
+
+    @property
+    def is_text(self) -> bool:
+        """A text encoder: its attention is exported as the eager implementation."""
+        return self.module.startswith("text_encoder")
 
     @property
     def input_names(self) -> list[str]:
@@ -82,6 +115,7 @@ TEXT_ENCODER = ComponentSpec(
     "text_encoder",
     inputs=(TensorSpec("input_ids", ("B", "S"), "int64"),),
     outputs=(TensorSpec("last_hidden_state", ("B", "S", "D")),),
+    module="text_encoder", rows="texts", atol=1e-3, stage="text_encoder", graphed=True,
 )
 UNET = ComponentSpec(
     "unet",
@@ -92,17 +126,20 @@ UNET = ComponentSpec(
         TensorSpec("encoder_hidden_states", ("B", "S", "D")),
     ),
     outputs=(TensorSpec("noise_pred", ("B", "C", "h", "w")),),
+    module="unet", rows="guided", atol=1e-4, stage="unet_step",
 )
 VAE_DECODER = ComponentSpec(
     "vae_decoder",
     inputs=(TensorSpec("latent", ("B", "C", "h", "w")),),
     outputs=(TensorSpec("image", ("B", "3", "H", "W")),),
+    module="vae", atol=3e-4, stage="vae_decode", graphed=True,
 )
 VAE_ENCODER = ComponentSpec(
     "vae_encoder",
     inputs=(TensorSpec("image", ("B", "3", "H", "W")),),
     # Mean and log-variance of the posterior, concatenated on channels (diffusers' "moments").
     outputs=(TensorSpec("moments", ("B", "2C", "h", "w")),),
+    module="vae", rows="init", atol=3e-4, stage="vae_encode",
 )
 
 SPECS: dict[str, ComponentSpec] = {s.name: s for s in (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)}
@@ -115,16 +152,19 @@ SDXL_TEXT_ENCODER = ComponentSpec(
     "text_encoder",
     inputs=(TensorSpec("input_ids", ("B", "S"), "int64"),),
     outputs=(TensorSpec("hidden_states", ("B", "S", "D1")),),  # hidden_states[-2]
+    module="text_encoder", rows="texts", atol=1e-3, stage="text_encoder", graphed=True,
 )
 SDXL_TEXT_ENCODER_2 = ComponentSpec(
     "text_encoder_2",
     inputs=(TensorSpec("input_ids", ("B", "S"), "int64"),),
     outputs=(TensorSpec("hidden_states", ("B", "S", "D2")), TensorSpec("text_embeds", ("B", "P"))),
+    module="text_encoder_2", rows="texts", atol=1e-3, stage="text_encoder",
 )
 SDXL_UNET = ComponentSpec(
     "unet",
     inputs=(*UNET.inputs, TensorSpec("text_embeds", ("B", "P")), TensorSpec("time_ids", ("B", "6"))),
     outputs=UNET.outputs,
+    module="unet", rows="guided", atol=1e-4, stage="unet_step",
 )
 
 #: A U-Net distilled with guidance as an input (LCM: diffusers' ``time_cond_proj_dim``) takes each
@@ -134,7 +174,7 @@ TIMESTEP_COND = TensorSpec("timestep_cond", ("B", "E"))
 
 def with_timestep_cond(spec: ComponentSpec) -> ComponentSpec:
     """``spec`` (a U-Net's) with the guidance-embedding input appended."""
-    return ComponentSpec(spec.name, inputs=(*spec.inputs, TIMESTEP_COND), outputs=spec.outputs)
+    return replace(spec, inputs=(*spec.inputs, TIMESTEP_COND))
 
 
 #: the components of each model family, in load and export order.
@@ -142,6 +182,10 @@ FAMILY_SPECS: dict[str, dict[str, ComponentSpec]] = {
     "sd": SPECS,
     "sdxl": {s.name: s for s in (SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, SDXL_UNET, VAE_DECODER, VAE_ENCODER)},
 }
+#: component name -> the torch module (model folder) it runs, from the specs.
+COMPONENT_MODULE: dict[str, str] = {n: s.module for specs in FAMILY_SPECS.values() for n, s in specs.items()}
+#: the VAE's components (exporters keep them in fp32 unless told otherwise), from the specs.
+VAE_COMPONENTS: frozenset[str] = frozenset(n for specs in FAMILY_SPECS.values() for n, s in specs.items() if s.is_vae)
 
 
 # -- shape profiles ---------------------------------------------------------------------------
@@ -246,14 +290,14 @@ class ShapeProfile:
         c = info.latent_channels
         s = info.max_tokens
         seq = (s,) * 3
-        if spec.name in ("text_encoder", "text_encoder_2"):
+        if spec.rows == "texts":
             # Rows are the distinct texts of a call (1 when every prompt and negative is the
             # same) times their chunks: up to 2 × max_batch × max_chunks.
             batch = (1, 2 * self.opt_batch * self.opt_chunks, 2 * self.max_batch * self.max_chunks)
-        elif spec.name == "unet":
+        elif spec.rows == "guided":
             batch = (self.min_batch, 2 * self.opt_batch, 2 * self.max_batch)
             seq = tuple(s * k for k in self.chunks)  # chunk embeddings concatenated
-        elif spec.name == "vae_encoder":
+        elif spec.rows == "init":
             batch = (1, 1, self.max_batch)  # img2img encodes one init image, then expands it
         else:
             batch = self.batch

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .components import FAMILY_SPECS
 from .models import ModelInfo
 
 
@@ -111,8 +112,7 @@ def count_stage_flops(info: ModelInfo, height: int, width: int, batch: int, guid
 
 
 #: component (``info.specs``) -> the StageFlops field its FLOPs add to; vae_encoder is img2img only.
-STAGE_OF = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "unet": "unet_step",
-            "vae_decoder": "vae_decode"}
+STAGE_OF = {n: spec.stage for specs in FAMILY_SPECS.values() for n, spec in specs.items() if spec.stage != "vae_encode"}
 
 
 def _count_stage_flops(info: ModelInfo, height: int, width: int, batch: int, guided: bool) -> StageFlops:

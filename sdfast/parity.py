@@ -2,7 +2,7 @@
 
 Tier 1 compares each component on the same inputs (real text embeddings, U-Net calls at several
 timesteps, VAE decode and encode); tiers 2/3 run the whole guided loop with the same seed and
-compare latents and images. Tolerances are DESIGN.md's:
+compare latents and images. Tolerances are docs/architecture.md's:
 
 - fp32 components: text encoder ≤ 1e-3, U-Net ≤ 1e-4, VAE ≤ 3e-4 max abs difference;
 - fp32 end to end: ≤ 2/255 max pixel difference;
@@ -20,11 +20,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .components import Precision, ShapeProfile
+from .components import FAMILY_SPECS, Precision, ShapeProfile
 
-#: tier-1 max-abs bounds for fp32 components (DESIGN.md, "Parity").
-FP32_COMPONENT_ATOL = {"text_encoder": 1e-3, "text_encoder_2": 1e-3, "unet": 1e-4, "vae_decoder": 3e-4,
-                       "vae_encoder": 3e-4}
+#: tier-1 max-abs bounds for fp32 components (docs/architecture.md, "Parity"): each spec's atol.
+FP32_COMPONENT_ATOL = {n: spec.atol for specs in FAMILY_SPECS.values() for n, spec in specs.items()}
 FP32_MAX_PIXEL = 2  # of 255
 FP16_MIN_PSNR = 35.0  # dB
 #: PSNR of identical images is infinite; reports cap it so JSON stays standard.
@@ -135,7 +134,7 @@ def component_parity(ref_pipe, pipe, profile: ShapeProfile, precisions: dict[str
     prompts = [PARITY_PROMPTS[i % len(PARITY_PROMPTS)] for i in range(b)]
     req = Request.build(info, prompt=prompts, negative_prompt="", height=h, width=w, long_prompt="truncate")
     batch = ref_pipe.text.prepare([req], True, "truncate")  # the guided call's distinct texts
-    encoders = [c for c in info.specs if c.startswith("text_encoder")]
+    encoders = [c for c, spec in info.specs.items() if spec.is_text]
     for name, ids in zip(encoders, batch.ids, strict=True):
         both(name, input_ids=ids.reshape(-1, ids.shape[-1]).cpu())  # (U, S)
     cond = {k: v.cpu() for k, v in ref_pipe.text.encode(ref_pipe.engines, batch).items()}  # the U-Net's inputs

@@ -164,7 +164,7 @@ class Pipeline:
         self.graphs: GraphRunner | None = None
         if cuda_graphs:
             self.graphs = GraphRunner(self.engines["unet"], device, device.type == "cuda", info.scheduler_config)
-            for name in ("text_encoder", "vae_decoder"):
+            for name in [n for n, spec in info.specs.items() if spec.graphed]:
                 self.engines[name] = self.graphs.wrap(self.engines[name])
         # The fp16 black-image guard: only a reduced-precision VAE decoder needs it.
         vae_precision = getattr(self.engines["vae_decoder"], "precision", precision)

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import torch
 
-#: which torch module each exported component needs.
-COMPONENT_MODULE = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
-                    "vae_decoder": "vae", "vae_encoder": "vae"}
+from .components import COMPONENT_MODULE  # noqa: F401  (re-exported: which torch module a component runs)
 
 
 class TextEncoderWrapper(torch.nn.Module):

@@ -126,3 +126,25 @@ def test_every_module_is_under_500_lines():
     long = {module_name(p): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text(encoding="utf-8").splitlines())) >= MAX_LINES}
     assert not long
+
+
+#: a test of a component's *name* standing in for a fact about it (is it a VAE part, a text
+#: encoder, which rows it has): those facts are ComponentSpec fields (components.py).
+NAME_BRANCH = re.compile(r"""(\.startswith\(\s*["'](vae|text_encoder)|\bin\s+\(\s*["'](vae_decoder|vae_encoder|text_encoder)["']\s*,"""
+                         r"""|name\s*==\s*["'](vae_decoder|vae_encoder|text_encoder|text_encoder_2|unet)["'])""")
+
+
+def test_component_facts_are_read_from_the_spec_not_from_the_name():
+    hits = [f"{p.relative_to(PACKAGE)}:{i}: {line.strip()}" for p in PACKAGE.rglob("*.py")
+            if p.name != "components.py"
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+            if NAME_BRANCH.search(line.split("#")[0])]
+    assert not hits, hits
+
+
+def test_the_name_branch_rule_sees_the_forms_it_forbids():
+    for line in ('if name.startswith("vae"):', "if part.startswith('text_encoder'):",
+                 'if name in ("vae_decoder", "vae_encoder"):', 'elif spec.name == "unet":'):
+        assert NAME_BRANCH.search(line), line
+    for line in ('engines["unet"](**inputs)', 'if spec.is_vae:', 'for name in self.engines:'):
+        assert not NAME_BRANCH.search(line), line

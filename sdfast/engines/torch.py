@@ -82,7 +82,7 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
     set_attention(mods, attention)
     vae_precision = Precision.FP32 if mods["vae"].dtype == torch.float32 else precision
     return {
-        name: TorchEngine(info.specs[name], module, device, vae_precision if name.startswith("vae") else precision)
+        name: TorchEngine(info.specs[name], module, device, vae_precision if info.specs[name].is_vae else precision)
         for name, module in component_modules(mods, info.family).items()
     }
 

@@ -45,7 +45,7 @@ from ..artifacts import (
     staging_dir,
     tensor_records,
 )
-from ..components import ComponentSpec, Precision, ShapeProfile, sample_inputs, size_multiple
+from ..components import VAE_COMPONENTS, ComponentSpec, Precision, ShapeProfile, sample_inputs, size_multiple
 from ..errors import InvalidArgument
 from ..hardware import resolve_device
 from ..models import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
@@ -56,7 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "inductor"
-VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
 #: autotune levels: how much compile time buys kernel speed on CUDA (ignored on the CPU).
 AUTOTUNE = ("none", "default", "max")
 

@@ -43,7 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..artifacts import Manifest, check_export_out, export_command, model_record, staging_dir, tensor_records
-from ..components import Precision, ShapeProfile, sample_inputs
+from ..components import VAE_COMPONENTS, Precision, ShapeProfile, sample_inputs
 from ..errors import InvalidArgument
 from ..models import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
 
@@ -64,7 +64,6 @@ PROTOBUF_LIMIT = 2**31
 EXTERNAL_DATA_THRESHOLD = 256 << 20
 #: tensors smaller than this stay inside the .onnx when weights go to external data.
 EXTERNAL_MIN_BYTES = 1024
-VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
 
 
 @dataclass(frozen=True)
@@ -108,7 +107,7 @@ def prepare_module(info: ModelInfo, name: str, dtype: torch.dtype) -> torch.nn.M
 
     part = COMPONENT_MODULE[name]
     mod = load_torch_modules(info, dtype=dtype, device="cpu", parts=(part,))[part]
-    if part.startswith("text_encoder"):
+    if info.specs[name].is_text:
         mod.set_attn_implementation("eager")
     else:
         mod.set_attn_processor(AttnProcessor())

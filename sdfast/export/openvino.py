@@ -49,7 +49,7 @@ from ..artifacts import (
     tensor_records,
     versions,
 )
-from ..components import Precision, ShapeProfile, sample_inputs
+from ..components import VAE_COMPONENTS, Precision, ShapeProfile, sample_inputs
 from ..errors import InvalidArgument
 from ..models import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
 
@@ -59,7 +59,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "openvino"
-VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
 #: precisions the CPU plugin runs these graphs in (fp16 on CPU needs AVX512-FP16 / AMX-FP16:
 #: not measured here, so not offered).
 PRECISIONS = (Precision.FP32, Precision.BF16)
