@@ -334,17 +334,27 @@ def run_speed(args, configs: list[Config]) -> dict[str, Any]:
 
 def report(args) -> dict[str, Any]:
     acc = json.loads(args.accuracy_json.read_text()) if args.accuracy_json.is_file() else {"rows": {}}
-    speed = json.loads(args.speed_json.read_text())
-    rows = speed["rows"]
-    ref = rows.get("euler-20/sdfast")
+    # Several speed runs may be joined (--speed-runs): each row's ratio to exact euler-20 is taken
+    # against the euler-20 row of its own run (the rows interleaved with it), never across runs.
+    runs = {tag: json.loads((RESULTS / f"fewstep-speed-{tag}.json").read_text())
+            for tag in (args.speed_runs or [args.tag])}
+    speed = next(iter(runs.values()))
+    rows: dict[str, Any] = {}
+    refs: dict[str, Any] = {}
+    for tag, run in runs.items():
+        for name, row in run["rows"].items():
+            if name not in rows:
+                rows[name] = {**row, "run": tag}
+        refs[tag] = run["rows"].get("euler-20/sdfast")
     table = []
     for cfg in CONFIGS:
         ours, theirs = rows.get(f"{cfg.name}/sdfast"), rows.get(f"{cfg.name}/diffusers")
         a = acc["rows"].get(cfg.name)
         if ours is None and a is None:
             continue
+        ref = refs.get(ours["run"]) if ours else None
         table.append({
-            "config": cfg.name, "accuracy": None if a is None else a["accuracy"],
+            "config": cfg.name, "run": ours and ours["run"], "accuracy": None if a is None else a["accuracy"],
             "accuracy_images": None if a is None else a["images"],
             "sdfast_wall_s": ours and ours["wall_s"], "sdfast_cpu_s": ours and ours["cpu_s"],
             "diffusers_wall_s": theirs and theirs["wall_s"], "diffusers_cpu_s": theirs and theirs["cpu_s"],
@@ -364,8 +374,8 @@ def report(args) -> dict[str, Any]:
                                       and best["speedup_vs_exact_wall"] and best["speedup_vs_exact_wall"] >= 5),
                    "faster_than_diffusers": bool(best["vs_diffusers_cpu"] and best["vs_diffusers_cpu"] > 1
                                                  and best["vs_diffusers_wall"] and best["vs_diffusers_wall"] > 1)}
-    out = {"table": table, "verdict": verdict, "accuracy": acc, "speed": speed}
-    print(format_table(table, speed, acc))
+    out = {"table": table, "verdict": verdict, "accuracy": acc, "speed_runs": runs}
+    print(format_table(table, runs, acc))
     if verdict:
         print(f"\nfastest config >= 95 %: {verdict['fastest_config_at_95']}: "
               f"{verdict['speedup_vs_exact_cpu']:.2f}x CPU / {verdict['speedup_vs_exact_wall']:.2f}x wall vs exact "
@@ -381,8 +391,10 @@ def report(args) -> dict[str, Any]:
         if r["diffusers_wall_s"]:
             points.append({"label": r["config"], "seconds": r["diffusers_cpu_s"], "accuracy": r["accuracy"],
                            "kind": "diffusers"})
-    title = (f"time to a correct image: toy accuracy ({acc.get('seeds')} x 90 captions) vs CPU s/image on "
-             f"{speed['models']['teacher']} {speed['size']}^2 {speed['dtype']}, {speed['threads']} thread(s)")
+    seeds = acc.get("seeds") or []
+    title = (f"time to a correct image: held-out toy accuracy (90 captions x seeds {', '.join(map(str, seeds))})\n"
+             f"vs CPU s/image on {speed['models']['teacher']} (LCM: {speed['models']['lcm']}) "
+             f"{speed['size']}x{speed['size']} {speed['dtype']}, {speed['threads']} thread(s)")
     write_pareto_plot(points, RESULTS / f"fewstep-{tag}.png", title, "process CPU seconds per image (median)")
     print(f"wrote {RESULTS / f'fewstep-{tag}.json'} and .png")
     return out
@@ -392,7 +404,7 @@ def _fmt(v, unit="") -> str:
     return "-" if v is None else f"{v:.2f}{unit}"
 
 
-def format_table(table, speed, acc) -> str:
+def format_table(table, runs, acc) -> str:
     head = ("config", "toy acc", "sdfast wall", "sdfast CPU", "diffusers wall", "diffusers CPU",
             "vs exact (CPU)", "vs diffusers (CPU)")
     body = [(r["config"], "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%",
@@ -402,9 +414,19 @@ def format_table(table, speed, acc) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
     fmt = " | ".join(f"{{:{w}}}" for w in widths)
     lines = [fmt.format(*head), "-+-".join("-" * w for w in widths)] + [fmt.format(*b) for b in body]
-    for name, why in {**acc.get("skipped", {}), **speed.get("skipped", {})}.items():
-        lines.append(f"skipped {name}: {why}")
-    lines.append(f"load before/after the timed rounds: {speed['load_before']} / {speed['load_after']}")
+    by_config = {r["config"]: r for r in table}
+    for name, why in acc.get("skipped", {}).items():
+        if by_config.get(name, {}).get("accuracy") is None:
+            lines.append(f"no accuracy for {name}: {why}")
+    timed = {name for run in runs.values() for name in run["rows"]}
+    for run in runs.values():
+        for name, why in run.get("skipped", {}).items():
+            key = name if "/" in name else f"{name}/sdfast"
+            if key not in timed:
+                lines.append(f"not timed: {key}: {why}")
+    for tag, run in runs.items():
+        lines.append(f"speed run {tag}: {run['rounds']} round(s), {run['threads']} thread(s), {run['dtype']}, "
+                     f"{run['size']}^2; load before/after: {run['load_before']} / {run['load_after']}")
     return "\n".join(lines)
 
 
@@ -440,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed", default="random-sd15")
     ap.add_argument("--speed-lcm", default="random-sd15-lcm")
     ap.add_argument("--no-diffusers", dest="diffusers", action="store_false")
+    ap.add_argument("--speed-runs", nargs="+", metavar="TAG",
+                    help="report: join these speed runs (fewstep-speed-TAG.json), each row against its own run's euler-20")
     ap.add_argument("--tag", default=None, help="output name: fewstep-<tag>.json/.png (default from the settings)")
     ap.add_argument("--quick", action="store_true",
                     help="plumbing check: 18 captions x 1 seed, tiny-random(-lcm) at 64^2, 1 round, into /tmp")

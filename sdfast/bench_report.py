@@ -153,6 +153,12 @@ def write_pareto_plot(points: list[dict[str, Any]], path: str | Path, title: str
                 color="tab:blue", alpha=0.5, label="sdfast Pareto front")
     ax.axhline(95, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    seconds = FuncFormatter(lambda v, _pos: f"{v:g}")
+    ax.xaxis.set_major_formatter(seconds)
+    ax.xaxis.set_minor_formatter(seconds)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out toy accuracy (%)")
     ax.set_title(title, fontsize=9)
