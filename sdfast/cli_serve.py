@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import re
 
 from .errors import InvalidArgument
 
@@ -21,8 +23,11 @@ switched on only where a warm-up probe finds batched images bit-identical to lon
 batch-invariant; --kernels batch-invariant makes them so, at some speed cost.
 
   sdfast serve --model tiny --port 8000
-  python -c "from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-');
-             print(len(c.images.generate(prompt='a red circle', extra_body={'seed': 1, 'steps': 20}).data))"
+  curl -s --fail-with-body http://127.0.0.1:8000/v1/images/generations -H 'Content-Type: application/json' \
+      -d '{"prompt": "a red circle on a blue background", "seed": 1, "steps": 20}' -o response.json
+
+(the README's Serve section has the same call through the openai client.) GET /v1/models lists
+the one model served, as OpenAI clients expect.
 
 With --ray the same app runs as a Ray Serve deployment with --replicas copies, one pipeline each
 (see sdfast/serve/ray.py for `serve run` and multi-machine clusters).
@@ -44,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how long the oldest request waits for batch-mates (default 25)")
     p.add_argument("--max-queue", type=int, default=64, help="queued requests before 429 (default 64)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request before 504 (default 300)")
-    p.add_argument("--api-key", default=os.environ.get("SDFAST_API_KEY"),
+    p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (default: $SDFAST_API_KEY; none = open)")
     p.add_argument("--max-n", type=int, default=4, help="most images per request (default 4)")
     p.add_argument("--max-prompt-chars", type=int, default=2000, help="longest prompt accepted (default 2000)")
@@ -72,10 +77,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _sizes(values: list[str]) -> list[tuple[int, int]]:
     out = []
     for v in values:
-        w, sep, h = v.partition("x")
-        if not sep or not w.isdigit() or not h.isdigit():
+        m = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", v)  # ASCII digits only; no sign, space or newline
+        if m is None:
             raise InvalidArgument(f"warmup-size: must be WIDTHxHEIGHT like 512x512, not {v!r}")
-        out.append((int(h), int(w)))
+        out.append((int(m.group(2)), int(m.group(1))))
     return out
 
 
@@ -84,11 +89,16 @@ def config_from_args(args: argparse.Namespace):
 
     if not 0 < args.port < 65536:
         raise InvalidArgument(f"port: must be from 1 to 65535 but is {args.port}")
-    if args.replicas < 1 or args.num_cpus < 0 or args.num_gpus < 0:
-        raise InvalidArgument("replicas: must be >= 1, and num-cpus and num-gpus >= 0")
+    if args.replicas < 1:
+        raise InvalidArgument(f"replicas: must be >= 1 but is {args.replicas}")
+    for flag, v in (("num-cpus", args.num_cpus), ("num-gpus", args.num_gpus)):
+        if not math.isfinite(v) or v < 0:
+            raise InvalidArgument(f"{flag}: must be a finite number >= 0 but is {v}")
+    # $SDFAST_API_KEY set but empty means no key; an explicit --api-key '' is a mistake (check_config says so).
+    api_key = args.api_key if args.api_key is not None else (os.environ.get("SDFAST_API_KEY") or None)
     config = ServeConfig(model=args.model, backend=args.backend, engines=args.engines, device=args.device,
                        dtype=args.dtype, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                       max_queue=args.max_queue, timeout_s=args.timeout, api_key=args.api_key or None,
+                       max_queue=args.max_queue, timeout_s=args.timeout, api_key=api_key,
                        max_prompt_chars=args.max_prompt_chars, max_n=args.max_n, max_side=args.max_side,
                        max_steps=args.max_steps, warmup_sizes=_sizes(args.warmup_size),
                        batch_invariance=args.batch_invariance, attention=args.attention,

@@ -3,6 +3,7 @@
     POST /v1/images/generations   {"prompt", "n", "size": "WxH", "response_format": "b64_json",
                                    + sdfast's "seed", "steps", "guidance_scale", "negative_prompt",
                                    "scheduler"}  → {"created", "data": [{"b64_json"}]}
+    GET  /v1/models               {"object": "list", "data": [{"id": MODEL, "object": "model", ...}]}
     GET  /health                  200 once warmed up, 503 before and while draining
     GET  /metrics                 Prometheus text
 
@@ -26,6 +27,7 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InvalidArgument, MissingFile
 from .batching import Closed, Expired, QueueFull
@@ -66,6 +68,34 @@ def create_app(service: ImageService, drain_timeout_s: float | None = None) -> F
         # compare_digest: the time taken does not depend on how much of the key was right.
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # 404 / 405 from routing, in the same shape as every other refusal.
+        if exc.status_code == 404:
+            message = (f"path: {request.url.path} is not served; the API is POST /v1/images/generations and "
+                       "GET /v1/models (plus GET /health and /metrics)")
+        elif exc.status_code == 405:
+            message = f"method: {request.method} is not allowed on {request.url.path}; use {exc.headers.get('Allow', '')}" \
+                if exc.headers else f"method: {request.method} is not allowed on {request.url.path}"
+        else:
+            message = f"http: {exc.detail}"
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(service, exc.status_code, kind, message, dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(service, 500, "internal", _one_line(f"internal: {type(exc).__name__}: {exc}"))
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        if not authorized(request):
+            return error_response(service, 401, "unauthorized",
+                                  "api key: missing or wrong; send the header 'Authorization: Bearer KEY'",
+                                  {"WWW-Authenticate": "Bearer"})
+        return JSONResponse({"object": "list", "data": [
+            {"id": service.info.name, "object": "model", "created": 0, "owned_by": "sdfast"}]})
+
     @app.get("/health")
     async def health() -> JSONResponse:
         return JSONResponse(service.health(), status_code=200 if service.ready else 503)
@@ -95,6 +125,9 @@ def create_app(service: ImageService, drain_timeout_s: float | None = None) -> F
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             return error_response(service, 400, "invalid_argument", f"body: not valid JSON ({e})")
+        except RecursionError:  # nesting deeper than the parser goes: no generation request looks so
+            return error_response(service, 400, "invalid_argument",
+                                  "body: JSON nested too deeply; send a flat object of a prompt and a few numbers")
         try:
             req = service.parse(body)
             future = service.submit(req)

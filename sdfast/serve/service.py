@@ -7,6 +7,7 @@ per pipeline; nothing here imports a web framework.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import tempfile
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import rules
 from ..errors import InvalidArgument
 from ..request import Request
 from .batching import Batcher, batch_key
@@ -26,11 +28,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: OpenAI Images API fields we accept; ``user``, ``model``, ``quality`` and ``style`` are ignored.
+#: OpenAI Images API fields we accept; ``user``, ``model``, ``quality`` and ``style`` are ignored
+#: (but, as the OpenAI API does, they must be strings when sent).
 OPENAI_FIELDS = ("prompt", "n", "size", "response_format", "user", "model", "quality", "style")
+IGNORED_STRING_FIELDS = ("user", "model", "quality", "style")
 #: sdfast's own fields, sent by the openai client through ``extra_body``.
 SDFAST_FIELDS = ("seed", "steps", "guidance_scale", "negative_prompt", "scheduler")
-SIZE_RE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
+SIZE_RE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")  # whole string (fullmatch): no trailing newline
 
 
 @dataclass
@@ -90,12 +94,16 @@ def use_batch_invariant_kernels() -> None:
 
 
 def load_pipeline(config: ServeConfig) -> Pipeline:
+    from ..models import resolve_model
     from ..runtime import load
 
     check_config(config)
+    info = resolve_model(config.model)  # configs only: the warm-up sizes are checked before any weights load
+    default_side = 2 * info.native_size if config.engines is None else rules.MAX_SIDE  # engines: their profile
+    check_warmup_sizes(config, info, config.max_side or default_side)
     if config.kernels == "batch-invariant":
         use_batch_invariant_kernels()
-    return load(config.model, backend=config.backend, device=config.device, dtype=config.dtype,
+    return load(info, backend=config.backend, device=config.device, dtype=config.dtype,
                 engines=config.engines, attention=config.attention)
 
 
@@ -109,12 +117,44 @@ def check_config(config: ServeConfig) -> None:
         v = getattr(config, arg)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise InvalidArgument(f"{arg.replace('_', '-')}: must be an integer >= 1 but is {v!r}")
-    if config.max_side is not None and config.max_side < 64:
-        raise InvalidArgument(f"max-side: must be at least 64 pixels but is {config.max_side}")
-    if config.max_wait_ms < 0:
-        raise InvalidArgument(f"max-wait-ms: must be >= 0 but is {config.max_wait_ms}")
-    if config.timeout_s <= 0:
-        raise InvalidArgument(f"timeout: must be > 0 seconds but is {config.timeout_s}")
+    if config.max_side is not None and (not rules.is_int(config.max_side) or config.max_side < rules.MIN_SIDE):
+        raise InvalidArgument(f"max-side: must be an integer of at least {rules.MIN_SIDE} pixels but is "
+                              f"{config.max_side!r}")
+    # nan compares false with everything, so it would pass `< 0`; inf never ends a wait.
+    for arg, v, strict in (("max-wait-ms", config.max_wait_ms, False), ("timeout", config.timeout_s, True)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (strict and v == 0):
+            raise InvalidArgument(f"{arg}: must be a finite number {'> 0' if strict else '>= 0'} but is {v!r}")
+    key = config.api_key
+    if key is not None:
+        if not isinstance(key, str) or not key:
+            raise InvalidArgument("api-key: empty; give a key, or leave --api-key out for an open server")
+        if key != key.strip():
+            raise InvalidArgument("api-key: starts or ends with whitespace, which an HTTP header cannot carry "
+                                  "(clients strip it, so no request would match); remove the spaces")
+        if not all(" " <= ch <= "~" for ch in key):
+            raise InvalidArgument("api-key: only printable ASCII characters can travel in an Authorization "
+                                  "header; use letters, digits and punctuation")
+    for size in config.warmup_sizes:
+        h, w = size
+        for arg, v in (("height", h), ("width", w)):
+            if not rules.is_int(v) or not rules.MIN_SIDE <= v <= rules.MAX_SIDE:
+                raise InvalidArgument(f"warmup-size: the {arg} must be {rules.MIN_SIDE} to {rules.MAX_SIDE} "
+                                      f"pixels but is {v!r}")
+
+
+def check_warmup_sizes(config: ServeConfig, info, max_side: int) -> None:
+    """The warm-up sizes against the model (the rule every request's size obeys) and the server's
+    side limit, before anything is loaded: a size no request may have would leave a server that
+    never becomes ready."""
+    for h, w in config.warmup_sizes:
+        for arg, v in (("height", h), ("width", w)):
+            if v > max_side:
+                raise InvalidArgument(f"warmup-size: {w}x{h}: the {arg} {v} is above this server's limit of "
+                                      f"{max_side} pixels (--max-side); warm up at a size it serves")
+            try:
+                rules.check_side(arg, v, info.vae_scale_factor, "the VAE scale factor")
+            except InvalidArgument as e:
+                raise InvalidArgument(f"warmup-size: {w}x{h}: {e}") from None
 
 
 class ImageService:
@@ -130,6 +170,14 @@ class ImageService:
             self.max_images = min(self.max_images, self.profile.max_batch)
         self.max_side = config.max_side or (max(self.profile.max_height, self.profile.max_width)
                                             if self.profile is not None else 2 * self.info.native_size)
+        check_warmup_sizes(config, self.info, self.max_side)
+        from ..engines import check_request
+
+        for h, w in config.warmup_sizes:  # exported engines: inside their profile too
+            try:
+                check_request(pipe.engines, 1, h, w, True)
+            except InvalidArgument as e:
+                raise InvalidArgument(f"warmup-size: {w}x{h}: {e}") from None
         self.state = "warming"  # -> "ready" -> "draining"; or "failed"
         self.state_detail = ""
         self.batch_invariant: bool | None = None
@@ -238,9 +286,17 @@ class ImageService:
         if unknown:
             raise InvalidArgument(f"{unknown[0]}: not a field of this API; the fields are "
                                   f"{', '.join(OPENAI_FIELDS + SDFAST_FIELDS)}")
+        for name, value in body.items():  # every field is one string or number (none nests)
+            if isinstance(value, (list, dict)):
+                raise InvalidArgument(f"{name}: must be a single value, not an {_json_type(value)}")
+        for name in IGNORED_STRING_FIELDS:
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise InvalidArgument(f"{name}: must be a string (it is not used here) but is a "
+                                      f"{_json_type(body[name])}")
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             raise InvalidArgument("prompt: required, and must be a string")
+        _check_unicode("prompt", prompt)
         c = self.config
         if len(prompt) > c.max_prompt_chars:
             raise InvalidArgument(f"prompt: at most {c.max_prompt_chars} characters but has {len(prompt)}; "
@@ -250,13 +306,17 @@ class ImageService:
         limit_n = min(c.max_n, self.max_images)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit_n:
             raise InvalidArgument(f"n: must be an integer from 1 to {limit_n} (this server's limit) but is {n!r}")
-        fmt = body.get("response_format") or "b64_json"
-        if fmt != "b64_json":
-            raise InvalidArgument(f"response_format: {fmt!r} is not served (no image storage); use 'b64_json'")
+        fmt = body.get("response_format")
+        fmt = "b64_json" if fmt is None else fmt
+        if fmt != "b64_json":  # 0, false, [] are not a format, as the OpenAI API answers too
+            what = repr(fmt) if isinstance(fmt, str) else f"a {_json_type(fmt)}"
+            raise InvalidArgument(f"response_format: {what} is not served (no image storage); use 'b64_json'")
         height, width = self._size(body.get("size"))
         negative = body.get("negative_prompt")
         if negative is not None and not isinstance(negative, str):
             raise InvalidArgument("negative_prompt: must be a string")
+        if negative is not None:
+            _check_unicode("negative_prompt", negative)
         if negative is not None and len(negative) > c.max_prompt_chars:
             raise InvalidArgument(f"negative_prompt: at most {c.max_prompt_chars} characters but has "
                                   f"{len(negative)}; shorten it")
@@ -279,7 +339,7 @@ class ImageService:
         native = self.info.native_size
         if size is None or size == "auto":
             return native, native
-        m = SIZE_RE.match(size) if isinstance(size, str) else None
+        m = SIZE_RE.fullmatch(size) if isinstance(size, str) else None
         if m is None:
             raise InvalidArgument(f"size: must be 'WIDTHxHEIGHT' in pixels, like '{native}x{native}', "
                                   f"not {size!r}")
@@ -373,6 +433,20 @@ def probe_batch_invariance(pipe: Pipeline, size: tuple[int, int], k: int) -> Pro
                 result.own_decode &= same(a.images, pipe.to_pil(pipe.decode(b.latents)))
     log.info("batch-invariance probe (batches of 2..%d) took %.2f s: %s", k, time.perf_counter() - t0, result)
     return result
+
+
+def _json_type(value: Any) -> str:
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _check_unicode(arg: str, text: str) -> None:
+    """JSON may carry a lone surrogate (\\ud800), which is no character: the tokenizer cannot take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidArgument(f"{arg}: holds {text[e.start]!r} at character {e.start}, half of a UTF-16 "
+                              "surrogate pair and no character; send valid Unicode") from None
 
 
 def _profile(pipe: Pipeline):
