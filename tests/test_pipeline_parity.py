@@ -23,8 +23,20 @@ IMAGE_ATOL = 2  # max, on 0..255
 IMAGE_MEAN_ATOL = 1.0  # mean, on 0..255
 
 
+def reference_scheduler(name: str, config: dict):
+    """diffusers' scheduler for sdfast's ``name`` (the few-step ones by their own classes)."""
+    import diffusers
+
+    few = {"lcm": diffusers.LCMScheduler, "tcd": diffusers.TCDScheduler}
+    return few[name].from_config(config) if name in few else diffusers_scheduler(name, config)
+
+
 def run_diffusers(pipe, info, scheduler, **kw):
-    pipe.scheduler = diffusers_scheduler(scheduler, info.scheduler_config)
+    pipe.scheduler = reference_scheduler(scheduler, info.scheduler_config)
+    if scheduler == "tcd":  # diffusers steps TCD with the pipeline's eta as its gamma
+        from sdfast.schedulers.tcd import read_gamma
+
+        kw.setdefault("eta", read_gamma(info.scheduler_config))
     seed = kw.pop("seed")
     lat = pipe(**kw, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
     img = pipe(**kw, generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images

@@ -46,7 +46,19 @@ def reference(name: str, config: dict):
         return diffusers.DPMSolverMultistepScheduler.from_config(config, **dpm)
     if name == "dpmpp_2m_karras":
         return diffusers.DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True, **dpm)
+    if name == "lcm":
+        return diffusers.LCMScheduler.from_config(config)
+    if name == "tcd":
+        return diffusers.TCDScheduler.from_config(config)
     raise AssertionError(name)
+
+
+def step_kwargs(name: str, generator: torch.Generator) -> dict:
+    """What a diffusers pipeline passes to ``step`` for ``name``: the generator where it draws
+    noise; TCD's gamma as ``eta`` (diffusers' TCD pipelines pass 0.3, our config default)."""
+    if name == "tcd":
+        return {"generator": generator, "eta": 0.3}
+    return {"generator": generator} if SCHEDULERS[name].needs_noise else {}
 
 
 def fake_unet(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -70,8 +82,7 @@ def run_reference(name: str, config: dict, steps: int, t_start: int = 0) -> tupl
         x = ref.add_noise(seeded(1), seeded(2), ref.timesteps[t_start : t_start + 1])
     else:
         x = seeded(0) * ref.init_noise_sigma
-    generator = torch.Generator().manual_seed(3)
-    extra = {"generator": generator} if name == "euler_a" else {}
+    extra = step_kwargs(name, torch.Generator().manual_seed(3))
     samples = [x]
     for t in ref.timesteps[t_start:]:
         eps = fake_unet(ref.scale_model_input(x, t), t)
@@ -215,7 +226,8 @@ def test_begin_resets_run_state(name: str) -> None:
 def test_most_steps_stay_finite(name: str) -> None:
     # 1000 "linspace" steps repeat a rounded timestep for DPM-Solver++ (diffusers goes NaN);
     # 1000 "leading" DDIM steps with steps_offset 1 would start past the last training step.
-    for steps in (999, 1000):
+    # LCM / TCD stop at their 50-step distillation schedule (tests/test_schedulers_fewstep.py).
+    for steps in (999, 1000) if name not in ("lcm", "tcd") else (49, 50):
         if name == "ddim" and steps == 1000:
             with pytest.raises(ValueError, match="^steps: 1000 steps with timestep_spacing 'leading'"):
                 run_ours(name, SD15_CONFIG, steps)
@@ -228,7 +240,8 @@ def test_most_steps_stay_finite(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_bad_steps_is_rejected_naming_the_argument(name: str, steps: int) -> None:
     sched = make_scheduler(name, SD15_CONFIG)
-    with pytest.raises(ValueError, match=rf"^steps: must be an integer from 1 to 1000 but is {steps}"):
+    top = 50 if name in ("lcm", "tcd") else 1000  # LCM / TCD: original_inference_steps
+    with pytest.raises(ValueError, match=rf"^steps: must be an integer from 1 to {top} but is {steps}"):
         sched.set_timesteps(steps)
 
 
@@ -236,7 +249,7 @@ def test_unknown_scheduler_name_lists_the_choices() -> None:
     with pytest.raises(ValueError) as err:
         make_scheduler("foo", SD15_CONFIG)
     assert str(err.value) == (
-        "scheduler: unknown 'foo'; choose one of lms, euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras"
+        "scheduler: unknown 'foo'; choose one of lms, euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras, lcm, tcd"
     )
 
 
@@ -266,6 +279,6 @@ def test_euler_ancestral_requires_noise() -> None:
 
 
 def test_registry_order_and_names() -> None:
-    assert NAMES == ["lms", "euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras"]
+    assert NAMES == ["lms", "euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "lcm", "tcd"]
     assert all(cls.name == name for name, cls in SCHEDULERS.items())
-    assert [name for name, cls in SCHEDULERS.items() if cls.needs_noise] == ["euler_a"]
+    assert [name for name, cls in SCHEDULERS.items() if cls.needs_noise] == ["euler_a", "lcm", "tcd"]

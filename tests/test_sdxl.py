@@ -34,6 +34,10 @@ def sdxl(sdxl_folder):
 
 def run_ref(pipe, config: dict, scheduler: str, seed: int, **kw):
     pipe.scheduler = diffusers_scheduler(scheduler, config)  # from the folder's config, not the last test's
+    if scheduler == "tcd":  # diffusers steps TCD with the pipeline's eta as its gamma
+        from sdfast.schedulers.tcd import read_gamma
+
+        kw.setdefault("eta", read_gamma(config))
     lat = pipe(**kw, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
     img = pipe(**kw, generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images
     return lat, (img * 255).round().astype(np.uint8)
