@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import sdfast  # noqa: E402
-from sdfast import bench  # noqa: E402
+from sdfast import bench, fewstep_bench  # noqa: E402
 from sdfast.bench_report import write_json, write_pareto_plot  # noqa: E402
 from sdfast.errors import InvalidArgument  # noqa: E402
 
@@ -209,7 +209,7 @@ def run_accuracy(args, configs: list[Config]) -> dict[str, Any]:
         def generate(prompts, seed, cfg=cfg, pipe=pipe):
             return sdfast_generate(pipe, cfg, prompt=prompts, seed=seed).images
 
-        row = bench.toy_accuracy(generate, args.seeds, combos)
+        row = fewstep_bench.toy_accuracy(generate, args.seeds, combos)
         row.update(model=model, config=asdict(cfg), seconds=time.time() - t0)
         out["rows"][cfg.name] = row
         print(f"{cfg.name:28s} {row['accuracy']:6.1%} of {row['images']} ({row['seconds']:.0f} s) "
@@ -319,7 +319,7 @@ def run_speed(args, configs: list[Config]) -> dict[str, Any]:
         print(f"warm-up {name}", flush=True)
         warm[name]()
     load_before = _uptime()
-    samples = bench.interleaved(runners, args.rounds, progress=lambda s: print(s, flush=True))
+    samples = fewstep_bench.interleaved(runners, args.rounds, progress=lambda s: print(s, flush=True))
     rows = {}
     for name, s in samples.items():
         walls, cpus = [x["wall_s"] for x in s], [x["cpu_s"] for x in s]

@@ -180,6 +180,8 @@ def diffusers_scheduler(name: str, config: dict[str, Any]):
         "dpmpp_2m": (d.DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
         "dpmpp_2m_karras": (d.DPMSolverMultistepScheduler,
                             {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+        "lcm": (d.LCMScheduler, {}),
+        "tcd": (d.TCDScheduler, {}),  # a diffusers pipeline must also pass eta = gamma (schedulers/tcd.py)
     }
     cls, kw = classes[name]
     return cls.from_config(config, **kw)
@@ -468,62 +470,3 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     config.update(height=height, width=width, model_name=info.name, random_weights=info.random_weights,
                   guided=guided, skipped=skipped)
     return {"machine": machine_info(device), "config": config, "results": results}
-
-
-# -- few-step benchmark pieces (bench/fewstep.py: issue 26's time to a correct image) -------
-
-def toy_accuracy(generate: Callable[[list[str], int], list], seeds: list[int],
-                 combos: list[tuple[str, str, str]] | None = None) -> dict[str, Any]:
-    """Held-out toy accuracy: ``generate(prompts, seed) -> PIL images`` for the canonical caption of
-    every toy combination (or ``combos``) with each seed; an image is right when
-    ``toy.classify`` reads back both the prompted shape colour and the background."""
-    from . import toy
-
-    combos = toy.combos() if combos is None else combos
-    prompts = [toy.caption(*c) for c in combos]
-    hits, wrong = 0, {}
-    for seed in seeds:
-        images = generate(prompts, seed)
-        if len(images) != len(prompts):
-            raise RuntimeError(f"generate returned {len(images)} images for {len(prompts)} prompts")
-        for (_shape, colour, background), image in zip(combos, images, strict=True):
-            got = toy.classify(image)
-            if got == (colour, background):
-                hits += 1
-            else:
-                key = f"{colour}/{background}->{got[0]}/{got[1]}"
-                wrong[key] = wrong.get(key, 0) + 1
-    n = len(prompts) * len(seeds)
-    return {"accuracy": hits / n, "images": n, "seeds": list(seeds),
-            "wrong": dict(sorted(wrong.items(), key=lambda kv: -kv[1]))}
-
-
-def interleaved(runners: dict[str, Callable[[], Any]], rounds: int,
-                progress: Callable[[str], None] | None = None) -> dict[str, list[dict[str, float]]]:
-    """Time every runner once per round, rows in the same order each round, so load drifting on a
-    shared machine falls on every row alike. Each sample is one call's wall time (``perf_counter``)
-    and this process's CPU time (``process_time``: all its threads), in seconds."""
-    if rounds < 1:
-        raise InvalidArgument(f"rounds: must be at least 1 but is {rounds}")
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in runners}
-    for r in range(rounds):
-        for name, run in runners.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            run()
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            samples[name].append({"wall_s": wall, "cpu_s": cpu, "round": r})
-            if progress is not None:
-                progress(f"round {r + 1}/{rounds} {name}: {wall:.2f} s wall, {cpu:.2f} s CPU")
-    return samples
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats: ``(seconds, accuracy)``, fewer seconds and higher
-    accuracy better; a point is dominated when another is at least as good on both and better on
-    one. Sorted by seconds."""
-    front = []
-    for i, (s, a) in enumerate(points):
-        if any((s2 <= s and a2 >= a) and (s2 < s or a2 > a) for j, (s2, a2) in enumerate(points) if j != i):
-            continue
-        front.append(i)
-    return sorted(front, key=lambda i: (points[i][0], -points[i][1]))

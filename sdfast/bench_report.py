@@ -131,7 +131,7 @@ def write_pareto_plot(points: list[dict[str, Any]], path: str | Path, title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .bench import pareto_front
+    from .fewstep_bench import pareto_front
     from .media import atomic_path
 
     fig, ax = plt.subplots(figsize=(8, 5))

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from sdfast import bench
+from sdfast import bench, fewstep_bench
 from sdfast.backends import get as get_backend
 from sdfast.cli import main
 from sdfast.errors import InvalidArgument
@@ -247,12 +247,12 @@ def test_toy_accuracy_counts_exactly_the_images_drawn_right():
         assert prompts == [toy.caption(*c) for c in combos]  # the canonical captions, in order
         return out
 
-    row = bench.toy_accuracy(generate, [100, 101], combos)
+    row = fewstep_bench.toy_accuracy(generate, [100, 101], combos)
     assert row["images"] == 12 and row["seeds"] == [100, 101]
     assert row["accuracy"] == pytest.approx(10 / 12)
     assert sum(row["wrong"].values()) == 2
     with pytest.raises(RuntimeError, match="3 images for 6 prompts"):
-        bench.toy_accuracy(lambda p, s: generate(p, s)[:3], [100], combos)
+        fewstep_bench.toy_accuracy(lambda p, s: generate(p, s)[:3], [100], combos)
 
 
 def test_interleaved_runs_every_row_once_per_round_in_order_with_wall_and_cpu():
@@ -266,21 +266,21 @@ def test_interleaved_runs_every_row_once_per_round_in_order_with_wall_and_cpu():
                 pass
         return run
 
-    samples = bench.interleaved({"a": busy("a", 0.02), "b": busy("b", 0.0), "c": busy("c", 0.01)}, rounds=3)
+    samples = fewstep_bench.interleaved({"a": busy("a", 0.02), "b": busy("b", 0.0), "c": busy("c", 0.01)}, rounds=3)
     assert calls == ["a", "b", "c"] * 3
     assert [s["round"] for s in samples["a"]] == [0, 1, 2]
     for s in samples["a"]:
         assert s["cpu_s"] >= 0.02 and s["wall_s"] >= s["cpu_s"] * 0.9
     assert max(s["cpu_s"] for s in samples["b"]) < min(s["cpu_s"] for s in samples["a"])
     with pytest.raises(InvalidArgument, match="rounds"):
-        bench.interleaved({"a": busy("a", 0)}, rounds=0)
+        fewstep_bench.interleaved({"a": busy("a", 0)}, rounds=0)
 
 
 def test_pareto_front_keeps_exactly_the_undominated_points():
     points = [(10.0, 1.0), (5.0, 0.99), (5.0, 0.95), (2.0, 0.9), (3.0, 0.85), (2.0, 0.9), (1.0, 0.3), (20.0, 1.0)]
     # (5, .95) loses to (5, .99); (3, .85) to (2, .9); (20, 1) to (10, 1); the duplicates (2, .9) both stay
-    assert bench.pareto_front(points) == [6, 3, 5, 1, 0]
-    assert bench.pareto_front([]) == []
+    assert fewstep_bench.pareto_front(points) == [6, 3, 5, 1, 0]
+    assert fewstep_bench.pareto_front([]) == []
 
 
 def test_fewstep_deepcache_fallback_restores_the_plain_unet(tiny_pipe):
