@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "range by orders of magnitude and the result is noise or an fp16 overflow")
     p.add_argument("-s", "--seed", type=int, default=D["seed"], help=f"seed of the initial noise (default {D['seed']})")
     p.add_argument("--scheduler", default=D["scheduler"], choices=list(SCHEDULERS),
-                   help=f"sampling algorithm (default {D['scheduler']})")
+                   help="sampling algorithm (default: the one the model folder's scheduler_config.json names, "
+                        "lms where sdfast has no equal of its class)")
     p.add_argument("--init-image", default=None, metavar="PNG", help="img2img: start from this image (PNG, JPEG, ...; 16-bit scaled to 8, "
                         "transparency composited on white)")
     p.add_argument("--strength", type=float, default=D["strength"],

@@ -17,7 +17,7 @@ from . import rules
 from .errors import InvalidArgument
 from .images import load_init_image  # the one reader of init images (formats, bombs, arrays)
 from .rules import MAX_SIDE, MIN_SIDE  # noqa: F401  (re-exported: the sides every request may have)
-from .schedulers import SCHEDULERS
+from .schedulers import SCHEDULERS, scheduler_for_config
 
 #: how prompts longer than the text encoder's window are encoded (see Pipeline.token_chunks).
 LONG_PROMPT = ("chunk", "truncate")
@@ -127,7 +127,7 @@ class Request:
     @classmethod
     def build(cls, info: ModelInfo, *, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
               height: int | None = None, width: int | None = None, steps: int = 50,
-              guidance_scale: float = 7.5, seed: int = 0, scheduler: str = "lms",
+              guidance_scale: float = 7.5, seed: int = 0, scheduler: str | None = None,
               image: Image.Image | str | Path | None = None, strength: float = 0.8,
               num_images_per_prompt: int = 1, long_prompt: str = "chunk",
               prompt_2: str | list[str] | None = None, negative_prompt_2: str | list[str] | None = None,
@@ -136,7 +136,9 @@ class Request:
               negative_crops_coords_top_left: tuple[int, int] = (0, 0),
               negative_target_size: tuple[int, int] | None = None, guidance_until: float | None = None,
               cache_interval: int | None = None) -> Request:
-        """Check every rule of the API contract against ``info``'s model (keywords only)."""
+        """Check every rule of the API contract against ``info``'s model (keywords only).
+        ``scheduler`` None: the one the model folder's scheduler_config.json names
+        (``schedulers.scheduler_for_config``; lms where sdfast has no equal of its class)."""
         sdxl = dict(prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, original_size=original_size,
                     crops_coords_top_left=crops_coords_top_left, target_size=target_size,
                     negative_original_size=negative_original_size,
@@ -179,9 +181,11 @@ class Request:
         rules.check_steps(steps, int(info.scheduler_config.get("num_train_timesteps", 1000)))
         guidance_scale = rules.check_guidance(guidance_scale)
         rules.check_int("seed", seed, 0, rules.MAX_SEED, hi_text="2**64-1")
+        if scheduler is None:
+            scheduler = scheduler_for_config(info.scheduler_config)
         rules.check_choice("scheduler", scheduler, SCHEDULERS)
         rules.check_choice("long_prompt", long_prompt, LONG_PROMPT)
-        embedded = info.unet_config.get("time_cond_proj_dim") is not None
+        embedded = info.timestep_cond_dim is not None
         if embedded and negative_prompt is not None and any(_prompts(negative_prompt, "negative_prompt")):
             raise InvalidArgument("negative_prompt: this model's U-Net is LCM-distilled: it takes the guidance scale "
                                   "as an embedding and runs no uncond pass, so there is nothing to steer away "

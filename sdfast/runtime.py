@@ -307,8 +307,8 @@ class Pipeline:
             cond = self.text.encode(self.engines, prepared)  # encoder_hidden_states (2B|B, K·S, D), ...
         guidance = [r.guidance_scale for r in requests for _ in range(r.batch)]
         if head.guidance_embedded:  # an LCM U-Net: each row's scale as its timestep_cond (B, E)
-            dim = int(self.info.unet_config["time_cond_proj_dim"])
-            cond["timestep_cond"] = guidance_embedding(torch.tensor(guidance), dim).to(self.device)
+            cond["timestep_cond"] = guidance_embedding(torch.tensor(guidance), self.info.timestep_cond_dim
+                                                       ).to(self.device)
         sched = make_scheduler(head.scheduler, self.info.scheduler_config)
         sched.set_timesteps(head.steps, self.device)
         parts = [self._initial_latents(r, sched, (r.batch, self.info.latent_channels, r.height // f, r.width // f),

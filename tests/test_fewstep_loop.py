@@ -82,3 +82,86 @@ def test_an_lcm_unet_takes_no_negative_prompt_and_no_guidance_cut(tiny_pipe, tin
         Request.build(info, prompt="x", guidance_until=0.5)
     r = Request.build(info, prompt="x", guidance_scale=8.5)
     assert not r.guided and r.guidance_embedded  # one batch, the scale goes in the embedding
+
+
+# -- tier 2 against diffusers' LatentConsistencyModelPipeline on tiny-random-lcm ------------------
+
+LATENT_RTOL = 1e-4  # test_pipeline_parity's bounds: latents relative to max |ref|, pixels on 0..255
+IMAGE_ATOL, IMAGE_MEAN_ATOL = 2, 1.0
+
+
+@pytest.fixture(scope="module")
+def lcm_info(_private_cache):
+    from sdfast.models import resolve_model
+
+    return resolve_model("tiny-random-lcm")
+
+
+@pytest.fixture(scope="module")
+def lcm_pipes(lcm_info):
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    import sdfast
+
+    ref = LatentConsistencyModelPipeline.from_pretrained(lcm_info.path, torch_dtype=torch.float32,
+                                                         safety_checker=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+
+    ref.scheduler = LCMScheduler.from_config(lcm_info.scheduler_config)  # the folder's own config
+    return sdfast.load(lcm_info.path), ref
+
+
+def run_reference(ref, prompts, steps, guidance, seed):
+    gen = torch.Generator("cpu").manual_seed(seed)
+    lat = ref(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gen, height=64, width=64,
+              output_type="latent").images
+    gen = torch.Generator("cpu").manual_seed(seed)
+    img = ref(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gen, height=64, width=64,
+              output_type="np").images
+    return lat, (img * 255).round().astype("uint8")
+
+
+def assert_tier2(out, lat, img):
+    import numpy as np
+
+    assert out.latents.shape == lat.shape
+    err, scale = (out.latents - lat).abs().max().item(), lat.abs().max().item()
+    assert err <= LATENT_RTOL * scale, (err, scale)
+    pix = np.abs(np.stack([np.asarray(im) for im in out.images]).astype(int) - img.astype(int))
+    assert pix.max() <= IMAGE_ATOL and pix.mean() <= IMAGE_MEAN_ATOL
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_lcm_equals_diffusers_lcm_pipeline(lcm_pipes, lcm_info, steps):
+    pipe, ref = lcm_pipes
+    assert lcm_info.timestep_cond_dim and pipe.generate("x", steps=1).request.scheduler == "lcm"  # folder default
+    lat, img = run_reference(ref, ["a red circle on a blue background"], steps, 8.5, 5)
+    out = pipe.generate("a red circle on a blue background", steps=steps, guidance_scale=8.5, seed=5)
+    assert out.request.scheduler == "lcm" and not out.request.guided
+    assert [a.split(":")[0] for a in out.approximations] == ["LCM-distilled U-Net", "scheduler lcm"]
+    assert_tier2(out, lat, img)
+
+
+def test_lcm_rows_of_a_batch_keep_their_own_guidance(lcm_pipes, lcm_info):
+    from sdfast.request import Request
+
+    pipe, ref = lcm_pipes
+    prompt = "a green square on a white background"
+    reqs = [Request.build(lcm_info, prompt=prompt, steps=4, guidance_scale=g, seed=7) for g in (8.5, 2.0)]
+    batched = pipe.run_batch(reqs)
+    for g, out in zip((8.5, 2.0), batched, strict=True):
+        lat, img = run_reference(ref, [prompt], 4, g, 7)  # each row is diffusers' run at its own scale
+        assert_tier2(out, lat, img)
+    assert (batched[0].latents - batched[1].latents).abs().max() > 1e-3  # the scale really reached the U-Net
+
+
+def test_lcm_graphed_step_equals_the_plain_loop(lcm_pipes, lcm_info):
+    from sdfast.runtime import Pipeline
+
+    pipe, _ = lcm_pipes
+    graphed = Pipeline(lcm_info, pipe.engines, pipe.device, pipe.precision, "torch", tokenizer=pipe.tokenizer,
+                       cuda_graphs=True)
+    for g in (8.5, 3.0):  # the second run reuses the static buffers with another scale
+        a = graphed.generate(["a red circle", "a white triangle"], steps=4, guidance_scale=g, seed=9)
+        b = pipe.generate(["a red circle", "a white triangle"], steps=4, guidance_scale=g, seed=9)
+        torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=1e-5)
