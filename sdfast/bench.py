@@ -413,7 +413,7 @@ def make_runner(backend: str, cfg: BenchConfig, info: ModelInfo, device: torch.d
 
 
 def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the benchmark; returns ``{"machine", "config", "results"}`` (DESIGN.md's schema).
+    """Run the benchmark; returns ``{"machine", "config", "results"}`` (docs/architecture.md's schema).
     ``progress`` gets one line as each row starts (rows of a big model take minutes)."""
     info, device, height, width = validate(cfg)
     guided = cfg.guidance_scale > 1.0

@@ -167,7 +167,7 @@ def test_warmup_runs_a_short_generation_at_the_shape(tiny_pipe):
 
 def test_sd15_unet_guided_step_flops_match_independent_count():
     # 1606.5 GFLOP per guided step (batch 2) at 64×64 latents, counted independently for
-    # /work/shared/research/performance.md §3 (803.3 GFLOP per sample, attention matmuls included).
+    # the published SD 1.5 U-Net count (803.3 GFLOP per sample, attention matmuls included).
     from sdfast.flops import count_stage_flops
     from sdfast.models import resolve_model
 

@@ -19,7 +19,7 @@ from sdfast.components import SPECS, Precision, ShapeProfile, sample_inputs, siz
 from sdfast.errors import InvalidArgument
 from sdfast.parity import component_parity
 
-IMAGE_ATOL = 2  # of 255: DESIGN.md's end-to-end bound for fp32 engines
+IMAGE_ATOL = 2  # of 255: docs/architecture.md's end-to-end bound for fp32 engines
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""End-to-end parity on latents and pixels, at DESIGN.md's limits.
+"""End-to-end parity on latents and pixels, at docs/architecture.md's limits.
 
 Tier 2: our eager pipeline equals diffusers' own pipelines on the same folder, scheduler and seed.
 Tier 1 end to end: the whole pipeline on ONNX Runtime engines equals the eager one.
@@ -14,7 +14,7 @@ from PIL import Image
 from sdfast.bench import diffusers_scheduler
 from sdfast.schedulers import SCHEDULERS
 
-# DESIGN.md: latents <= 1e-4 relative where the computation is the same (3e-4 is allowed where only
+# docs/architecture.md: latents <= 1e-4 relative where the computation is the same (3e-4 is allowed where only
 # float order differs; every case here, ONNX Runtime included, holds the tighter bound: measured
 # <= 3e-6 relative on the tiny model, ONNX Runtime vs eager and eager vs diffusers), images <= 2/255 max
 # and <= 1/255 mean.
