@@ -181,6 +181,39 @@ def sdfast_generate(pipe, cfg: Config, **request):
         pipe.engines["unet"] = plain
 
 
+# -- the sdfast pipeline of a row --------------------------------------------------------------
+
+def engines_folder(args, model: str, size: int, given: str | None, batch: int = 1) -> Path:
+    """The `sdfast export` folder for ``model`` on ``args.backend``: ``given``, else one exported
+    once (static ``batch`` images per call, ``size``^2, ``args.dtype``) into sdfast's cache and reused."""
+    from sdfast import backends
+    from sdfast.model_folder import cache_dir
+
+    if given is not None:
+        return Path(given)
+    fmt = backends.get(args.backend).format
+    dest = cache_dir() / "bench-engines" / f"{model.replace('/', '--')}-{fmt}-{args.dtype}-{size}-b{batch}"
+    if not (dest / "manifest.json").is_file():
+        cmd = [sys.executable, "-m", "sdfast.cli", "export", "--model", model, "--out", str(dest), "--format", fmt,
+               "--precision", args.dtype, "--height", str(size), "--width", str(size), "--batch", str(batch),
+               "--threads", str(args.threads)]
+        print("exporting:", " ".join(cmd), flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise InvalidArgument(f"export of {model} for {args.backend} failed: "
+                                  f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return dest
+
+
+def load_pipe(args, model: str, size: int, given: str | None = None, modules=None, batch: int = 1):
+    """sdfast's pipeline for a row: the torch backend (on ``modules`` when given), or the exported
+    engines of ``args.backend``."""
+    if args.backend == "torch":
+        return sdfast.load(model, dtype=args.dtype, modules=modules)
+    return sdfast.load(model, backend=args.backend, engines_dir=engines_folder(args, model, size, given, batch),
+                       dtype=args.dtype)
+
+
 # -- quality ----------------------------------------------------------------------------------
 
 def run_accuracy(args, configs: list[Config]) -> dict[str, Any]:
@@ -194,12 +227,14 @@ def run_accuracy(args, configs: list[Config]) -> dict[str, Any]:
     for cfg in configs:
         model = args.toy_lcm if cfg.lcm else args.toy
         try:
-            pipe = pipes.get(model) or pipes.setdefault(model, sdfast.load(model, dtype=args.dtype))
+            pipe = pipes.get(model) or pipes.setdefault(model, load_pipe(args, model, 64, batch=len(combos or toy.combos())))
         except (InvalidArgument, FileNotFoundError) as e:
             out["skipped"][cfg.name] = f"model {model!r}: {e}"
             print(f"skip {cfg.name}: {out['skipped'][cfg.name]}", flush=True)
             continue
         reason = unsupported(pipe, cfg)
+        if reason is None and cfg.cache_interval and args.backend != "torch":
+            reason = f"DeepCache runs on the torch backend only, not {args.backend}"
         if reason:
             out["skipped"][cfg.name] = reason
             print(f"skip {cfg.name}: {reason}", flush=True)
@@ -282,19 +317,23 @@ def run_speed(args, configs: list[Config]) -> dict[str, Any]:
     warm: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     meta: dict[str, dict[str, Any]] = {}
+    theirs = Precision.parse(args.diffusers_dtype or args.dtype)
     for cfg in configs:
         model = args.speed_lcm if cfg.lcm else args.speed
         if model not in loaded:
             try:
                 info = resolve_model(model)
-                modules = load_torch_modules(info, dtype=precision.torch_dtype, device=torch.device("cpu"))
-                pipe = sdfast.load(info, dtype=args.dtype, modules=modules)
+                modules = load_torch_modules(info, dtype=theirs.torch_dtype, device=torch.device("cpu"))
+                pipe = load_pipe(args, model, args.size, args.engines_lcm if cfg.lcm else args.engines,
+                                 modules=modules if theirs == precision else None)
             except (InvalidArgument, FileNotFoundError) as e:
                 skipped[cfg.name] = f"model {model!r}: {e}"
                 continue
             loaded[model] = (info, modules, pipe)
         info, modules, pipe = loaded[model]
         reason = unsupported(pipe, cfg)
+        if reason is None and cfg.cache_interval and args.backend != "torch":
+            reason = f"DeepCache runs on the torch backend only, not {args.backend}"
         if reason:
             skipped[cfg.name] = reason
             continue
@@ -325,7 +364,8 @@ def run_speed(args, configs: list[Config]) -> dict[str, Any]:
         walls, cpus = [x["wall_s"] for x in s], [x["cpu_s"] for x in s]
         rows[name] = {**meta[name], "wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
                       "wall_min_s": min(walls), "cpu_min_s": min(cpus), "samples": s}
-    return {"size": args.size, "dtype": args.dtype, "threads": torch.get_num_threads(), "rounds": args.rounds,
+    return {"size": args.size, "dtype": args.dtype, "backend": args.backend,
+            "diffusers_dtype": theirs.value, "threads": torch.get_num_threads(), "rounds": args.rounds,
             "models": {"teacher": args.speed, "lcm": args.speed_lcm}, "rows": rows, "skipped": skipped,
             "load_before": load_before, "load_after": _uptime(), "machine": _machine()}
 
@@ -425,7 +465,8 @@ def format_table(table, runs, acc) -> str:
             if key not in timed:
                 lines.append(f"not timed: {key}: {why}")
     for tag, run in runs.items():
-        lines.append(f"speed run {tag}: {run['rounds']} round(s), {run['threads']} thread(s), {run['dtype']}, "
+        lines.append(f"speed run {tag}: {run['rounds']} round(s), {run['threads']} thread(s), sdfast "
+                     f"{run.get('backend', 'torch')} {run['dtype']}, diffusers {run.get('diffusers_dtype', run['dtype'])}, "
                      f"{run['size']}^2; load before/after: {run['load_before']} / {run['load_after']}")
     return "\n".join(lines)
 
@@ -462,6 +503,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed", default="random-sd15")
     ap.add_argument("--speed-lcm", default="random-sd15-lcm")
     ap.add_argument("--no-diffusers", dest="diffusers", action="store_false")
+    ap.add_argument("--backend", default="torch",
+                    help="speed: the sdfast rows' backend (default torch; openvino etc. need --engines/--engines-lcm)")
+    ap.add_argument("--engines", help="speed: `sdfast export` folder of --speed (non-torch --backend)")
+    ap.add_argument("--engines-lcm", help="speed: `sdfast export` folder of --speed-lcm (non-torch --backend)")
+    ap.add_argument("--diffusers-dtype", help="speed: the diffusers rows' precision (default --dtype)")
     ap.add_argument("--speed-runs", nargs="+", metavar="TAG",
                     help="report: join these speed runs (fewstep-speed-TAG.json), each row against its own run's euler-20")
     ap.add_argument("--tag", default=None, help="output name: fewstep-<tag>.json/.png (default from the settings)")
@@ -476,8 +522,10 @@ def main(argv: list[str] | None = None) -> int:
         global RESULTS
         RESULTS = Path("/tmp") / "fewstep-quick"
         RESULTS.mkdir(exist_ok=True)
-    args.tag = args.tag or ("quick" if args.quick else f"sd15-{args.size}-{args.threads}t-{args.dtype}")
-    args.accuracy_json = RESULTS / ("fewstep-accuracy-quick.json" if args.quick else "fewstep-accuracy.json")
+    backend = "" if args.backend == "torch" else f"-{args.backend}"
+    args.tag = args.tag or ("quick" if args.quick else f"sd15-{args.size}-{args.threads}t-{args.dtype}{backend}")
+    on = "" if args.backend == "torch" else f"-{args.backend}-{args.dtype}"
+    args.accuracy_json = RESULTS / ("fewstep-accuracy-quick.json" if args.quick else f"fewstep-accuracy{on}.json")
     args.speed_json = RESULTS / f"fewstep-speed-{args.tag}.json"
     if args.part in ("accuracy", "all"):
         run_accuracy(args, configs)
