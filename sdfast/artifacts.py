@@ -336,8 +336,11 @@ def verify(m: Manifest, root: Path, info: ModelInfo, fmt: str, check_hashes: boo
                         f"capability {device.get('compute_capability')}); {hint}"
                     )
     for c in info.specs:
-        if m.components[c]["file"] not in m.files:
-            raise ArtifactMismatch(f"engines: the manifest lists no hash for {m.components[c]['file']}; {hint}")
+        for key in ("file", "weights"):
+            rel = m.components[c].get(key)
+            if rel is not None and rel not in m.files:
+                raise ArtifactMismatch(f"engines: the manifest lists no hash for {rel}; {hint}")
+    _refuse_unsealed_component_files(m, root, hint)
     for rel, rec in m.files.items():
         p = inside(root, rel)  # checked on read too; a symlink may have changed since
         if p is None:
@@ -350,6 +353,29 @@ def verify(m: Manifest, root: Path, info: ModelInfo, fmt: str, check_hashes: boo
                                    f"(truncated or replaced); {hint}")
         if check_hashes and file_record(p)["sha256"] != rec["sha256"]:
             raise ArtifactMismatch(f"engines: {root / rel} does not match its sha256 in the manifest (modified); {hint}")
+
+
+def _refuse_unsealed_component_files(m: Manifest, root: Path, hint: str) -> None:
+    """A file beside a component's graph that shares its name (``unet.onnx.data``, ``unet.bin``)
+    is one its runtime may load (ONNX external data is found by name from inside the graph): if
+    the manifest does not hash it, changed weights would load unchecked."""
+    prefixes = {}
+    for rec in m.components.values():
+        rel = rec.get("file")
+        if isinstance(rel, str):
+            parent, _, name = rel.rpartition("/")
+            prefixes.setdefault(parent, set()).add(name.split(".", 1)[0] + ".")
+    for parent, stems in prefixes.items():
+        folder = root / parent if parent else root
+        try:
+            entries = list(folder.iterdir())
+        except OSError:
+            continue
+        for p in entries:
+            rel = f"{parent}/{p.name}" if parent else p.name
+            if rel not in m.files and rel != MANIFEST and p.name.startswith(tuple(stems)):
+                raise ArtifactMismatch(f"engines: {root / rel} sits beside a component's graph but the manifest "
+                                       f"lists no hash for it (its runtime may load it unchecked); {hint}")
 
 
 def load_manifest(root: Path | str, info: ModelInfo, fmt: str, device: dict[str, Any] | None = None) -> Manifest:
