@@ -224,6 +224,9 @@ def run_accuracy(args, configs: list[Config]) -> dict[str, Any]:
     pipes: dict[str, Any] = {}
     path = args.accuracy_json
     previous = json.loads(path.read_text()) if path.is_file() and not args.quick else {}
+    # the exact run (euler-20 on the teacher) first: every row's PSNR is against its images
+    configs = [BY_NAME["euler-20"]] + [c for c in configs if not c.reference]
+    exact: dict[int, list] = {}
     for cfg in configs:
         model = args.toy_lcm if cfg.lcm else args.toy
         try:
@@ -244,10 +247,14 @@ def run_accuracy(args, configs: list[Config]) -> dict[str, Any]:
         def generate(prompts, seed, cfg=cfg, pipe=pipe):
             return sdfast_generate(pipe, cfg, prompt=prompts, seed=seed).images
 
-        row = fewstep_bench.toy_accuracy(generate, args.seeds, combos)
+        if cfg.reference:
+            row = fewstep_bench.toy_accuracy(generate, args.seeds, combos, keep=exact)
+        else:
+            row = fewstep_bench.toy_accuracy(generate, args.seeds, combos, reference=exact or None)
         row.update(model=model, config=asdict(cfg), seconds=time.time() - t0)
         out["rows"][cfg.name] = row
-        print(f"{cfg.name:28s} {row['accuracy']:6.1%} of {row['images']} ({row['seconds']:.0f} s) "
+        psnr = f", {row['psnr_db']:.1f} dB vs exact" if "psnr_db" in row else ""
+        print(f"{cfg.name:28s} {row['accuracy']:6.1%} of {row['images']}{psnr} ({row['seconds']:.0f} s) "
               f"wrong: {dict(list(row['wrong'].items())[:4]) or '-'}", flush=True)
         merged = {**previous, **out, "rows": {**previous.get("rows", {}), **out["rows"]},
                   "skipped": {k: v for k, v in {**previous.get("skipped", {}), **out["skipped"]}.items()
@@ -396,6 +403,7 @@ def report(args) -> dict[str, Any]:
         table.append({
             "config": cfg.name, "run": ours and ours["run"], "accuracy": None if a is None else a["accuracy"],
             "accuracy_images": None if a is None else a["images"],
+            "psnr_vs_exact_db": None if a is None else a.get("psnr_db"),
             "sdfast_wall_s": ours and ours["wall_s"], "sdfast_cpu_s": ours and ours["cpu_s"],
             "diffusers_wall_s": theirs and theirs["wall_s"], "diffusers_cpu_s": theirs and theirs["cpu_s"],
             "speedup_vs_exact_wall": ref and ours and ref["wall_s"] / ours["wall_s"],
@@ -445,9 +453,10 @@ def _fmt(v, unit="") -> str:
 
 
 def format_table(table, runs, acc) -> str:
-    head = ("config", "toy acc", "sdfast wall", "sdfast CPU", "diffusers wall", "diffusers CPU",
+    head = ("config", "toy acc", "PSNR vs exact", "sdfast wall", "sdfast CPU", "diffusers wall", "diffusers CPU",
             "vs exact (CPU)", "vs diffusers (CPU)")
     body = [(r["config"], "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%",
+             _fmt(r.get("psnr_vs_exact_db"), " dB"),
              _fmt(r["sdfast_wall_s"], " s"), _fmt(r["sdfast_cpu_s"], " s"), _fmt(r["diffusers_wall_s"], " s"),
              _fmt(r["diffusers_cpu_s"], " s"), _fmt(r["speedup_vs_exact_cpu"], "x"),
              _fmt(r["vs_diffusers_cpu"], "x")) for r in table]

@@ -11,19 +11,33 @@ from .errors import InvalidArgument
 
 
 def toy_accuracy(generate: Callable[[list[str], int], list], seeds: list[int],
-                 combos: list[tuple[str, str, str]] | None = None) -> dict[str, Any]:
+                 combos: list[tuple[str, str, str]] | None = None,
+                 reference: dict[int, list] | None = None, keep: dict[int, list] | None = None) -> dict[str, Any]:
     """Held-out toy accuracy: ``generate(prompts, seed) -> PIL images`` for the canonical caption of
     every toy combination (or ``combos``) with each seed; an image is right when
-    ``toy.classify`` reads back both the prompted shape colour and the background."""
+    ``toy.classify`` reads back both the prompted shape colour and the background.
+
+    reference: seed -> the exact run's images of the same prompts: the row then also gets
+    ``psnr_db``, the PSNR of all its images against those (one MSE over every pixel). keep: a
+    dict that receives seed -> this run's images (to serve as the next rows' reference)."""
+    import numpy as np
+
     from . import toy
+    from .parity import image_metrics
 
     combos = toy.combos() if combos is None else combos
     prompts = [toy.caption(*c) for c in combos]
     hits, wrong = 0, {}
+    ours, theirs = [], []
     for seed in seeds:
         images = generate(prompts, seed)
         if len(images) != len(prompts):
             raise RuntimeError(f"generate returned {len(images)} images for {len(prompts)} prompts")
+        if keep is not None:
+            keep[seed] = images
+        if reference is not None:
+            ours += [np.asarray(im.convert("RGB")) for im in images]
+            theirs += [np.asarray(im.convert("RGB")) for im in reference[seed]]
         for (_shape, colour, background), image in zip(combos, images, strict=True):
             got = toy.classify(image)
             if got == (colour, background):
@@ -32,8 +46,11 @@ def toy_accuracy(generate: Callable[[list[str], int], list], seeds: list[int],
                 key = f"{colour}/{background}->{got[0]}/{got[1]}"
                 wrong[key] = wrong.get(key, 0) + 1
     n = len(prompts) * len(seeds)
-    return {"accuracy": hits / n, "images": n, "seeds": list(seeds),
-            "wrong": dict(sorted(wrong.items(), key=lambda kv: -kv[1]))}
+    row = {"accuracy": hits / n, "images": n, "seeds": list(seeds),
+           "wrong": dict(sorted(wrong.items(), key=lambda kv: -kv[1]))}
+    if reference is not None:
+        row["psnr_db"] = image_metrics(np.stack(theirs), np.stack(ours))["psnr_db"]
+    return row
 
 
 def interleaved(runners: dict[str, Callable[[], Any]], rounds: int,

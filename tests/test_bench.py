@@ -255,6 +255,28 @@ def test_toy_accuracy_counts_exactly_the_images_drawn_right():
         fewstep_bench.toy_accuracy(lambda p, s: generate(p, s)[:3], [100], combos)
 
 
+def test_toy_accuracy_psnr_is_against_the_reference_images_of_the_same_seed():
+    import numpy as np
+    from PIL import Image
+
+    from sdfast import toy
+
+    combos = toy.combos()[:2]
+    base = {s: [Image.fromarray(np.full((8, 8, 3), 100 + s + k, np.uint8)) for k in range(2)] for s in (0, 1)}
+
+    def generate(prompts, seed):  # every pixel 5 levels off its seed's reference
+        return [Image.fromarray(np.asarray(im) + np.uint8(5)) for im in base[seed]]
+
+    kept = {}
+    row = fewstep_bench.toy_accuracy(generate, [0, 1], combos, reference=base, keep=kept)
+    assert row["psnr_db"] == pytest.approx(10 * np.log10(255**2 / 25))
+    assert sorted(kept) == [0, 1] and np.asarray(kept[1][0])[0, 0, 0] == 106
+    # the reference of the other seed is not the one compared: swapped, the error grows to 6 and 4
+    swapped = fewstep_bench.toy_accuracy(generate, [0, 1], combos, reference={0: base[1], 1: base[0]})
+    assert swapped["psnr_db"] == pytest.approx(10 * np.log10(255**2 / ((16 + 36) / 2)))
+    assert "psnr_db" not in fewstep_bench.toy_accuracy(generate, [0], combos)
+
+
 def test_interleaved_runs_every_row_once_per_round_in_order_with_wall_and_cpu():
     calls = []
 
