@@ -34,21 +34,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch._inductor
-from tqdm.auto import tqdm
 
 from ..artifacts import (
-    Manifest,
-    check_export_out,
-    export_command,
     gpu_record,
-    model_record,
-    staging_dir,
-    tensor_records,
 )
 from ..components import VAE_COMPONENTS, ComponentSpec, Precision, ShapeProfile, sample_inputs, size_multiple
 from ..errors import InvalidArgument
 from ..hardware import resolve_device
 from ..models import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
+from .base import export_components
 
 if TYPE_CHECKING:
     from ..backends import ExportJob
@@ -155,37 +149,26 @@ def export_inductor(info: ModelInfo, out: Path | str, profile: ShapeProfile,
                     options: InductorExportOptions = InductorExportOptions(), model_arg: str | None = None,
                     components: tuple[str, ...] | None = None) -> Path:
     """Compile every component into ``out`` (replaced atomically), sealed with a manifest."""
-    components = components or tuple(info.specs)
     device = resolve_device(options.device)
-    profile.validate(info)
-    out = check_export_out(out, protect=info.path)  # before any work: never replace what we did not write
     configs = inductor_configs(device, options.autotune)
-    dtypes = {name: options.component_precision(name).torch_dtype for name in components}
     extra = ["--device", device.type]
     if options.vae_precision:
         extra += ["--vae-precision", options.vae_precision.value]
     if device.type == "cuda":
         extra += ["--autotune", options.autotune]
-    cmd = export_command(model_arg or str(info.path), out, "inductor", options.precision.value, profile, extra)
-    with staging_dir(out) as tmp:
-        comps = {}
-        bar = tqdm(components, desc="export inductor", unit="component", disable=None)
-        for name in bar:
-            bar.set_postfix_str(name)
-            module = prepare_module(info, name, dtypes[name], device, options)
-            t0 = time.perf_counter()
-            export_component(module, name, info, profile, dtypes[name], device, tmp / f"{name}.pt2", configs)
-            del module  # one module resident at a time
-            seconds = time.perf_counter() - t0
-            log.info("compiled %s in %.1f s", name, seconds)
-            comps[name] = {"file": f"{name}.pt2", "precision": options.component_precision(name).value,
-                           "device": device.type, "inductor_configs": configs, "compile_s": round(seconds, 1),
-                           **tensor_records(name, profile, info)}
-        Manifest(format=FORMAT, model=model_record(info), profile=profile, components=comps,
-                 device=gpu_record(device.index or 0) if device.type == "cuda" else None,
-                 export_command=cmd).seal(tmp)
-    log.info("wrote %s (%s)", out, profile.describe())
-    return out
+
+    def build(name: str, tmp: Path) -> dict:
+        dtype = options.component_precision(name).torch_dtype
+        module = prepare_module(info, name, dtype, device, options)
+        t0 = time.perf_counter()
+        export_component(module, name, info, profile, dtype, device, tmp / f"{name}.pt2", configs)
+        del module  # one module resident at a time
+        return {"file": f"{name}.pt2", "precision": options.component_precision(name).value, "device": device.type,
+                "inductor_configs": configs, "compile_s": round(time.perf_counter() - t0, 1)}
+
+    return export_components(info, out, profile, FORMAT, options.precision, build, components=components,
+                             extra_flags=extra, model_arg=model_arg, verb="compiled",
+                             manifest={"device": gpu_record(device.index or 0) if device.type == "cuda" else None})
 
 
 def export_job(job: ExportJob) -> Path:

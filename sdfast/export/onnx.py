@@ -33,19 +33,17 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 
-from ..artifacts import Manifest, check_export_out, export_command, model_record, staging_dir, tensor_records
 from ..components import VAE_COMPONENTS, Precision, ShapeProfile, sample_inputs
 from ..errors import InvalidArgument
 from ..models import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
+from .base import export_components
 
 if TYPE_CHECKING:
     from ..backends import ExportJob
@@ -194,31 +192,21 @@ def export_onnx(info: ModelInfo, out: Path | str, profile: ShapeProfile,
     """Export every component of the model family into ``out`` (replaced atomically) and seal it with a manifest."""
     components = components or tuple(info.specs)
     options.validate()
-    profile.validate(info)
-    out = check_export_out(out, protect=info.path)  # before any work: never replace what we did not write
+    extra = ["--vae-precision", options.vae_precision.value] if options.vae_precision else []
+    if options.external_data:
+        extra.append("--external-data")
     dtypes = {name: options.component_precision(name).torch_dtype for name in components}
     if options.precision is not Precision.FP32:
         vae = options.vae_precision or Precision.FP32
         log.warning("export: text_encoder and unet in %s, VAE in %s%s", options.precision.value, vae.value,
                     "" if options.vae_precision else " (the SD VAE overflows fp16; --vae-precision fp16 to change)")
-    extra = ["--vae-precision", options.vae_precision.value] if options.vae_precision else []
-    if options.external_data:
-        extra.append("--external-data")
-    cmd = export_command(model_arg or str(info.path), out, "onnx", options.precision.value, profile, extra)
-    with staging_dir(out) as tmp:
-        comps = {}
-        bar = tqdm(components, desc="export onnx", unit="component", disable=None)
-        for name in bar:
-            bar.set_postfix_str(name)
-            t0 = time.perf_counter()
-            export_component(info, name, profile, dtypes[name], tmp / f"{name}.onnx", options)
-            log.info("exported %s in %.1f s", name, time.perf_counter() - t0)
-            comps[name] = {"file": f"{name}.onnx", "precision": options.component_precision(name).value,
-                           **tensor_records(name, profile, info)}
-        Manifest(format="onnx", model=model_record(info), profile=profile, components=comps,
-                 export_command=cmd).seal(tmp)
-    log.info("wrote %s (%s)", out, profile.describe())
-    return out
+
+    def build(name: str, tmp: Path) -> dict:
+        export_component(info, name, profile, dtypes[name], tmp / f"{name}.onnx", options)
+        return {"file": f"{name}.onnx", "precision": options.component_precision(name).value}
+
+    return export_components(info, out, profile, "onnx", options.precision, build, components=components,
+                             extra_flags=extra, model_arg=model_arg)
 
 
 def export_job(job: ExportJob) -> Path:

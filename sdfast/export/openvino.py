@@ -30,28 +30,21 @@ from __future__ import annotations
 
 import gc
 import logging
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 
 from ..artifacts import (
-    Manifest,
-    check_export_out,
-    export_command,
-    model_record,
     package_version,
-    staging_dir,
-    tensor_records,
     versions,
 )
 from ..components import VAE_COMPONENTS, Precision, ShapeProfile, sample_inputs
 from ..errors import InvalidArgument
 from ..models import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
+from .base import export_components
 
 if TYPE_CHECKING:
     from ..backends import ExportJob
@@ -144,28 +137,18 @@ def export_openvino(info: ModelInfo, out: Path | str, profile: ShapeProfile,
                     options: OpenVinoExportOptions = OpenVinoExportOptions(), model_arg: str | None = None,
                     components: tuple[str, ...] | None = None) -> Path:
     """Convert every component into ``out`` (replaced atomically) and seal it with a manifest."""
-    components = components or tuple(info.specs)
     options.validate()
-    profile.validate(info)
-    out = check_export_out(out, protect=info.path)  # before any work: never replace what we did not write
     extra = ["--vae-precision", options.vae_precision.value] if options.vae_precision else []
-    cmd = export_command(model_arg or str(info.path), out, FORMAT, options.precision.value, profile, extra)
-    with staging_dir(out) as tmp:
-        comps = {}
-        bar = tqdm(components, desc="export openvino", unit="component", disable=None)
-        for name in bar:
-            bar.set_postfix_str(name)
-            precision = options.component_precision(name)
-            t0 = time.perf_counter()
-            export_component(info, name, profile, precision, tmp / f"{name}.xml")
-            log.info("converted %s in %.1f s", name, time.perf_counter() - t0)
-            comps[name] = {"file": f"{name}.xml", "weights": f"{name}.bin", "precision": precision.value,
-                           "inference_precision": OV_HINT[precision], **tensor_records(name, profile, info)}
-        Manifest(format=FORMAT, model=model_record(info), profile=profile, components=comps,
-                 versions={**versions(), "openvino": package_version("openvino")},
-                 export_command=cmd).seal(tmp)
-    log.info("wrote %s (%s)", out, profile.describe())
-    return out
+
+    def build(name: str, tmp: Path) -> dict:
+        precision = options.component_precision(name)
+        export_component(info, name, profile, precision, tmp / f"{name}.xml")
+        return {"file": f"{name}.xml", "weights": f"{name}.bin", "precision": precision.value,
+                "inference_precision": OV_HINT[precision]}
+
+    return export_components(info, out, profile, FORMAT, options.precision, build, components=components,
+                             extra_flags=extra, model_arg=model_arg, verb="converted",
+                             manifest={"versions": {**versions(), "openvino": package_version("openvino")}})
 
 
 def export_job(job: ExportJob) -> Path:

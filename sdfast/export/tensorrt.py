@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,16 +25,13 @@ from ..artifacts import (
     Manifest,
     atomic_write,
     check_export_out,
-    export_command,
     gpu_record,
     load_manifest,
-    model_record,
-    staging_dir,
-    tensor_records,
 )
 from ..components import Precision, ShapeProfile
 from ..errors import ArtifactMismatch, InvalidArgument
 from ..models import ModelInfo, cache_dir
+from .base import export_components
 
 if TYPE_CHECKING:
     from ..backends import ExportJob
@@ -137,31 +133,25 @@ def export_tensorrt(info: ModelInfo, out: Path | str, profile: ShapeProfile,
                     options: TensorRTBuildOptions = TensorRTBuildOptions(), model_arg: str | None = None) -> Path:
     """ONNX (given or exported now) → one plan per component in ``out``, sealed by a manifest."""
     profile.validate(info)
-    out = check_export_out(out, protect=info.path)  # before any work: never replace what we did not write
+    check_export_out(out, protect=info.path)  # before TensorRT and the ONNX export: never replace what we did not write
     trt = import_tensorrt()
     device = gpu_record()
     timing_cache = Path(options.timing_cache) if options.timing_cache else \
         cache_dir() / "tensorrt" / f"timing-{trt.__version__}-{device['compute_capability']}.cache"
     extra = ["--vae-precision", options.vae_precision.value] if options.vae_precision else []
     extra += ["--builder-optimization-level", str(options.builder_optimization_level)]
-    cmd = export_command(model_arg or str(info.path), out, "tensorrt", options.precision.value, profile, extra)
     with tempfile.TemporaryDirectory(prefix="sdfast-onnx-") as scratch:
         onnx_dir = _onnx_source(info, profile, options, Path(scratch) / "onnx")
         onnx_manifest = load_manifest(onnx_dir, info, "onnx")
-        with staging_dir(out) as tmp:
-            comps = {}
-            for name in info.specs:
-                t0 = time.perf_counter()
-                plan = build_plan(onnx_manifest.file(onnx_dir, name), profile_triples(info, profile, name),
-                                  options, timing_cache)
-                (tmp / f"{name}.plan").write_bytes(plan)
-                log.info("built %s in %.0f s", name, time.perf_counter() - t0)
-                comps[name] = {"file": f"{name}.plan", "precision": onnx_manifest.components[name]["precision"],
-                               **tensor_records(name, profile, info)}
-            Manifest(format="tensorrt", model=model_record(info), profile=profile, components=comps,
-                     device=device, export_command=cmd,
-                     ).seal(tmp)
-    return out
+
+        def build(name: str, tmp: Path) -> dict:
+            plan = build_plan(onnx_manifest.file(onnx_dir, name), profile_triples(info, profile, name),
+                              options, timing_cache)
+            (tmp / f"{name}.plan").write_bytes(plan)
+            return {"file": f"{name}.plan", "precision": onnx_manifest.components[name]["precision"]}
+
+        return export_components(info, out, profile, "tensorrt", options.precision, build, extra_flags=extra,
+                                 model_arg=model_arg, verb="built", manifest={"device": device})
 
 
 def _onnx_source(info: ModelInfo, profile: ShapeProfile, options: TensorRTBuildOptions, scratch: Path) -> Path:
