@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from ..artifacts import Manifest, load_manifest, rebuild_hint
 from ..components import ComponentSpec, Precision, ShapeProfile
-from ..errors import InvalidArgument
+from ..errors import ArtifactMismatch, InvalidArgument
 from ..models import ModelInfo
 from ..rules import check_side
 
@@ -43,6 +46,31 @@ def engine_inputs(spec: ComponentSpec, inputs: dict[str, torch.Tensor], device: 
         x = inputs[t.name].to(device)
         out.append((x.to(dtype) if t.kind == "float" else x).contiguous())
     return out
+
+
+def open_export(info: ModelInfo, engines: str | Path | None, backend: str, fmt: str, what: str,
+                export_flags: str = "", device: dict[str, Any] | None = None) -> tuple[Path, Manifest, str]:
+    """The opening every exported backend's ``load`` shares: the folder it was given (or how to
+    make one), its manifest read and verified against the model (``device``: the GPU a plan must
+    match), and the rebuild hint its errors end with."""
+    if engines is None:
+        raise InvalidArgument(f"engines: the {backend} backend runs {what}; pass --engines DIR made by "
+                              f"`sdfast export --model {info.path} --out DIR --format {fmt}{export_flags}`")
+    root = Path(engines)
+    m = load_manifest(root, info, fmt, device=device)
+    return root, m, rebuild_hint(m, root, info, fmt)
+
+
+def read_artifact(read: Callable[[], Any], library: str, path: Path, hint: str) -> Any:
+    """``read()`` (a library opening one component's file); what it raises, in the library's own
+    types and often many lines, becomes one ArtifactMismatch line naming the file and the fix."""
+    try:
+        return read()
+    except InvalidArgument:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ArtifactMismatch(f"engines: {library} cannot open {path} ({first}); {hint}") from None
 
 
 def load_engines(info: ModelInfo, backend: str, device: torch.device, precision: Precision,

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 import torch._inductor
 
-from ..artifacts import Manifest, check_precision, load_manifest, rebuild_hint
+from ..artifacts import Manifest, check_precision, rebuild_hint
 from ..components import ComponentSpec, Precision, ShapeProfile, size_multiple
-from ..errors import ArtifactMismatch, InvalidArgument
+from ..errors import ArtifactMismatch
 from ..models import ModelInfo
-from .base import ExportedEngine, engine_inputs
+from .base import ExportedEngine, engine_inputs, open_export, read_artifact
 
 FORMAT = "inductor"
 
@@ -93,26 +93,15 @@ def check_package(runner, m: Manifest, root: Path, info: ModelInfo, name: str) -
 
 def load(info: ModelInfo, device: torch.device, precision: Precision, engines: str | None = None
          ) -> dict[str, InductorEngine]:
-    if engines is None:
-        raise InvalidArgument(
-            "engines: the inductor backend runs compiled packages; pass --engines DIR made by "
-            f"`sdfast export --model {info.path} --out DIR --format inductor`"
-        )
-    root = Path(engines)
-    m = load_manifest(root, info, FORMAT)
+    root, m, hint = open_export(info, engines, "inductor", FORMAT, "compiled packages")
     _check_runtime(m, root, info, device, precision)
     multiple = size_multiple(info)
     out = {}
     for name in info.specs:
-        try:
-            runner = torch._inductor.aoti_load_package(
-                str(m.file(root, name)), run_single_threaded=device.type == "cuda",
-                device_index=device.index if device.index is not None else -1,
-            )
-        except Exception as e:  # torch raises RuntimeError, zipfile errors, ...: one line, not a traceback
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise ArtifactMismatch(f"engines: torch cannot load {m.file(root, name)} ({first}); "
-                                   f"{rebuild_hint(m, root, info, FORMAT)}") from None
+        path = m.file(root, name)
+        runner = read_artifact(lambda path=path: torch._inductor.aoti_load_package(
+            str(path), run_single_threaded=device.type == "cuda",
+            device_index=device.index if device.index is not None else -1), "torch", path, hint)
         check_package(runner, m, root, info, name)
         out[name] = InductorEngine(info.specs[name], runner, device, m.precision(name), m.profile, multiple)
     return out

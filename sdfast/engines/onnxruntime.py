@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import check_io, check_precision, load_manifest, rebuild_hint
+from ..artifacts import check_io, check_precision
 from ..components import ComponentSpec, Precision, ShapeProfile, output_shapes, size_multiple
-from ..errors import ArtifactMismatch, InvalidArgument
+from ..errors import InvalidArgument
 from ..models import ModelInfo
-from .base import ExportedEngine, engine_inputs
+from .base import ExportedEngine, engine_inputs, open_export, read_artifact
 
 log = logging.getLogger(__name__)
 
@@ -180,27 +180,15 @@ def open_session(path: Path, device: torch.device, precision: Precision, stream:
 
 
 def load(info: ModelInfo, device: torch.device, precision: Precision, engines: str | None = None) -> dict[str, OrtEngine]:
-    if engines is None:
-        raise InvalidArgument(
-            "engines: the onnxruntime backend runs an exported folder; pass --engines DIR made by "
-            f"`sdfast export --model {info.path} --out DIR --format onnx`"
-        )
-    root = Path(engines)
-    manifest = load_manifest(root, info, "onnx")
+    root, manifest, hint = open_export(info, engines, "onnxruntime", "onnx", "an exported folder")
     check_precision(manifest, root, precision, "graphs")  # the graphs fix their own precision
     if device.type == "cpu" and any(manifest.precision(c) is Precision.FP16 for c in info.specs):
         log.info("fp16 graphs on the CPU provider: ORT inserts fp32 casts where it has no fp16 kernel")
-    hint = rebuild_hint(manifest, root, info, "onnx")
     out = {}
     for name in info.specs:
         path = manifest.file(root, name)
-        try:
-            session = open_session(path, device, manifest.precision(name))
-        except InvalidArgument:
-            raise
-        except Exception as e:  # ORT raises its own pybind types (Fail, InvalidGraph, ...): one line
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise ArtifactMismatch(f"engines: ONNX Runtime cannot open {path} ({first}); {hint}") from None
+        session = read_artifact(lambda path=path, name=name: open_session(path, device, manifest.precision(name)),
+                                "ONNX Runtime", path, hint)
         check_io(manifest, root, info, name, _ort_io(session.get_inputs()), _ort_io(session.get_outputs()))
         out[name] = OrtEngine(info.specs[name], session, info, device, manifest.precision(name), manifest.profile)
     return out

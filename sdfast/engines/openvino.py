@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from ..artifacts import Manifest, check_io, check_precision, load_manifest, rebuild_hint
+from ..artifacts import Manifest, check_io, check_precision, rebuild_hint
 from ..components import ComponentSpec, Precision, ShapeProfile, output_shapes, size_multiple
 from ..errors import ArtifactMismatch, InvalidArgument
 from ..models import ModelInfo
-from .base import ExportedEngine, engine_inputs
+from .base import ExportedEngine, engine_inputs, open_export, read_artifact
 
 log = logging.getLogger(__name__)
 
@@ -165,21 +165,14 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
          threads: int | None = None, static_shapes: int | None = None) -> dict[str, OpenVinoEngine]:
     """The engines of an export; ``static_shapes`` per engine (default ``SDFAST_OV_STATIC_SHAPES``
     or STATIC_SHAPES; 0 runs the IR's interval shapes as they are)."""
-    if engines is None:
-        raise InvalidArgument(
-            "engines: the openvino backend runs an exported folder; pass --engines DIR made by "
-            f"`sdfast export --model {info.path} --out DIR --format openvino --precision bf16`"
-        )
     if device.type != "cpu":
         raise InvalidArgument(f"device: the openvino backend runs on the CPU, not {device.type}; use --device cpu")
     import openvino as ov
 
     if static_shapes is None:
         static_shapes = int(os.environ.get("SDFAST_OV_STATIC_SHAPES", STATIC_SHAPES))
-    root = Path(engines)
-    m = load_manifest(root, info, FORMAT)
+    root, m, hint = open_export(info, engines, "openvino", FORMAT, "an exported folder", " --precision bf16")
     check_precision(m, root, precision, "models")
-    hint = rebuild_hint(m, root, info, FORMAT)
     core = ov.Core()
     out = {}
     for name in info.specs:
@@ -187,11 +180,7 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
         if m.precision(name) not in OV_HINT:
             raise ArtifactMismatch(f"engines: {root} lists {name} in {m.precision(name).value}, which the openvino "
                                    f"export never builds (fp32 or bf16); {hint}")
-        try:
-            model = core.read_model(str(path))
-        except Exception as e:  # OpenVINO raises RuntimeError subclasses with multi-line text: one line
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise ArtifactMismatch(f"engines: OpenVINO cannot read {path} ({first}); {hint}") from None
+        model = read_artifact(lambda path=path: core.read_model(str(path)), "OpenVINO", path, hint)
         check_io(m, root, info, name, _ov_io(model.inputs), _ov_io(model.outputs))
         check_bounds(model, m, root, info, name)
         # The hint follows the checked precision (the manifest's own hint field is informative).

@@ -26,16 +26,15 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..artifacts import check_precision, gpu_record, load_manifest
+from ..artifacts import check_precision, gpu_record
 from ..components import ComponentSpec, Precision, ShapeProfile, size_multiple
 from ..errors import InvalidArgument
 from ..models import ModelInfo
-from .base import ExportedEngine
+from .base import ExportedEngine, open_export
 
 
 def buffer_shapes(component: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -138,15 +137,10 @@ class TensorRTEngine(ExportedEngine):
 
 def load(info: ModelInfo, device: torch.device, precision: Precision, engines: str | None = None,
          clone_outputs: bool = True) -> dict[str, TensorRTEngine]:
-    if engines is None:
-        raise InvalidArgument(
-            "engines: the tensorrt backend runs built plans; pass --engines DIR made by "
-            f"`sdfast export --model {info.path} --out DIR --format tensorrt`"
-        )
-    if device.type != "cuda":
+    if engines is not None and device.type != "cuda":
         raise InvalidArgument("device: the tensorrt backend runs on a CUDA GPU; pass --device cuda")
-    root = Path(engines)
-    manifest = load_manifest(root, info, "tensorrt", device=gpu_record(device.index or 0))
+    root, manifest, _ = open_export(info, engines, "tensorrt", "tensorrt", "built plans",
+                                    device=gpu_record(device.index or 0) if device.type == "cuda" else None)
     check_precision(manifest, root, precision, "plans")
     return {
         name: TensorRTEngine(info.specs[name], manifest.file(root, name).read_bytes(), manifest.components[name], info,
