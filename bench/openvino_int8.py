@@ -42,8 +42,8 @@ class Recorder:
 
     def __init__(self, engine):
         self.engine = engine
-        self.spec = engine.spec
-        self.device = engine.device
+        self.spec, self.device, self.precision = engine.spec, engine.device, engine.precision
+        self.profile, self.size_multiple, self.graph_safe = engine.profile, engine.size_multiple, engine.graph_safe
         self.samples: list[list[np.ndarray]] = []
 
     def __call__(self, **inputs):

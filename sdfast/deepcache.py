@@ -134,7 +134,8 @@ class DeepCacheUNet:
         self.unet = find_unet(engine)
         self.spec = engine.spec
         self.device = engine.device
-        self.precision = getattr(engine, "precision", None)
+        self.precision = engine.precision
+        self.profile, self.size_multiple = engine.profile, engine.size_multiple
         self.dtype = getattr(engine, "dtype", next(self.unet.parameters()).dtype)
         unknown = [n for n in self.spec.input_names if n not in _KNOWN_INPUTS]
         if unknown:

@@ -236,7 +236,7 @@ class GraphRunner:
         self.scheduler_config = scheduler_config
         self._steps: dict[StepKey, StepGraph] = {}
         self.failed = False  # the step's capture failed (or cannot work): the plain loop runs
-        if self.runtime.capture and not getattr(unet, "graph_safe", False):
+        if self.runtime.capture and not unet.graph_safe:
             log.warning("the %s U-Net engine is not CUDA-graph safe; running the ungraphed loop",
                         type(unet).__name__)
             self.failed = True
@@ -250,7 +250,7 @@ class GraphRunner:
 
     def wrap(self, engine: Engine) -> Engine:
         """Graph an engine's calls (text encoder, VAE decoder) when it says it is graph safe."""
-        if self.runtime.capture and not getattr(engine, "graph_safe", False):
+        if self.runtime.capture and not engine.graph_safe:
             return engine
         return GraphedEngine(engine, self.runtime)
 

@@ -167,7 +167,7 @@ class Pipeline:
             for name in [n for n, spec in info.specs.items() if spec.graphed]:
                 self.engines[name] = self.graphs.wrap(self.engines[name])
         # The fp16 black-image guard: only a reduced-precision VAE decoder needs it.
-        vae_precision = getattr(self.engines["vae_decoder"], "precision", precision)
+        vae_precision = self.engines["vae_decoder"].precision
         self._decode_fallback = DecodeFallback(fp32_vae_decoder, enabled=vae_precision is not Precision.FP32)
 
     def __repr__(self) -> str:

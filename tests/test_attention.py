@@ -9,6 +9,7 @@ import pytest
 import torch.nn.functional as F
 
 import sdfast
+from sdfast.engines.base import WrappedEngine
 from sdfast.errors import InvalidArgument
 
 #: Engines whose attention layers follow the attention= choice (CLIP keeps its own).
@@ -44,7 +45,7 @@ def sdpa_calls_per_engine(pipe, monkeypatch) -> dict[str, int]:
                 return engine(**inputs)
             finally:
                 current.pop()
-        return call
+        return WrappedEngine(engine, call)
 
     for name, engine in list(pipe.engines.items()):
         monkeypatch.setitem(pipe.engines, name, tracked(name, engine))

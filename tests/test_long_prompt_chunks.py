@@ -187,6 +187,8 @@ class Recorder:
 
     def __init__(self, unet):
         self.unet, self.spec, self.device = unet, unet.spec, unet.device
+        self.precision, self.profile, self.size_multiple, self.graph_safe = (
+            unet.precision, unet.profile, unet.size_multiple, unet.graph_safe)
         self.calls: list[dict[str, torch.Tensor]] = []
 
     def __call__(self, **inputs):

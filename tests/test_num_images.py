@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from test_pipeline_parity import assert_parity, run_diffusers
 
+from sdfast.engines.base import WrappedEngine
 from sdfast.errors import InvalidArgument
 
 
@@ -30,7 +31,7 @@ def test_each_distinct_text_is_encoded_once(tiny_pipe):
         rows.append(inputs["input_ids"].shape[0])
         return encoder(**inputs)
 
-    tiny_pipe.engines["text_encoder"] = spy
+    tiny_pipe.engines["text_encoder"] = WrappedEngine(encoder, spy)
     try:
         tiny_pipe.generate("a cat", steps=2, num_images_per_prompt=4)
     finally:

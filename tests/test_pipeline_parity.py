@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from sdfast.bench import diffusers_scheduler
+from sdfast.engines.base import WrappedEngine
 from sdfast.schedulers import SCHEDULERS
 
 # docs/architecture.md: latents <= 1e-4 relative where the computation is the same (3e-4 is allowed where only
@@ -122,7 +123,7 @@ def test_guidance_one_equals_cond_only_and_differs_from_guided(tiny_pipe):
         calls.append(inputs["sample"].shape[0])
         return unet(**inputs)
 
-    tiny_pipe.engines["unet"] = spy
+    tiny_pipe.engines["unet"] = WrappedEngine(unet, spy)
     try:
         plain = tiny_pipe.generate("a cat", steps=3, guidance_scale=1.0).latents
         assert calls == [1, 1, 1]  # half the compute: batch B, not 2B

@@ -31,6 +31,7 @@ class NaNAfter:
     def __init__(self, engine, bad: int, output: str):
         self.engine, self.bad, self.output = engine, bad, output
         self.spec, self.device, self.graph_safe = engine.spec, engine.device, True
+        self.precision, self.profile, self.size_multiple = engine.precision, engine.profile, engine.size_multiple
         self.calls = 0
 
     def __call__(self, **inputs):

@@ -17,16 +17,41 @@ from ..rules import check_side
 
 @runtime_checkable
 class Engine(Protocol):
+    """What the runtime may read of any engine (every backend's and every wrapper's).
+
+    precision: what it computes in; profile / size_multiple: the shapes an exported engine
+    serves (None: any shape, the eager engines); graph_safe: its call may be captured in a CUDA
+    graph as it is (graphs.py wraps the others)."""
+
     spec: ComponentSpec
     device: torch.device
+    precision: Precision
+    profile: ShapeProfile | None
+    size_multiple: int | None
+    graph_safe: bool
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+class WrappedEngine:
+    """``engine`` with its call replaced by ``call(**inputs)``: the Engine protocol's attributes
+    are ``engine``'s own. For spies, recorders and wrappers that call through to ``engine``."""
+
+    def __init__(self, engine: Engine, call):
+        self.engine, self._call = engine, call
+        self.spec, self.device, self.precision = engine.spec, engine.device, engine.precision
+        self.profile, self.size_multiple, self.graph_safe = engine.profile, engine.size_multiple, engine.graph_safe
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._call(**inputs)
 
 
 class ExportedEngine:
     """What every engine built from an export carries: its component spec, device, the precision
     it was built in, and the shape profile and side multiple that :func:`check_request` holds
     requests to."""
+
+    graph_safe = False
 
     def __init__(self, spec: ComponentSpec, device: torch.device, precision: Precision,
                  profile: ShapeProfile, size_multiple: int):
@@ -96,10 +121,10 @@ def check_request(engines: dict[str, Engine], batch: int, height: int, width: in
     profile's component batch ranges already span both the guided (2B) and unguided (B) U-Net.
     """
     for engine in engines.values():
-        profile = getattr(engine, "profile", None)
+        profile = engine.profile
         if profile is None:
             continue
-        multiple = getattr(engine, "size_multiple", None)
+        multiple = engine.size_multiple
         for arg, v in (("height", height), ("width", width)):
             if multiple:
                 check_side(arg, v, multiple, f"exported engines serve multiples of {multiple}: VAE factor × "

@@ -22,6 +22,8 @@ class TorchEngine:
     pool and serve as its static outputs (graphs.py), so the engine is graph safe as it is."""
 
     graph_safe = True
+    profile = None  # any shape
+    size_multiple = None
 
     def __init__(self, spec: ComponentSpec, module: torch.nn.Module, device: torch.device, precision: Precision):
         self.spec = spec
