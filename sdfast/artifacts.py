@@ -77,6 +77,16 @@ def _backend_for(fmt: str) -> str:
         return fmt
 
 
+def _pinned(fmt: str) -> tuple[tuple[str, str], ...]:
+    """The packages whose exact version artifacts of ``fmt`` need (their backend record's ``pinned``)."""
+    from . import backends
+
+    try:
+        return backends.for_format(fmt).pinned
+    except InvalidArgument:
+        return ()
+
+
 def package_version(module: str) -> str | None:
     """Installed version of a package by its import name, without importing it."""
     if module == "sdfast":
@@ -184,7 +194,7 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _schema_errors(d: Any) -> str | None:
+def schema_errors(d: Any) -> str | None:
     """The first way ``d`` breaks the manifest schema (types and required keys), or None."""
     if not isinstance(d, dict):
         return f"the top level is {type(d).__name__}, not an object"
@@ -277,7 +287,7 @@ def read_manifest(root: Path | str, info: ModelInfo | None = None, fmt: str = "o
         d = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, OSError) as e:
         raise ArtifactMismatch(f"engines: {path} is not valid JSON ({e}); {hint}") from None
-    problem = _schema_errors(d)
+    problem = schema_errors(d)
     if problem:
         raise ArtifactMismatch(f"engines: {path} is not an sdfast manifest: {problem}; {hint}")
     if d["format_version"] != FORMAT_VERSION:
@@ -320,13 +330,14 @@ def verify(m: Manifest, root: Path, info: ModelInfo, fmt: str, check_hashes: boo
             f"engines: {root} was exported from a different model ({m.model.get('name')!r} at "
             f"{m.model.get('source')!r}) than {info.name!r} at {str(info.path)!r}{diff}; {hint}"
         )
-    if fmt == "tensorrt":
-        have = package_version("tensorrt")
-        if m.versions.get("tensorrt") != have:
+    for module, label in _pinned(fmt):
+        have = package_version(module)
+        if m.versions.get(module) != have:
             raise ArtifactMismatch(
-                f"engines: {root} was built with TensorRT {m.versions.get('tensorrt')} but TensorRT {have} is "
-                f"installed; plans only load on the version that built them; {hint}"
+                f"engines: {root} was built with {label} {m.versions.get(module)} but {label} {have} is "
+                f"installed; {fmt} artifacts only load on the {label} version that built them; {hint}"
             )
+    if fmt == "tensorrt":
         if device is not None and m.device is not None:
             for key in ("gpu", "compute_capability"):
                 if m.device.get(key) != device.get(key):
@@ -383,54 +394,6 @@ def load_manifest(root: Path | str, info: ModelInfo, fmt: str, device: dict[str,
     m = read_manifest(root, info, fmt)
     verify(m, root, info, fmt, device=device)
     return m
-
-
-def is_export_folder(path: Path) -> bool:
-    """True when ``path`` holds an sdfast export and nothing else: a valid manifest plus only
-    the files it lists. Export replaces such a folder; anything more is someone else's data."""
-    path = Path(path)
-    try:
-        d = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    if _schema_errors(d) is not None:
-        return False
-    listed = set(d["files"]) | {MANIFEST}
-    for p in path.rglob("*"):
-        rel = p.relative_to(path).as_posix()
-        if p.is_symlink() or (p.is_file() and rel not in listed):
-            return False
-        if p.is_dir() and not any(f.startswith(rel + "/") for f in listed):
-            return False
-    return True
-
-
-def check_export_out(out: Path | str, protect: Path | None = None) -> Path:
-    """Refuse an export target whose replacement would destroy what export did not write.
-
-    Returns the resolved folder. Allowed: a missing path, an empty folder, or an earlier sdfast
-    export (``is_export_folder``). Refused: a file, a folder with other content, ``protect``
-    (the model folder) or any folder containing it, and the current folder or any above it.
-    """
-    raw = str(out)
-    check_names(out, "out")
-    path = Path(out).expanduser().resolve()
-    fix = "pass a new or empty folder, or an earlier sdfast export folder"
-    if protect is not None:
-        model = Path(protect).resolve()
-        if model == path or model.is_relative_to(path):
-            raise InvalidArgument(f"out: {raw!r} is the model folder or contains it, and export replaces --out "
-                                  f"as a whole; {fix}")
-    if Path.cwd().resolve().is_relative_to(path):
-        raise InvalidArgument(f"out: {raw!r} is the current folder or contains it, and export replaces --out "
-                              f"as a whole; {fix}, e.g. --out engines")
-    if path.exists() and not path.is_dir():
-        raise InvalidArgument(f"out: {raw!r} is a file, and export writes a folder there; {fix}")
-    if path.is_dir() and any(path.iterdir()) and not is_export_folder(path):
-        raise InvalidArgument(f"out: {raw!r} holds files that sdfast export did not write (no manifest listing "
-                              f"them), and export replaces --out as a whole; {fix}")
-    check_output_path(path, "out", directory=True)
-    return path
 
 
 # -- what engines check on load -----------------------------------------------------------------

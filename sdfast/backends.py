@@ -89,6 +89,9 @@ class Backend:
     #: a NaN/inf decode of a reduced-precision VAE is redone by an eager fp32 VAE (needs
     #: diffusers); exported backends instead keep their VAE in fp32 unless told otherwise.
     eager_vae_fallback: bool = False
+    #: (import name, display name) of the packages whose exact version its artifacts need: they
+    #: load only on the version that built them (checked by ``artifacts.verify``).
+    pinned: tuple[tuple[str, str], ...] = ()
 
     def missing(self) -> str | None:
         """None when the backend can run here, else why not (one line with the fix)."""
@@ -133,7 +136,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             )),
     Backend("tensorrt", "TensorRT plans built from the ONNX graphs (NVIDIA GPUs; unverified)", engines="tensorrt",
             format="tensorrt", exporter="tensorrt", requires=("tensorrt", "onnx", "onnxruntime", "onnxscript"),
-            extra="gpu", devices=("cuda",),
+            extra="gpu", devices=("cuda",), pinned=(("tensorrt", "TensorRT"),),
             flags=(
                 Flag("--onnx", "onnx_dir", metavar="DIR",
                      help="tensorrt: build from this ONNX export instead of exporting one"),
@@ -143,7 +146,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
                      help="tensorrt: timing cache, read and updated (default: in the sdfast cache)"),
             )),
     Backend("inductor", "AOTInductor packages compiled by torch.export (CPU and CUDA)", engines="inductor",
-            format="inductor", exporter="inductor",
+            format="inductor", exporter="inductor", pinned=(("torch", "torch"),),
             flags=(
                 Flag("--device", "device", choices=("cpu", "cuda"),
                      help="inductor: compile for cpu or cuda (default: cuda when available)"),

@@ -92,7 +92,7 @@ def profile_from_args(args: argparse.Namespace, info) -> ShapeProfile:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .artifacts import check_export_out
+    from .export.base import check_export_out
     from .models import resolve_model
 
     info = resolve_model(args.model)

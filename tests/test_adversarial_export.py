@@ -15,7 +15,8 @@ import sys
 import pytest
 from adversarial import refused, snapshot
 
-from sdfast.artifacts import MANIFEST, check_export_out, is_export_folder
+from sdfast.artifacts import MANIFEST
+from sdfast.export.base import check_export_out, is_export_folder
 from sdfast.components import ShapeProfile
 from sdfast.errors import InvalidArgument
 from sdfast.export import onnx as onnx_export

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -84,6 +85,20 @@ def test_wrong_format_and_format_version_are_refused(tiny_info, export_copy):
     (export_copy / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(ArtifactMismatch, match="format version 99"):
         load(tiny_info, export_copy)
+
+
+def test_a_pinned_package_version_is_held_only_for_the_formats_that_pin_it(tiny_info, export_copy):
+    """AOTInductor packages load only on the torch that compiled them; ONNX graphs on any torch."""
+    from sdfast.artifacts import package_version, verify
+
+    m = read_manifest(export_copy)
+    m.versions = {**m.versions, "torch": "0.0.1"}
+    verify(m, export_copy, tiny_info, "onnx")  # not pinned: an ONNX graph outlives the torch that traced it
+    m.format = "inductor"
+    with pytest.raises(ArtifactMismatch, match=rf"built with torch 0\.0\.1 but torch {re.escape(package_version('torch'))}"):
+        verify(m, export_copy, tiny_info, "inductor")
+    m.versions["torch"] = package_version("torch")
+    verify(m, export_copy, tiny_info, "inductor")  # the same torch: accepted
 
 
 def test_folder_without_manifest_is_refused(tiny_info, export_copy):

@@ -46,10 +46,6 @@ class InductorEngine(ExportedEngine):
 
 def _check_runtime(m: Manifest, root: Path, info: ModelInfo, device: torch.device, precision: Precision) -> None:
     hint = rebuild_hint(m, root, info, "inductor")
-    built = m.versions.get("torch")
-    if built != torch.__version__:
-        raise ArtifactMismatch(f"engines: {root} was compiled with torch {built} but torch {torch.__version__} "
-                               f"is installed; AOTInductor packages only load on the torch that built them; {hint}")
     where = {m.components[c].get("device", "cpu") for c in info.specs}
     if where != {device.type}:
         raise ArtifactMismatch(f"engines: {root} was compiled for {', '.join(sorted(where))} but device "

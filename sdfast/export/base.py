@@ -5,6 +5,7 @@ one component is built and what its manifest record holds."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -13,8 +14,19 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..artifacts import Manifest, check_export_out, export_command, model_record, staging_dir, tensor_records
+from ..artifacts import (
+    MANIFEST,
+    Manifest,
+    check_names,
+    check_output_path,
+    export_command,
+    model_record,
+    schema_errors,
+    staging_dir,
+    tensor_records,
+)
 from ..components import Precision, ShapeProfile
+from ..errors import InvalidArgument
 from ..models import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -48,3 +60,51 @@ def export_components(info: ModelInfo, out: Path | str, profile: ShapeProfile, f
                  **(manifest or {})).seal(tmp)
     log.info("wrote %s (%s)", out, profile.describe())
     return out
+
+
+def is_export_folder(path: Path) -> bool:
+    """True when ``path`` holds an sdfast export and nothing else: a valid manifest plus only
+    the files it lists. Export replaces such a folder; anything more is someone else's data."""
+    path = Path(path)
+    try:
+        d = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if schema_errors(d) is not None:
+        return False
+    listed = set(d["files"]) | {MANIFEST}
+    for p in path.rglob("*"):
+        rel = p.relative_to(path).as_posix()
+        if p.is_symlink() or (p.is_file() and rel not in listed):
+            return False
+        if p.is_dir() and not any(f.startswith(rel + "/") for f in listed):
+            return False
+    return True
+
+
+def check_export_out(out: Path | str, protect: Path | None = None) -> Path:
+    """Refuse an export target whose replacement would destroy what export did not write.
+
+    Returns the resolved folder. Allowed: a missing path, an empty folder, or an earlier sdfast
+    export (``is_export_folder``). Refused: a file, a folder with other content, ``protect``
+    (the model folder) or any folder containing it, and the current folder or any above it.
+    """
+    raw = str(out)
+    check_names(out, "out")
+    path = Path(out).expanduser().resolve()
+    fix = "pass a new or empty folder, or an earlier sdfast export folder"
+    if protect is not None:
+        model = Path(protect).resolve()
+        if model == path or model.is_relative_to(path):
+            raise InvalidArgument(f"out: {raw!r} is the model folder or contains it, and export replaces --out "
+                                  f"as a whole; {fix}")
+    if Path.cwd().resolve().is_relative_to(path):
+        raise InvalidArgument(f"out: {raw!r} is the current folder or contains it, and export replaces --out "
+                              f"as a whole; {fix}, e.g. --out engines")
+    if path.exists() and not path.is_dir():
+        raise InvalidArgument(f"out: {raw!r} is a file, and export writes a folder there; {fix}")
+    if path.is_dir() and any(path.iterdir()) and not is_export_folder(path):
+        raise InvalidArgument(f"out: {raw!r} holds files that sdfast export did not write (no manifest listing "
+                              f"them), and export replaces --out as a whole; {fix}")
+    check_output_path(path, "out", directory=True)
+    return path

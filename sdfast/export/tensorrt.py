@@ -21,17 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..artifacts import (
-    Manifest,
-    atomic_write,
-    check_export_out,
-    gpu_record,
-    load_manifest,
-)
+from ..artifacts import Manifest, atomic_write, gpu_record, load_manifest
 from ..components import Precision, ShapeProfile
 from ..errors import ArtifactMismatch, InvalidArgument
 from ..models import ModelInfo, cache_dir
-from .base import export_components
+from .base import check_export_out, export_components
 
 if TYPE_CHECKING:
     from ..backends import ExportJob
