@@ -70,6 +70,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _stem_of(stem: str, name: str, leftover: str, folder: Path) -> bool:
+    """Whether a leftover whose NAME part is ``stem`` was written for target ``name``: the same
+    name, or its start where ``_prefix`` had to shorten it (the leftover's name then fills the
+    limit, give or take a cut multi-byte character). Never another target whose name merely
+    starts the same way (``eng`` vs ``engines``)."""
+    if stem == name:
+        return True
+    return name.startswith(stem) and len(os.fsencode(leftover)) >= _name_max(folder) - 4
+
+
 def clean_stale(target: Path, complete: str | None = None) -> None:
     """Remove the temporary files and folders that dead writers left beside ``target``.
 
@@ -82,7 +92,7 @@ def clean_stale(target: Path, complete: str | None = None) -> None:
         return
     for p in entries:
         m = _STALE.match(p.name)
-        if not m or not target.name.startswith(m["stem"]) or _alive(int(m["pid"])):
+        if not m or not _stem_of(m["stem"], target.name, p.name, target.parent) or _alive(int(m["pid"])):
             continue
         held = p / "x"
         if m["kind"] == "old" and not target.exists() and held.is_dir() and \
@@ -142,7 +152,7 @@ def staging_dir(out: str | os.PathLike, complete: str | None = "manifest.json") 
     ``complete`` names the file the block must have written (the manifest, written last). A
     crash or kill inside the block leaves ``out`` as it was (or absent) and a hidden
     ``.NAME.tmp-PID-*`` folder that the next write to ``out`` removes. The caller decides
-    whether ``out`` may be replaced (``artifacts.check_export_out``).
+    whether ``out`` may be replaced (``export.base.check_export_out``).
     """
     out = Path(out).absolute()
     made = _make_parents(out)

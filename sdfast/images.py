@@ -40,7 +40,11 @@ def load_init_image(image: Any, arg: str = "image") -> Image.Image:
     from PIL import Image
 
     if isinstance(image, Image.Image):
-        return to_rgb(image, arg)
+        from PIL import ImageOps
+
+        # Upright as a viewer shows it, like a file (an Image.open()ed photo keeps its EXIF
+        # orientation; exif_transpose drops the tag, so an image already turned is not turned twice).
+        return to_rgb(ImageOps.exif_transpose(image), arg)
     if isinstance(image, bytes | bytearray | memoryview):
         if len(image) == 0:
             raise InvalidArgument(f"{arg}: the bytes are empty; pass the contents of a PNG or JPEG file")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from typing import Any
 from .errors import InvalidArgument, MissingFile
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+#: the shard part of a sharded weight file's variant: ``fp16-00001-of-00002``
+_SHARD = re.compile(r"-\d+-of-\d+$")
 #: (component folder, config file) that every SD 1.x/2.x folder has.
 REQUIRED_CONFIGS = (
     ("text_encoder", "config.json"),
@@ -160,13 +163,20 @@ def model_family(model_index: dict[str, Any]) -> str:
     return FAMILIES.get(str(model_index.get("_class_name", "StableDiffusionPipeline")), "sd")
 
 
-def weight_variant(folder: Path) -> str | None:
-    """The variant (``fp16`` of ``model.fp16.safetensors``) when a component folder holds only
-    variant weights, so loading must ask for it; None when plain weights are there."""
+def weight_variants(folder: Path) -> tuple[bool, set[str]]:
+    """Whether a component folder holds plain weights, and the variants of those it holds
+    (``fp16`` of ``model.fp16.safetensors`` and of the shards ``model.fp16-00001-of-00002.safetensors``)."""
     names = [p.name for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()] if folder.is_dir() else []
-    plain = [n for n in names if n.count(".") == 1 or ".index" in n]
-    variants = sorted({n.split(".")[-2] for n in names if n.count(".") >= 2 and ".index" not in n})
-    return None if plain or not variants else variants[0]
+    plain = any(n.count(".") == 1 or ".index" in n for n in names)
+    variants = {_SHARD.sub("", n.split(".")[-2]) for n in names if n.count(".") >= 2 and ".index" not in n}
+    return plain, variants - {""}
+
+
+def weight_variant(folder: Path) -> str | None:
+    """The variant when a component folder holds only variant weights, so loading must ask for
+    it (the first by name when there are several); None when plain weights are there."""
+    plain, variants = weight_variants(folder)
+    return None if plain or not variants else sorted(variants)[0]
 
 
 def check_model_folder(path: Path, weights: bool = True, family: str = "sd") -> None:

@@ -32,6 +32,7 @@ from .model_folder import (
     check_model_folder,
     model_family,
     weight_variant,
+    weight_variants,
 )
 from .model_folder import read_json as _read_json
 from .wrappers import COMPONENT_MODULE, component_modules, family_modules  # noqa: F401  (re-exported)
@@ -405,7 +406,7 @@ def load_torch_modules(info: ModelInfo, dtype: torch.dtype = torch.float32, devi
 def _from_pretrained(cls, folder: Path, dtype: torch.dtype, variant: str | None = None) -> torch.nn.Module:
     """``cls.from_pretrained`` with a broken folder as one line naming it, not a library traceback."""
     try:
-        if variant is not None and weight_variant(folder) == variant:
+        if variant is not None and variant in weight_variants(folder)[1]:
             return cls.from_pretrained(folder, torch_dtype=dtype, variant=variant)
         return cls.from_pretrained(folder, torch_dtype=dtype)
     except torch.OutOfMemoryError:

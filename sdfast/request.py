@@ -194,8 +194,7 @@ class Request:
             raise InvalidArgument("guidance_until: this model's U-Net is LCM-distilled and runs no uncond pass to "
                                   "cut; drop it")
         if guidance_until is not None:
-            if isinstance(guidance_until, bool) or not isinstance(guidance_until, int | float) \
-                    or not math.isfinite(guidance_until) or not 0 <= guidance_until <= 1:
+            if not rules.is_number(guidance_until) or not math.isfinite(guidance_until) or not 0 <= guidance_until <= 1:
                 raise InvalidArgument(f"guidance_until: must be a fraction of the steps in [0, 1] but is "
                                       f"{guidance_until!r}; 1 guides every step (the exact run), 0 none")
             guidance_until = float(guidance_until)
@@ -203,10 +202,9 @@ class Request:
             cache_interval = rules.check_int("cache_interval", cache_interval, 1, None,
                                              "1 runs the full U-Net every step (no caching), 2-5 are usual")
 
+        strength = rules.check_strength(strength)  # also without an init image: a wrong value is wrong anyway
         init = None
         if image is not None:
-            if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0 < strength <= 1:
-                raise InvalidArgument(f"strength: must be in (0, 1] but is {strength!r}; 0.8 is the usual value")
             if int(steps * strength) < 1:
                 raise InvalidArgument(
                     f"strength: steps × strength must be at least 1 step but is {steps} × {strength}; "

@@ -7,6 +7,7 @@ Each rule raises ``InvalidArgument`` naming the argument, the rule and the fix.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Iterable
 from typing import Any
@@ -36,6 +37,11 @@ def is_int(value: Any) -> bool:
     return True
 
 
+def is_number(value: Any) -> bool:
+    """A real number (Python or numpy: ``numpy.float32(7.5)`` is one), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+
+
 def check_int(arg: str, value: Any, lo: int, hi: int | None = None, hint: str = "", hi_text: str = "") -> int:
     """An integer in lo..hi (hi None: no upper bound); ``hi_text`` spells hi (e.g. "2**64-1")."""
     if not is_int(value) or value < lo or (hi is not None and value > hi):
@@ -58,12 +64,19 @@ def check_steps(steps: Any, num_train_timesteps: int = 1000) -> int:
 
 
 def check_guidance(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-            or not 0 <= value <= MAX_GUIDANCE:
+    if not is_number(value) or not math.isfinite(value) or not 0 <= value <= MAX_GUIDANCE:
         raise InvalidArgument(
             f"guidance_scale: must be a finite number >= 0 and <= {MAX_GUIDANCE:g} but is {value!r}; "
             "7.5 is the usual value, <= 1 disables classifier-free guidance, > 20 oversaturates"
         )
+    return float(value)
+
+
+def check_strength(value: Any) -> float:
+    """img2img strength: the fraction of the schedule re-run from the noised init image."""
+    if not is_number(value) or not 0 < value <= 1:
+        raise InvalidArgument(f"strength: must be in (0, 1] but is {value!r}; 0.8 is the usual value, "
+                              "1 all but ignores the init image")
     return float(value)
 
 

@@ -65,8 +65,10 @@ def create_app(service: ImageService, drain_timeout_s: float | None = None) -> F
         if key is None:
             return True
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # Only the spaces and tabs HTTP allows around a value are stripped (str.strip would also
+        # take NBSP and NEL, so the key with such a byte appended would pass).
         # compare_digest: the time taken does not depend on how much of the key was right.
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key)
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(" \t").encode(), key)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -169,7 +171,7 @@ def create_app(service: ImageService, drain_timeout_s: float | None = None) -> F
 async def _read_body(request: Request) -> bytes | None:
     """The body, or None as soon as it is known to exceed MAX_BODY_BYTES (never read whole)."""
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+    if length.isascii() and length.isdigit() and int(length) > MAX_BODY_BYTES:  # not "²": int() refuses it
         return None
     chunks, size = [], 0
     async for chunk in request.stream():
