@@ -283,3 +283,22 @@ def test_a_served_batch_hands_each_request_its_own_rows(tiny_pipe, tiny_info):
         rows += list(alone.latents)
     assert [d.batch_requests for d in done] == [1, 4, 4, 4, 4]
     assert_rows_apart(rows)
+
+
+def test_requests_that_differ_only_in_long_prompt_policy_each_get_their_own(tiny_pipe, tiny_info):
+    # A prompt past the 77-token window: "chunk" encodes all of it, "truncate" its first 75 tokens.
+    # Served one after the other or handed to run_batch together, neither request may be given the
+    # other's policy: a batch refuses the mix, and the batcher never puts them in one loop.
+    from sdfast.errors import InvalidArgument
+    from sdfast.serve.batching import batch_key
+
+    long = " ".join([PROMPTS[0]] * 12) + " and a " + PROMPTS[1]
+    reqs = [Request.build(tiny_info, prompt=long, long_prompt=mode, seed=60, steps=STEPS, scheduler="euler")
+            for mode in ("chunk", "truncate")]
+    alone = [tiny_pipe.run(r) for r in reqs]
+    assert_rows_apart([a.latents[0] for a in alone])  # the policy changes the image
+    assert batch_key(reqs[0]) != batch_key(reqs[1])
+    with pytest.raises(InvalidArgument, match="long_prompt"):
+        tiny_pipe.run_batch(reqs)
+    for req, a in zip(reqs, alone, strict=True):  # each request alone still runs its own policy
+        assert close(tiny_pipe.run_batch([req])[0].latents, a.latents)
