@@ -8,7 +8,7 @@ import pytest
 import torch
 
 #: Tests the default run leaves to CI's `-m slow` run, each because a faster default test proves
-#: the same thing (issue 18: these were ~90 % of a 13-28 minute default run). Kept in one place so
+#: the same thing (these were ~90 % of a 13-28 minute default run). Kept in one place so
 #: the default run's cost is decided here; the tests themselves are unchanged. Key: the node id
 #: after "tests/"; value: the default-run test that covers it.
 SLOW_IN_DEFAULT_RUN: dict[str, str] = {
@@ -24,7 +24,19 @@ SLOW_IN_DEFAULT_RUN: dict[str, str] = {
        "test_pipeline_parity and test_export_onnx hold the ONNX Runtime engines to eager within "
        "1e-4, so they draw what eager draws"
        for s in ("lms", "euler", "dpmpp_2m")},
+    "test_lcm_unet.py::test_openvino_engine_takes_timestep_cond_row_by_row":
+        "test_lcm_backends' openvino rows sample an exported OpenVINO LCM U-Net on a batch of two prompts "
+        "within tier 1 of eager, and test_onnxruntime_engine_takes_timestep_cond_row_by_row checks the rows",
+    "test_bench.py::test_bench_onnxruntime_row_or_clear_skip":
+        "test_bench_torch_writes_report_with_diffusers_row covers the report; test_export_onnx and "
+        "test_pipeline_parity hold the ONNX Runtime engines to eager",
+    "test_flops_sdxl.py::test_sdxl_text_stage_counts_both_clips[False-random-sdxl]":
+        "the [True-random-sdxl] row and both tiny-sdxl rows count both CLIPs, guided and not",
 }
+
+
+#: node ids (after "tests/") of every test this session collected, slow ones included.
+COLLECTED: list[str] = []
 
 
 def stale_slow_keys(tests_dir, collected: list[str]) -> list[str]:
@@ -52,7 +64,8 @@ def stale_slow_keys(tests_dir, collected: list[str]) -> list[str]:
 def pytest_collection_modifyitems(config, items):
     from pathlib import Path
 
-    stale = stale_slow_keys(Path(__file__).parent, [i.nodeid.removeprefix("tests/") for i in items])
+    COLLECTED[:] = [i.nodeid.removeprefix("tests/") for i in items]  # before -m deselects the slow ones
+    stale = stale_slow_keys(Path(__file__).parent, COLLECTED)
     if stale:
         raise pytest.UsageError(f"tests/conftest.py SLOW_IN_DEFAULT_RUN names tests that do not exist: {stale}")
     for item in items:

@@ -86,16 +86,28 @@ def test_unquoted_prompt_words_are_one_prompt(tiny_info, tmp_path, capsys):
         (["--out", "x.jpg"], "out: 'x.jpg' must end in .png"),
     ],
 )
-def test_bad_input_exits_2_with_one_line_and_no_output(tiny_info, tmp_path, args, needle):
+def test_bad_input_exits_2_with_one_line_and_no_output(tiny_info, tmp_path, args, needle, capsys):
+    # In process (a subprocess each cost ~2.5 s of start-up); the process-level exit is the next test.
     out = tmp_path / "o.png"
     argv = ["generate", "a cat", "--model", str(tiny_info.path), "--steps", "2", "--out", str(out),
             "--save-steps", str(tmp_path / "frames"), "--quiet"]
-    r = run_cli(*argv, *args)
+    assert main([*argv, *args]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err
+    assert needle in lines[0]
+    assert not out.exists() and not (tmp_path / "frames").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_bad_input_in_a_real_process_exits_2_with_one_line_and_no_output(tiny_info, tmp_path):
+    out = tmp_path / "o.png"
+    r = run_cli("generate", "a cat", "--model", str(tiny_info.path), "--steps", "2", "--out", str(out),
+                "--quiet", "--height", "65")
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr
-    assert needle in lines[0]
-    assert not out.exists() and not (tmp_path / "frames").exists()
+    assert "height: must be a multiple of 8" in lines[0]
     assert [p.name for p in tmp_path.iterdir()] == []
 
 
