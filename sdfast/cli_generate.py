@@ -64,6 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     approx.add_argument("--cache-interval", type=int, default=D["cache_interval"], metavar="N",
                         help="DeepCache (torch backend): the full U-Net every N steps, a shallow pass reusing its "
                              "deep features between (default: off; 1 = every step full)")
+    approx.add_argument("--cache-branch", type=int, default=D["cache_branch"], metavar="B",
+                        help="DeepCache's skip branch: 0 the shallowest and fastest (default), deeper ones rerun "
+                             "more of the U-Net on the shallow steps; needs --cache-interval 2 or more")
     p.add_argument("--save-steps", default=None, metavar="DIR", help="write one decoded frame per step into DIR")
     p.add_argument("--animation", default=None, metavar="OUT.gif|OUT.mp4", help="write the denoising as an animation")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "math"],
@@ -181,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
                         prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2,
                         original_size=args.original_size, target_size=args.target_size,
                         crops_coords_top_left=args.crops_coords_top_left or (0, 0),
-                        guidance_until=args.guidance_until, cache_interval=args.cache_interval)
+                        guidance_until=args.guidance_until, cache_interval=args.cache_interval,
+                        cache_branch=args.cache_branch)
     if req.cache_interval is not None and req.cache_interval > 1 and args.backend not in (None, "torch"):
         raise InvalidArgument(f"cache_interval: DeepCache runs on the torch backend only, not {args.backend}; "
                               "use --backend torch, or drop --cache-interval")

@@ -64,6 +64,9 @@ class Request:
     guidance_until: float | None = None
     #: DeepCache (sdfast.deepcache): the full U-Net every N calls, a shallow pass between (None: off)
     cache_interval: int | None = None
+    #: DeepCache's skip branch: 0 the shallowest (fastest, DeepCache's default for SD), deeper
+    #: branches rerun more of the U-Net on shallow steps
+    cache_branch: int = 0
     #: the model's U-Net takes the guidance scale as an embedding (an LCM-distilled U-Net's
     #: ``timestep_cond``): one U-Net batch per step, no uncond rows
     guidance_embedded: bool = False
@@ -93,7 +96,8 @@ class Request:
                        f"{self.start_step}..{self.guidance_cut - 1} only, conditional-only steps after")
         if self.cache_interval is not None and self.cache_interval > 1:
             out.append(f"cache_interval {self.cache_interval}: DeepCache, the full U-Net every "
-                       f"{self.cache_interval} calls, a shallow pass reusing cached features between")
+                       f"{self.cache_interval} calls, a shallow pass reusing cached features between "
+                       f"(branch {self.cache_branch})")
         return out
 
     def time_ids(self) -> tuple[list[float], list[float]]:
@@ -135,7 +139,7 @@ class Request:
               target_size: tuple[int, int] | None = None, negative_original_size: tuple[int, int] | None = None,
               negative_crops_coords_top_left: tuple[int, int] = (0, 0),
               negative_target_size: tuple[int, int] | None = None, guidance_until: float | None = None,
-              cache_interval: int | None = None) -> Request:
+              cache_interval: int | None = None, cache_branch: int = 0) -> Request:
         """Check every rule of the API contract against ``info``'s model (keywords only).
         ``scheduler`` None: the one the model folder's scheduler_config.json names
         (``schedulers.scheduler_for_config``; lms where sdfast has no equal of its class)."""
@@ -201,6 +205,11 @@ class Request:
         if cache_interval is not None:
             cache_interval = rules.check_int("cache_interval", cache_interval, 1, None,
                                              "1 runs the full U-Net every step (no caching), 2-5 are usual")
+        cache_branch = rules.check_int("cache_branch", cache_branch, 0, None,
+                                       "0 is the shallowest and fastest branch (DeepCache's default)")
+        if cache_branch != 0 and (cache_interval is None or cache_interval < 2):
+            raise InvalidArgument(f"cache_branch: {cache_branch} has no effect without DeepCache; set "
+                                  "cache_interval to 2 or more (--cache-interval), or drop cache_branch")
 
         strength = rules.check_strength(strength)  # also without an init image: a wrong value is wrong anyway
         init = None
@@ -224,6 +233,7 @@ class Request:
                    sdxl["original_size"], sdxl["crops_coords_top_left"], sdxl["target_size"],
                    sdxl["negative_original_size"], sdxl["negative_crops_coords_top_left"],
                    sdxl["negative_target_size"], guidance_until=guidance_until, cache_interval=cache_interval,
+                   cache_branch=cache_branch,
                    guidance_embedded=embedded)
 
 

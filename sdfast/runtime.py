@@ -77,6 +77,8 @@ class GenerationOutput:
         for key in ("guidance_until", "cache_interval"):
             if getattr(r, key) is not None:
                 meta[key] = getattr(r, key)
+        if r.cache_interval is not None:
+            meta["cache_branch"] = r.cache_branch
         if self.approximations:
             meta["approximations"] = list(self.approximations)
         return meta
@@ -126,7 +128,7 @@ class _Stage:
 #: what requests batched into one loop must share; long_prompt too: the text batch is encoded under
 #: one policy, so a "truncate" request batched after a "chunk" one would get the other's encoding.
 BATCH_KEYS = ("height", "width", "steps", "scheduler", "guided", "start_step", "long_prompt", "guidance_cut",
-              "cache_interval")
+              "cache_interval", "cache_branch")
 
 
 def check_batchable(requests: list[Request]) -> None:
@@ -290,7 +292,7 @@ class Pipeline:
                                       "drop cache_interval")
             from .deepcache import wrap_unet
 
-            unet = wrap_unet(unet, head.cache_interval)  # a fresh cache for this run
+            unet = wrap_unet(unet, head.cache_interval, head.cache_branch)  # a fresh cache for this run
         batch = sum(r.batch for r in requests)
         timer = StageTimer(self.device, sync=profile)
         t_start = time.perf_counter()

@@ -64,3 +64,52 @@ def test_cache_interval_on_another_backend_is_refused_by_name(tiny_pipe, tiny_in
 def test_cache_interval_below_one_or_not_whole_is_refused(tiny_info, bad):
     with pytest.raises(InvalidArgument, match="cache_interval: must be an integer >= 1"):
         Request.build(tiny_info, prompt="x", cache_interval=bad)
+
+
+def up_resnet_calls(pipe, **options) -> tuple[int, object]:
+    """How many up-path resnet layers of the tiny U-Net ran in a 6-step generation."""
+    unet = pipe.engines["unet"].module
+    unet = getattr(unet, "unet", unet)
+    calls = []
+    handles = [r.register_forward_hook(lambda *a: calls.append(1)) for b in unet.up_blocks for r in b.resnets]
+    try:
+        out = pipe.generate(PROMPT, steps=6, scheduler="euler", seed=2, **options)
+    finally:
+        for h in handles:
+            h.remove()
+    return len(calls), out
+
+
+def test_cache_branch_picks_how_much_of_the_unet_the_shallow_steps_rerun(tiny_pipe, tmp_path):
+    # On the 4 shallow steps of 6 (interval 3) branch 0 reruns only the outermost up layer; a
+    # deeper branch reruns more of them, and so comes closer to the exact image.
+    from sdfast.deepcache import branch_count
+
+    deepest = branch_count(tiny_pipe.engines["unet"]) - 1
+    assert deepest >= 1, "the tiny U-Net needs two branches for this test to mean anything"
+    n_exact, exact = up_resnet_calls(tiny_pipe)
+    n0, b0 = up_resnet_calls(tiny_pipe, cache_interval=3)
+    nd, bd = up_resnet_calls(tiny_pipe, cache_interval=3, cache_branch=deepest)
+    n1, b1 = up_resnet_calls(tiny_pipe, cache_interval=3, cache_branch=1)
+    assert n0 == n_exact // 6 * 2 + 4  # full steps 0 and 3 run every up layer, shallow steps one
+    assert n0 < n1 <= nd == n_exact  # the deepest branch reruns every up layer, skipping only the mid block
+    assert mid_block_calls(tiny_pipe, cache_interval=3, cache_branch=deepest)[0] == 2
+    assert (bd.latents - b0.latents).abs().max() > 1e-4
+    err0, errd = ((x.latents - exact.latents).abs().max() for x in (b0, bd))
+    assert errd < err0
+    assert f"(branch {deepest})" in bd.approximations[0] and "(branch 0)" in b0.approximations[0]
+    (path,) = bd.save(tmp_path / "d.png")
+    assert read_png_metadata(path)["cache_branch"] == deepest
+
+
+def test_cache_branch_bounds_and_its_need_for_cache_interval(tiny_pipe, tiny_info):
+    deepest = __import__("sdfast.deepcache", fromlist=["x"]).branch_count(tiny_pipe.engines["unet"]) - 1
+    tiny_pipe.generate(PROMPT, steps=2, cache_interval=2, cache_branch=deepest)  # the last branch: fine
+    with pytest.raises(InvalidArgument, match=rf"cache_branch: this U-Net has branches 0 \.\. {deepest}"):
+        tiny_pipe.generate(PROMPT, steps=2, cache_interval=2, cache_branch=deepest + 1)
+    with pytest.raises(InvalidArgument, match="cache_branch: must be an integer >= 0"):
+        Request.build(tiny_info, prompt="x", cache_interval=2, cache_branch=-1)
+    for interval in (None, 1):
+        with pytest.raises(InvalidArgument, match="cache_branch: 1 has no effect without DeepCache"):
+            Request.build(tiny_info, prompt="x", cache_interval=interval, cache_branch=1)
+    assert Request.build(tiny_info, prompt="x", cache_branch=0).cache_branch == 0
