@@ -261,14 +261,16 @@ def export_command(model: str, out: Path | str, fmt: str, precision: str, profil
 
 def rebuild_hint(m: Manifest | None, root: Path, info: ModelInfo | None = None, fmt: str = "onnx") -> str:
     """The command that rebuilds ``root`` in format ``fmt`` (the format the caller needs)."""
+    from .models import model_arg  # here, not at the top: reading a manifest needs no torch
+
     if m is not None and m.export_command and m.format == fmt:
         parts = shlex.split(m.export_command)
         if info is not None:  # rebuild from the model at hand, into the same folder
-            for flag, value in (("--model", str(info.path)), ("--out", str(root))):
+            for flag, value in (("--model", model_arg(info)), ("--out", str(root))):
                 if flag in parts:
                     parts[parts.index(flag) + 1] = value
         return f"rebuild with: {shlex.join(parts)}"
-    model = str(info.path) if info is not None else "MODEL"
+    model = model_arg(info) if info is not None else "MODEL"
     return (f"rebuild with: sdfast export --model {shlex.quote(model)} --out {shlex.quote(str(root))} "
             f"--format {fmt}")
 

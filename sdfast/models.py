@@ -300,6 +300,18 @@ def builtin_models() -> dict[str, str]:
     }
 
 
+def model_arg(info: ModelInfo) -> str:
+    """What ``--model`` takes to name ``info`` again, for the commands errors suggest: a built-in's
+    name (``tiny``, not the package folder it lives in), else its folder."""
+    if info.name in builtin_models():
+        try:
+            if resolve_model(info.name).path.resolve() == Path(info.path).resolve():
+                return info.name
+        except (OSError, MissingFile):
+            pass
+    return str(info.path)
+
+
 def resolve_model(model: str | os.PathLike, variant: str | None = None) -> ModelInfo:
     """A folder path, a built-in name, or a hub id → a checked ModelInfo. ``variant`` picks
     weight files such as ``*.fp16.safetensors`` (default: plain ones, or the only variant there)."""

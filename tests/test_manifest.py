@@ -158,3 +158,16 @@ def test_export_killed_halfway_leaves_previous_export_intact(tiny_info, onnx_dyn
 
     clean_stale(out, MANIFEST)
     assert [p.name for p in tmp_path.iterdir()] == ["engines"]
+
+
+def test_the_export_first_hint_names_a_built_in_by_name_and_a_folder_by_path(tiny_info):
+    # A user who ran `--model tiny` is told to export `--model tiny`, not the package folder it lives in.
+    import sdfast
+    from sdfast.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match=r"`sdfast export --model tiny --out DIR --format onnx") as e:
+        sdfast.load("tiny", backend="onnxruntime")
+    assert "sdfast/data" not in str(e.value)
+    with pytest.raises(InvalidArgument) as e:
+        sdfast.load(tiny_info.path, backend="onnxruntime")
+    assert f"--model {tiny_info.path} --out DIR" in str(e.value)

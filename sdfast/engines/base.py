@@ -11,7 +11,7 @@ import torch
 from ..artifacts import Manifest, load_manifest, rebuild_hint
 from ..components import ComponentSpec, Precision, ShapeProfile
 from ..errors import ArtifactMismatch, InvalidArgument
-from ..models import ModelInfo
+from ..models import ModelInfo, model_arg
 from ..rules import check_side
 
 
@@ -80,7 +80,7 @@ def open_export(info: ModelInfo, engines: str | Path | None, backend: str, fmt: 
     match), and the rebuild hint its errors end with."""
     if engines is None:
         raise InvalidArgument(f"engines: the {backend} backend runs {what}; pass --engines DIR made by "
-                              f"`sdfast export --model {info.path} --out DIR --format {fmt}{export_flags}`")
+                              f"`sdfast export --model {model_arg(info)} --out DIR --format {fmt}{export_flags}`")
     root = Path(engines)
     m = load_manifest(root, info, fmt, device=device)
     return root, m, rebuild_hint(m, root, info, fmt)
