@@ -4,7 +4,9 @@ Every ```bash block is split into commands (backslash continuations joined, `&&`
 and run in order in one scratch folder, so later commands see what earlier ones wrote (the
 img2img example reads the PNG of the one before it). Each must exit 0 and write the files its
 flags name (--out, --animation, --save-steps, --json, --plot; an export's --out folder must hold
-a manifest.json). ```python blocks run too, and must write what they `.save(...)`.
+a manifest.json). ```python blocks run too, and must write what they `.save(...)`. A command
+that ends in `&` (the server) starts in the background, serves the commands and blocks after it,
+and is stopped (SIGTERM) when the walk ends; it fails the walk if it exits before.
 
 Two modes:
 
@@ -101,7 +103,15 @@ def commands(block: Block) -> list[list[str]]:
         lex.whitespace_split = True
         lex.commenters = "#"
         argv: list[str] = []
-        for tok in lex:
+        toks = list(lex)
+        if toks and toks[-1] == "&":  # a server started in the background: kept as argv's last word
+            toks = toks[:-1]
+            if "&&" in toks:
+                raise ValueError(f"README line {block.line}: {line!r} backgrounds an && chain; start the server alone")
+            if toks:
+                out.append([*toks, "&"])
+            continue
+        for tok in toks:
             if tok == "&&":
                 out.append(argv)
                 argv = []
@@ -115,6 +125,8 @@ def commands(block: Block) -> list[list[str]]:
 
 
 def output_paths(argv: list[str]) -> tuple[str, ...]:
+    if argv[-1] == "&":
+        return ()  # a server: it writes nothing, it answers the commands after it
     outs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in OUTPUT_FLAGS]
     if argv[:2] == ["sdfast", "generate"] and not {"--out", "-o"} & set(argv):
         outs.append("out.png")
@@ -140,7 +152,8 @@ def plan(readme: str) -> list[Step]:
             continue
         for argv in commands(b):
             kind, why = classify(argv)
-            steps.append(Step(shlex.join(argv), kind, why, b.section, output_paths(argv) if kind == "run" else ()))
+            text = shlex.join(argv[:-1]) + " &" if argv[-1] == "&" else shlex.join(argv)
+            steps.append(Step(text, kind, why, b.section, output_paths(argv) if kind == "run" else ()))
     return steps
 
 
@@ -242,12 +255,36 @@ def _run(step: Step, cmd: list[str], cwd: Path, env: dict, timeout: float) -> No
     step.status, step.detail = ("failed", problem) if problem else ("ok", "")
 
 
+def _stop(servers: list[tuple[Step, subprocess.Popen]]) -> None:
+    """Stop the background servers (SIGTERM: they drain and exit 0); one that died early fails."""
+    for step, proc in servers:
+        if proc.poll() is not None and step.status == "ok":
+            step.status, step.detail = "failed", f"exited {proc.returncode} before the walk ended"
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def walk(readme: Path, workdir: Path, timeout: float = 1200) -> list[Step]:
-    """Run README's commands with this environment's sdfast in ``workdir`` (see the module doc)."""
+    """Run README's commands with this environment's sdfast in ``workdir`` (see the module doc).
+    A command ending in ``&`` (a server) starts in the background and runs until the walk ends."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     env = dict(os.environ, SDFAST_CACHE=str(workdir / ".sdfast-cache"))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     steps = plan(readme.read_text(encoding="utf-8"))
+    servers: list[tuple[Step, subprocess.Popen]] = []
+    try:
+        _walk_steps(steps, pyproject, workdir, env, timeout, servers)
+    finally:
+        _stop(servers)
+    return steps
+
+
+def _walk_steps(steps: list[Step], pyproject: dict, workdir: Path, env: dict, timeout: float,
+                servers: list[tuple[Step, subprocess.Popen]]) -> None:
     for step in steps:
         if step.kind == "skip":
             step.status = "skipped"
@@ -262,8 +299,13 @@ def walk(readme: Path, workdir: Path, timeout: float = 1200) -> list[Step]:
             argv = shlex.split(step.text)
             if argv[0] == "python":
                 argv[0] = sys.executable
+            if argv[-1] == "&":
+                log = open(workdir / f"background-{len(servers)}.log", "w")  # noqa: SIM115 (closed with the walk)
+                servers.append((step, subprocess.Popen(argv[:-1], cwd=workdir, env=env, stdout=log,
+                                                       stderr=subprocess.STDOUT)))
+                step.status = "ok"
+                continue
             _run(step, argv, workdir, env, timeout)
-    return steps
 
 
 def walk_fresh(readme: Path, workdir: Path, timeout: float = 3600) -> list[Step]:
@@ -287,6 +329,7 @@ def walk_fresh(readme: Path, workdir: Path, timeout: float = 3600) -> list[Step]
         body = step.text if step.kind != "python" else f"python - <<'SDFAST_README_EOF'\n{step.text}SDFAST_README_EOF"
         lines += [f"echo \"@@step {k} $(date +%s.%N)\" >&2", body]
     lines.append('echo "@@step end $(date +%s.%N)" >&2')
+    lines.insert(1, 'trap \'kill $(jobs -p) 2>/dev/null; wait\' EXIT')  # background servers end with the walk
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
                                   if not os.environ.get("VIRTUAL_ENV") or not p.startswith(os.environ["VIRTUAL_ENV"]))
