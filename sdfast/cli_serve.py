@@ -20,7 +20,8 @@ Requests that can share a U-Net call (same size, steps, scheduler, guidance on/o
 to --max-batch images within --max-wait-ms; each keeps its own seed and guidance scale. Batching is
 switched on only where a warm-up probe finds batched images bit-identical to lone ones
 (--batch-invariance require, the default). On a CPU the default oneDNN kernels are not
-batch-invariant; --kernels batch-invariant makes them so, at some speed cost.
+batch-invariant; --kernels batch-invariant makes them so on a Xeon with AVX-512, at some speed
+cost (on other CPUs the probe decides, and may keep batching off).
 
   sdfast serve --model tiny --port 8000
   curl -s --fail-with-body http://127.0.0.1:8000/v1/images/generations -H 'Content-Type: application/json' \

@@ -74,11 +74,20 @@ def request(url: str, seed: int, steps: int = STEPS) -> tuple[bytes, int]:
 
 def test_batched_images_are_bit_identical_to_lone_ones(server):
     url, _, log = server
+    # --kernels batch-invariant makes the CPU kernels batch-invariant where they can be (measured
+    # on a Xeon with AVX-512); elsewhere (e.g. an AVX2-only CPU) the warm-up probe finds batched
+    # rows differ, and the server must then keep batching off. Either way, what a client gets
+    # concurrently is bit for bit what it gets alone.
     health = httpx.get(f"{url}/health").json()
-    assert health["batch_invariant"] is True and health["max_batch"] == 4, (health, log.read_text())
+    assert health["batch_invariant"] in (True, False), (health, log.read_text())
+    assert health["max_batch"] == (4 if health["batch_invariant"] else 1)  # what /health says it will do
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         batched = list(pool.map(lambda s: request(url, s), range(8)))  # 8 concurrent: all succeed
-    assert max(n for _, n in batched) > 1  # at least one loop was shared
+    if health["batch_invariant"]:
+        assert max(n for _, n in batched) > 1  # at least one loop was shared
+    else:
+        assert "batching is off" in log.read_text()
+        assert [n for _, n in batched] == [1] * 8  # the probe said no: nothing was batched
     for seed, (png, _) in enumerate(batched):
         lone, n = request(url, seed)  # one at a time: each runs its own loop
         assert n == 1
