@@ -300,15 +300,31 @@ def builtin_models() -> dict[str, str]:
     }
 
 
+def _builtin_folder(name: str) -> Path | None:
+    """The folder a built-in model name stands for (a random architecture's or tiny-random's is
+    written on first use), or None when ``name`` is not a built-in here."""
+    if name == "tiny":
+        return PACKAGED_TINY if (PACKAGED_TINY / "model_index.json").is_file() else _tiny_random_folder()
+    if name == "tiny-lcm" and (PACKAGED_TINY_LCM / "model_index.json").is_file():
+        return PACKAGED_TINY_LCM
+    if name in ("tiny-random", "tiny-random-lcm"):
+        return _tiny_random_folder(lcm=name.endswith("-lcm"))
+    if name in RANDOM_ARCHITECTURES:
+        from .random_models import random_model_folder
+
+        return random_model_folder(name)
+    return None
+
+
 def model_arg(info: ModelInfo) -> str:
     """What ``--model`` takes to name ``info`` again, for the commands errors suggest: a built-in's
     name (``tiny``, not the package folder it lives in), else its folder."""
-    if info.name in builtin_models():
-        try:
-            if resolve_model(info.name).path.resolve() == Path(info.path).resolve():
-                return info.name
-        except (OSError, MissingFile):
-            pass
+    try:
+        folder = _builtin_folder(info.name)
+        if folder is not None and folder.resolve() == Path(info.path).resolve():
+            return info.name
+    except OSError:
+        pass
     return str(info.path)
 
 
@@ -316,18 +332,9 @@ def resolve_model(model: str | os.PathLike, variant: str | None = None) -> Model
     """A folder path, a built-in name, or a hub id → a checked ModelInfo. ``variant`` picks
     weight files such as ``*.fp16.safetensors`` (default: plain ones, or the only variant there)."""
     text = os.fspath(model)
-    if text == "tiny":
-        if (PACKAGED_TINY / "model_index.json").is_file():
-            return ModelInfo.from_folder(PACKAGED_TINY, name="tiny")
-        return ModelInfo.from_folder(_tiny_random_folder(), name="tiny")
-    if text == "tiny-lcm" and (PACKAGED_TINY_LCM / "model_index.json").is_file():
-        return ModelInfo.from_folder(PACKAGED_TINY_LCM, name="tiny-lcm")
-    if text in ("tiny-random", "tiny-random-lcm"):
-        return ModelInfo.from_folder(_tiny_random_folder(lcm=text.endswith("-lcm")), name=text)
-    if text in RANDOM_ARCHITECTURES:
-        from .random_models import random_model_folder
-
-        return ModelInfo.from_folder(random_model_folder(text), name=text, random_weights=True)
+    folder = _builtin_folder(text)
+    if folder is not None:
+        return ModelInfo.from_folder(folder, name=text, random_weights=text in RANDOM_ARCHITECTURES)
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
