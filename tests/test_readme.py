@@ -34,7 +34,7 @@ walk = _walk_module()
 STEPS = walk.plan(README)
 #: the README commands the walk does not run, each with why (GPU, hub download, the suite itself).
 EXPECTED_SKIPS = {
-    "python -m pytest",
+    "python -m pytest -n 2",
     "sdfast generate 'a cat' --model ./stable-diffusion-v1-5 --height 512 --width 512 --dtype bf16",
 }
 
@@ -47,7 +47,7 @@ def test_readme_has_commands_of_every_kind():
 
 @pytest.mark.parametrize("command", [s.text for s in STEPS if s.text.startswith("sdfast ")])
 def test_readme_sdfast_command_parses(command):
-    argv = shlex.split(command)[1:]
+    argv = shlex.split(command.removesuffix(" &"))[1:]  # " &": the walk's server in the background
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse prints the reason on stderr
@@ -96,6 +96,17 @@ def test_walk_splits_chains_continuations_and_comments():
     assert walk.output_paths(["sdfast", "export", "--out", "d", "--json", "r.json"]) == ("d", "r.json")
     with pytest.raises(ValueError, match="plain && chains"):
         walk.commands(walk.Block("bash", "a | b\n", 1))
+
+
+def test_walk_runs_a_trailing_ampersand_in_the_background_and_nothing_else():
+    block = walk.Block("bash", "sdfast serve --port 8000 &\ncurl -o r.json http://x\n", 1)
+    assert walk.commands(block) == [["sdfast", "serve", "--port", "8000", "&"], ["curl", "-o", "r.json", "http://x"]]
+    (server, client) = walk.plan("```bash\n" + block.code + "```\n")
+    assert server.text == "sdfast serve --port 8000 &" and server.outputs == ()  # a server writes nothing
+    assert client.outputs == ("r.json",)
+    for bad in ("a && sdfast serve &\n", "a & b\n"):  # a backgrounded chain, a & mid-line
+        with pytest.raises(ValueError):
+            walk.commands(walk.Block("bash", bad, 1))
 
 
 def test_walk_install_check_names_what_is_missing():
