@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 try:
     import tomllib
@@ -255,9 +256,10 @@ def _run(step: Step, cmd: list[str], cwd: Path, env: dict, timeout: float) -> No
     step.status, step.detail = ("failed", problem) if problem else ("ok", "")
 
 
-def _stop(servers: list[tuple[Step, subprocess.Popen]]) -> None:
-    """Stop the background servers (SIGTERM: they drain and exit 0); one that died early fails."""
-    for step, proc in servers:
+def _stop(servers: list[tuple[Step, subprocess.Popen, IO[str]]]) -> None:
+    """Stop the background servers (SIGTERM: they drain and exit 0), then close their logs; one
+    that died early fails."""
+    for step, proc, log in servers:
         if proc.poll() is not None and step.status == "ok":
             step.status, step.detail = "failed", f"exited {proc.returncode} before the walk ended"
         proc.terminate()
@@ -266,6 +268,7 @@ def _stop(servers: list[tuple[Step, subprocess.Popen]]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
 
 
 def walk(readme: Path, workdir: Path, timeout: float = 1200) -> list[Step]:
@@ -275,7 +278,7 @@ def walk(readme: Path, workdir: Path, timeout: float = 1200) -> list[Step]:
     env = dict(os.environ, SDFAST_CACHE=str(workdir / ".sdfast-cache"))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     steps = plan(readme.read_text(encoding="utf-8"))
-    servers: list[tuple[Step, subprocess.Popen]] = []
+    servers: list[tuple[Step, subprocess.Popen, IO[str]]] = []
     try:
         _walk_steps(steps, pyproject, workdir, env, timeout, servers)
     finally:
@@ -284,7 +287,7 @@ def walk(readme: Path, workdir: Path, timeout: float = 1200) -> list[Step]:
 
 
 def _walk_steps(steps: list[Step], pyproject: dict, workdir: Path, env: dict, timeout: float,
-                servers: list[tuple[Step, subprocess.Popen]]) -> None:
+                servers: list[tuple[Step, subprocess.Popen, IO[str]]]) -> None:
     for step in steps:
         if step.kind == "skip":
             step.status = "skipped"
@@ -300,9 +303,9 @@ def _walk_steps(steps: list[Step], pyproject: dict, workdir: Path, env: dict, ti
             if argv[0] == "python":
                 argv[0] = sys.executable
             if argv[-1] == "&":
-                log = open(workdir / f"background-{len(servers)}.log", "w")  # noqa: SIM115 (closed with the walk)
+                log = open(workdir / f"background-{len(servers)}.log", "w")  # noqa: SIM115 (closed by _stop)
                 servers.append((step, subprocess.Popen(argv[:-1], cwd=workdir, env=env, stdout=log,
-                                                       stderr=subprocess.STDOUT)))
+                                                       stderr=subprocess.STDOUT), log))
                 step.status = "ok"
                 continue
             _run(step, argv, workdir, env, timeout)

@@ -39,7 +39,7 @@ def is_int(value: Any) -> bool:
 
 def is_number(value: Any) -> bool:
     """A real number (Python or numpy: ``numpy.float32(7.5)`` is one), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy.bool_ is not Real
 
 
 def check_int(arg: str, value: Any, lo: int, hi: int | None = None, hint: str = "", hi_text: str = "") -> int:

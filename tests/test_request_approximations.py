@@ -103,7 +103,9 @@ def test_cache_branch_picks_how_much_of_the_unet_the_shallow_steps_rerun(tiny_pi
 
 
 def test_cache_branch_bounds_and_its_need_for_cache_interval(tiny_pipe, tiny_info):
-    deepest = __import__("sdfast.deepcache", fromlist=["x"]).branch_count(tiny_pipe.engines["unet"]) - 1
+    from sdfast.deepcache import branch_count
+
+    deepest = branch_count(tiny_pipe.engines["unet"]) - 1
     tiny_pipe.generate(PROMPT, steps=2, cache_interval=2, cache_branch=deepest)  # the last branch: fine
     with pytest.raises(InvalidArgument, match=rf"cache_branch: this U-Net has branches 0 \.\. {deepest}"):
         tiny_pipe.generate(PROMPT, steps=2, cache_interval=2, cache_branch=deepest + 1)

@@ -155,8 +155,12 @@ REFUSED_AUTH = [
 ]
 
 
+#: the API routes a configured key guards: one read, one that would run the service.
+KEYED_ROUTES = [("GET", "/v1/models"), ("POST", "/v1/images/generations")]
+
+
 @pytest.mark.parametrize("value", ACCEPTED_AUTH, ids=repr)
-@pytest.mark.parametrize("method,path", [("GET", "/v1/models"), ("POST", "/v1/images/generations")])
+@pytest.mark.parametrize("method,path", KEYED_ROUTES)
 def test_the_key_in_a_bearer_header_is_accepted(value, method, path):
     app, service = app_with()
     r = call(app, method, path, [(b"authorization", value)], [b'{"prompt": "x"}'])
@@ -168,7 +172,7 @@ def test_the_key_in_a_bearer_header_is_accepted(value, method, path):
 
 
 @pytest.mark.parametrize("value", REFUSED_AUTH, ids=repr)
-@pytest.mark.parametrize("method,path", [("GET", "/v1/models"), ("POST", "/v1/images/generations")])
+@pytest.mark.parametrize("method,path", KEYED_ROUTES)
 def test_near_misses_of_the_key_are_401_and_never_reach_the_service(value, method, path):
     app, service = app_with()
     r = call(app, method, path, [(b"authorization", value)], [b'{"prompt": "x"}'])
@@ -188,7 +192,7 @@ def test_near_misses_of_the_key_are_401_and_never_reach_the_service(value, metho
 ])
 def test_the_key_in_any_other_header_or_the_query_is_401(headers, query):
     app, service = app_with()
-    for method, path in (("GET", "/v1/models"), ("POST", "/v1/images/generations")):
+    for method, path in KEYED_ROUTES:
         r = call(app, method, path, headers, [b'{"prompt": "x"}'], query=query)
         assert r.status == 401, (method, r.body)
     assert service.parsed == []
