@@ -286,6 +286,10 @@ MUTATIONS: tuple[Mutation, ...] = (
              '"start_step", "long_prompt", "guidance_cut",', '"start_step", "guidance_cut",',
              ("tests/test_batch_rows_differ.py", "-k", "long_prompt_policy"),
              "run_batch gives requests of mixed long-prompt policy the first one's policy"),
+    Mutation("cache-branch-ignored", "sdfast/runtime.py",
+             "wrap_unet(unet, head.cache_interval, head.cache_branch)", "wrap_unet(unet, head.cache_interval)",
+             ("tests/test_request_approximations.py", "-k", "cache_branch"),
+             "--cache-branch is accepted and recorded but DeepCache always skips at branch 0"),
 )
 
 
