@@ -6,6 +6,7 @@ key missing or of the wrong type, a safetensors file that is empty, truncated or
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -34,17 +35,34 @@ FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionImg2ImgPipeline": "
 IGNORED_PARTS = ("safety_checker", "feature_extractor", "image_encoder")
 #: the extra folders an SDXL folder has.
 SDXL_PARTS = (("text_encoder_2", "config.json"),)
-#: config keys sdfast reads (ModelInfo, components), with their JSON types; None: optional.
+#: config keys sdfast reads (ModelInfo, components) or whose bad value would only fail deep inside
+#: a library (a ZeroDivisionError, a module with no layers, an absurd allocation), with their JSON
+#: types and whether a config must have them. Every int must be positive; a list (or an int-or-list)
+#: must be non-empty and hold positive ints; a number must be finite and positive.
+_INTS = (int, list)
 CONFIG_KEYS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
-    "text_encoder": {"hidden_size": (int, True), "max_position_embeddings": (int, True), "vocab_size": (int, True)},
+    "text_encoder": {"hidden_size": (int, True), "max_position_embeddings": (int, True), "vocab_size": (int, True),
+                     "num_attention_heads": (int, False), "num_hidden_layers": (int, False),
+                     "intermediate_size": (int, False)},
     "text_encoder_2": {"hidden_size": (int, True), "max_position_embeddings": (int, True),
-                       "vocab_size": (int, True), "projection_dim": (int, True)},
-    "unet": {"in_channels": (int, True), "sample_size": (int, True), "block_out_channels": (list, True)},
+                       "vocab_size": (int, True), "projection_dim": (int, True),
+                       "num_attention_heads": (int, False), "num_hidden_layers": (int, False),
+                       "intermediate_size": (int, False)},
+    "unet": {"in_channels": (int, True), "sample_size": (int, True), "block_out_channels": (list, True),
+             "out_channels": (int, False), "norm_num_groups": (int, False), "layers_per_block": (_INTS, False),
+             "attention_head_dim": (_INTS, False), "num_attention_heads": (_INTS, False),
+             "cross_attention_dim": (_INTS, False), "transformer_layers_per_block": (_INTS, False)},
     "vae": {"block_out_channels": (list, True), "scaling_factor": ((int, float), False),
-            "latent_channels": (int, False)},
+            "latent_channels": (int, False), "norm_num_groups": (int, False), "layers_per_block": (int, False)},
     "scheduler": {"num_train_timesteps": (int, False)},
     "tokenizer": {"model_max_length": (int, False)},
 }
+#: (component, the channel list, the group count, its diffusers default): GroupNorm needs every
+#: channel count to be a multiple of the groups, and (text encoder) attention the width a multiple
+#: of the heads; otherwise the library fails with a bare ZeroDivisionError or shape error.
+_DIVISIBLE = {"unet": ("block_out_channels", "norm_num_groups", 32), "vae": ("block_out_channels", "norm_num_groups", 32),
+              "text_encoder": ("hidden_size", "num_attention_heads", 8),
+              "text_encoder_2": ("hidden_size", "num_attention_heads", 8)}
 _FIX = "restore the file from the model release"
 
 
@@ -107,8 +125,13 @@ def read_json(path: Path) -> dict[str, Any]:
     return d
 
 
+def _positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
 def check_config(path: Path, part: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Refuse a config that lacks a key sdfast reads or has it with the wrong type."""
+    """Refuse a config that lacks a key sdfast reads, has a key of the wrong type or out of range,
+    or dims a layer cannot be built from; a scheduler config is checked as its noise schedule."""
     for key, (typ, required) in CONFIG_KEYS.get(part, {}).items():
         if key not in config or config[key] is None:
             if required:
@@ -118,10 +141,26 @@ def check_config(path: Path, part: str, config: dict[str, Any]) -> dict[str, Any
         if isinstance(v, bool) or not isinstance(v, typ):
             want = " or ".join(t.__name__ for t in (typ if isinstance(typ, tuple) else (typ,)))
             raise InvalidArgument(f"model: {path} has {key} = {v!r} ({type(v).__name__}), not {want}; {_FIX}")
-        if typ is list and (not v or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)):
+        if isinstance(v, list) and (not v or not all(_positive_int(x) for x in v)):
             raise InvalidArgument(f"model: {path} has {key} = {v!r}, not a non-empty list of positive integers; {_FIX}")
-        if typ is int and v < 1:
+        if isinstance(v, int) and typ in (int, _INTS) and v < 1:
             raise InvalidArgument(f"model: {path} has {key} = {v!r}, not a positive integer; {_FIX}")
+        if isinstance(v, int | float) and typ == (int, float) and not (math.isfinite(v) and v > 0):
+            raise InvalidArgument(f"model: {path} has {key} = {v!r}, not a finite number > 0; {_FIX}")
+    if part in _DIVISIBLE:
+        dims_key, groups_key, default = _DIVISIBLE[part]
+        groups = config.get(groups_key) or default
+        dims = config[dims_key] if isinstance(config[dims_key], list) else [config[dims_key]]
+        if any(d % groups for d in dims):
+            raise InvalidArgument(f"model: {path} has {dims_key} = {config[dims_key]!r}, not all multiples of "
+                                  f"{groups_key} = {groups}; {_FIX}")
+    if part == "scheduler":
+        from .schedulers.base import NoiseSchedule  # torch: only when a scheduler config is read
+
+        try:
+            NoiseSchedule.from_config(config)
+        except InvalidArgument as e:
+            raise InvalidArgument(f"model: {path}: {e}") from None
     return config
 
 

@@ -373,7 +373,7 @@ def load_tokenizer(info: ModelInfo, folder: str = "tokenizer"):
 
     try:
         return CLIPTokenizer.from_pretrained(info.path / folder)
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    except Exception as e:  # noqa: BLE001 -- tokenizers raises bare Exception for a malformed vocab / merges
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise InvalidArgument(f"model: cannot load {info.path / folder} ({type(e).__name__}: {first}); "
                               f"copy the tokenizer folder of the model release") from None
@@ -430,7 +430,7 @@ def _from_pretrained(cls, folder: Path, dtype: torch.dtype, variant: str | None 
         return cls.from_pretrained(folder, torch_dtype=dtype)
     except torch.OutOfMemoryError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ArithmeticError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise InvalidArgument(f"model: cannot load {folder} ({type(e).__name__}: {first}); restore the folder "
                               f"from the model release") from None

@@ -182,9 +182,9 @@ class Request:
         # one latent draw for the whole (prompts × n) batch, so the same seed gives its latents.
         prompts = [p for p in prompts for _ in range(n)]
         negatives = [p for p in negatives for _ in range(n)]
-        rules.check_steps(steps, int(info.scheduler_config.get("num_train_timesteps", 1000)))
+        steps = rules.check_steps(steps, int(info.scheduler_config.get("num_train_timesteps", 1000)))
         guidance_scale = rules.check_guidance(guidance_scale)
-        rules.check_int("seed", seed, 0, rules.MAX_SEED, hi_text="2**64-1")
+        seed = rules.check_int("seed", seed, 0, rules.MAX_SEED, hi_text="2**64-1")
         if scheduler is None:
             scheduler = scheduler_for_config(info.scheduler_config)
         rules.check_choice("scheduler", scheduler, SCHEDULERS)
@@ -262,11 +262,22 @@ def _pair(arg: str, value) -> tuple[int, int] | None:
 
 
 def _prompts(value: str | list[str], arg: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list | tuple) and all(isinstance(p, str) for p in value):
-        return list(value)
+    texts = [value] if isinstance(value, str) else list(value) if isinstance(value, list | tuple) else None
+    if texts is not None and all(isinstance(p, str) for p in texts):
+        for k, text in enumerate(texts):
+            _check_text(arg if isinstance(value, str) else f"{arg}[{k}]", text)
+        return texts
     raise InvalidArgument(f"{arg}: must be a string or a list of strings, not {type(value).__name__}")
+
+
+def _check_text(arg: str, text: str) -> None:
+    """A prompt the tokenizer can read: valid Unicode. A lone surrogate (U+D800..U+DFFF, what a
+    broken UTF-16 decode or ``surrogateescape`` leaves in a str) has no UTF-8 form."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidArgument(f"{arg}: holds a lone surrogate U+{ord(text[e.start]):04X} at character {e.start}, "
+                              "which is not valid Unicode; decode the text correctly or drop that character") from None
 
 
 def request_defaults() -> dict[str, Any]:

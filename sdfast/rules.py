@@ -26,8 +26,17 @@ MAX_IMAGES = 64
 MAX_GUIDANCE = 100.0
 
 
+def scalar(value: Any) -> Any:
+    """A 0-d numpy array or torch tensor as the Python number it holds (``.item()``); anything
+    else as it is. A caller computing a value with numpy or torch passes one of these naturally."""
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        return value.item()
+    return value
+
+
 def is_int(value: Any) -> bool:
-    """An integer (Python or numpy), not a bool."""
+    """An integer (Python, numpy, or a 0-d integer array / tensor), not a bool."""
+    value = scalar(value)
     if isinstance(value, bool):
         return False
     try:
@@ -38,12 +47,15 @@ def is_int(value: Any) -> bool:
 
 
 def is_number(value: Any) -> bool:
-    """A real number (Python or numpy: ``numpy.float32(7.5)`` is one), not a bool."""
+    """A real number (Python, numpy: ``numpy.float32(7.5)`` is one, or a 0-d array / tensor), not a bool."""
+    value = scalar(value)
     return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy.bool_ is not Real
 
 
 def check_int(arg: str, value: Any, lo: int, hi: int | None = None, hint: str = "", hi_text: str = "") -> int:
-    """An integer in lo..hi (hi None: no upper bound); ``hi_text`` spells hi (e.g. "2**64-1")."""
+    """An integer in lo..hi (hi None: no upper bound), returned as a Python int; ``hi_text`` spells
+    hi (e.g. "2**64-1")."""
+    value = scalar(value)
     if not is_int(value) or value < lo or (hi is not None and value > hi):
         rule = f"an integer from {lo} to {hi_text or hi}" if hi is not None else f"an integer >= {lo}"
         raise InvalidArgument(f"{arg}: must be {rule} but is {value!r}{'; ' + hint if hint else ''}")
@@ -64,6 +76,7 @@ def check_steps(steps: Any, num_train_timesteps: int = 1000) -> int:
 
 
 def check_guidance(value: Any) -> float:
+    value = scalar(value)
     if not is_number(value) or not math.isfinite(value) or not 0 <= value <= MAX_GUIDANCE:
         raise InvalidArgument(
             f"guidance_scale: must be a finite number >= 0 and <= {MAX_GUIDANCE:g} but is {value!r}; "
@@ -74,6 +87,7 @@ def check_guidance(value: Any) -> float:
 
 def check_strength(value: Any) -> float:
     """img2img strength: the fraction of the schedule re-run from the noised init image."""
+    value = scalar(value)
     if not is_number(value) or not 0 < value <= 1:
         raise InvalidArgument(f"strength: must be in (0, 1] but is {value!r}; 0.8 is the usual value, "
                               "1 all but ignores the init image")

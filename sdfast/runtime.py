@@ -134,6 +134,10 @@ BATCH_KEYS = ("height", "width", "steps", "scheduler", "guided", "start_step", "
 def check_batchable(requests: list[Request]) -> None:
     if not requests:
         raise InvalidArgument("requests: the list is empty; pass at least one Request")
+    for r in requests:
+        if not isinstance(r, Request):
+            raise InvalidArgument(f"req: must be a Request but is {type(r).__name__}; build one with "
+                                  "Request.build(pipe.info, prompt, ...) or call pipe.generate(prompt, ...)")
     first = requests[0]
     for r in requests[1:]:
         for key in BATCH_KEYS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sdfast.errors import InvalidArgument
 from sdfast.schedulers import SCHEDULERS, Scheduler, make_scheduler
 
 # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json (a PNDM config, as shipped).
@@ -224,16 +225,42 @@ def test_begin_resets_run_state(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_most_steps_stay_finite(name: str) -> None:
-    # 1000 "linspace" steps repeat a rounded timestep for DPM-Solver++ (diffusers goes NaN);
-    # 1000 "leading" DDIM steps with steps_offset 1 would start past the last training step.
+    # 1000 "linspace" steps would repeat a rounded timestep for DPM-Solver++ (a zero-size step:
+    # diffusers goes NaN); 1000 "leading" DDIM steps with steps_offset 1 would start past the
+    # last training step. Both are refused naming the most steps that work, which do work.
     # LCM / TCD stop at their 50-step distillation schedule (tests/test_schedulers_fewstep.py).
+    refused = {"ddim": ("would start at timestep 1000, past the last training step 999", 999),
+               "dpmpp_2m": ("repeats 1 of its timesteps", 999)}
     for steps in (999, 1000) if name not in ("lcm", "tcd") else (49, 50):
-        if name == "ddim" and steps == 1000:
-            with pytest.raises(ValueError, match="^steps: 1000 steps with timestep_spacing 'leading'"):
+        if name in refused and steps == 1000:
+            needle, fewer = refused[name]
+            with pytest.raises(InvalidArgument, match=rf"^steps: .*{needle}.*\({fewer} is the most below 1000"):
                 run_ours(name, SD15_CONFIG, steps)
             continue
         _, samples = run_ours(name, SD15_CONFIG, steps)
         assert torch.isfinite(samples[-1]).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_accepted_step_count_moves_every_step(name: str) -> None:
+    """Over the step counts a scheduler accepts (both ends of the range, and the top of it step by
+    step, where rounding starts to collide), each step goes to strictly less noise: no repeated
+    sigma (a zero-size step) and no timestep past the training schedule."""
+    top = 50 if name in ("lcm", "tcd") else 1000
+    for steps in sorted({*range(1, 11), 25, top // 2, *range(top - 10, top + 1)}):
+        sched = make_scheduler(name, SD15_CONFIG)
+        try:
+            sched.set_timesteps(steps)
+        except InvalidArgument as e:
+            assert str(e).startswith("steps: ") and "is the most below" in str(e), e
+            continue
+        t = sched.timesteps
+        assert len(t) == steps and 0 <= t.min() and t.max() <= 999, (steps, t)
+        if name != "dpmpp_2m_karras":  # Karras: rounded timesteps may repeat, its sigmas never do
+            assert (t[1:] < t[:-1]).all(), (steps, t)
+        sigmas = getattr(sched, "sigmas", None)
+        if sigmas is not None:
+            assert (sigmas[1:] < sigmas[:-1]).all(), (steps, sigmas)
 
 
 @pytest.mark.parametrize("steps", [0, 1001])
@@ -264,9 +291,8 @@ def test_unsupported_config_option_is_refused_by_name(name: str, option: dict) -
 
 
 def test_bad_timestep_spacing_names_the_key() -> None:
-    sched = make_scheduler("euler", {**SD15_CONFIG, "timestep_spacing": "sideways"})
-    with pytest.raises(ValueError, match="^timestep_spacing: must be one of"):
-        sched.set_timesteps(10)
+    with pytest.raises(InvalidArgument, match="^scheduler config: timestep_spacing must be one of"):
+        make_scheduler("euler", {**SD15_CONFIG, "timestep_spacing": "sideways"})
 
 
 def test_euler_ancestral_requires_noise() -> None:

@@ -30,12 +30,23 @@ import numpy as np
 import torch
 
 from ..errors import InvalidArgument
-from ..rules import check_steps
+from ..rules import check_steps, is_int, is_number
 
 StepIndex = int | torch.Tensor
 #: what the U-Net predicts: the noise (SD 1.x, 2.x base), the velocity v = alpha·eps − sigma·x0
 #: (Salimans & Ho 2022; SD 2.x 768 px), or the clean sample.
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+SPACINGS = ("linspace", "leading", "trailing")
+#: Every released SD model trains on 1000 steps; far more only allocates tables nobody can use
+#: (10**12 asked for 4 TB), so a config beyond this is refused as broken.
+MAX_TRAIN_TIMESTEPS = 10_000
+_FIX = "fix scheduler_config.json or restore it from the model release"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def at(table: torch.Tensor, i: StepIndex) -> torch.Tensor:
@@ -64,11 +75,49 @@ class NoiseSchedule:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> NoiseSchedule:
+        """The schedule a config states; InvalidArgument naming the key for one no run can use."""
         known = {f for f in cls.__dataclass_fields__}
         values = {k: v for k, v in config.items() if k in known and v is not None}
         if "trained_betas" in values:
-            values["trained_betas"] = tuple(float(b) for b in values["trained_betas"])
-        return cls(**values)
+            betas = values["trained_betas"]
+            if not isinstance(betas, list | tuple) or not betas or not all(map(is_number, betas)):
+                raise InvalidArgument(f"scheduler config: trained_betas must be a non-empty list of numbers but is "
+                                      f"{_short(betas)}; {_FIX}")
+            values["trained_betas"] = tuple(float(b) for b in betas)
+        schedule = cls(**values)
+        schedule.check()
+        return schedule
+
+    def check(self) -> None:
+        def bad(key: str, rule: str) -> InvalidArgument:
+            return InvalidArgument(f"scheduler config: {key} must be {rule} but is {_short(getattr(self, key))}; {_FIX}")
+
+        n = self.num_train_timesteps
+        if not is_int(n) or not 1 <= n <= MAX_TRAIN_TIMESTEPS:
+            raise bad("num_train_timesteps", f"an integer from 1 to {MAX_TRAIN_TIMESTEPS} (SD models use 1000)")
+        if self.trained_betas is not None:
+            if len(self.trained_betas) != n:
+                raise InvalidArgument(f"scheduler config: trained_betas has {len(self.trained_betas)} values but "
+                                      f"num_train_timesteps is {n}; they must agree; {_FIX}")
+            if not all(0 < b < 1 for b in self.trained_betas):  # NaN fails too
+                raise bad("trained_betas", "values in (0, 1)")
+        else:
+            if self.beta_schedule not in BETA_SCHEDULES:
+                raise bad("beta_schedule", f"one of {', '.join(map(repr, BETA_SCHEDULES))}")
+            if self.beta_schedule != "squaredcos_cap_v2":  # the cosine schedule reads neither
+                for key in ("beta_start", "beta_end"):
+                    v = getattr(self, key)
+                    if not is_number(v) or not 0 < v < 1:
+                        raise bad(key, "a number in (0, 1) (SD: 0.00085 and 0.012)")
+                if self.beta_start > self.beta_end:
+                    raise InvalidArgument(f"scheduler config: beta_start ({self.beta_start!r}) must not exceed "
+                                          f"beta_end ({self.beta_end!r}); noise only grows along the schedule; {_FIX}")
+        if self.timestep_spacing is not None and self.timestep_spacing not in SPACINGS:
+            raise bad("timestep_spacing", f"one of {', '.join(map(repr, SPACINGS))} (or absent: the scheduler's default)")
+        if not is_int(self.steps_offset) or not 0 <= self.steps_offset < n:
+            raise bad("steps_offset", f"an integer from 0 to {n - 1} (SD 1.x: 1)")
+        if not isinstance(self.prediction_type, str):
+            raise bad("prediction_type", f"one of {', '.join(map(repr, PREDICTION_TYPES))}")
 
     def betas(self) -> torch.Tensor:
         """float32 betas, computed exactly like diffusers (float32 linspace, squared in float32).
@@ -91,10 +140,7 @@ class NoiseSchedule:
                 [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)],
                 dtype=torch.float32,
             )
-        raise ValueError(
-            f"scheduler config: beta_schedule {self.beta_schedule!r} is not supported; "
-            "use one of 'linear', 'scaled_linear', 'squaredcos_cap_v2'"
-        )
+        raise AssertionError(self.beta_schedule)  # refused by check()
 
     def alphas_cumprod(self) -> torch.Tensor:
         """(T,) float32 ``alpha_bar_t``, the cumulative product diffusers computes in float32."""
@@ -120,7 +166,7 @@ def spaced_timesteps(spacing: str, num_train_timesteps: int, n: int, steps_offse
         return (np.arange(n) * stride).round()[::-1].astype(np.float32) + steps_offset
     if spacing == "trailing":
         return np.arange(t_max, 0, -t_max / n).round().astype(np.float32) - 1
-    raise ValueError(f"timestep_spacing: must be one of 'linspace', 'leading', 'trailing' but is {spacing!r}")
+    raise AssertionError(spacing)  # refused by NoiseSchedule.check()
 
 
 def interpolated_sigmas(schedule: NoiseSchedule, timesteps: np.ndarray) -> np.ndarray:
@@ -161,7 +207,7 @@ class Scheduler:
             )
         for key, supported in self.fixed_options.items():
             if config.get(key, supported) != supported:
-                raise ValueError(
+                raise InvalidArgument(
                     f"scheduler config: {key}={config[key]!r} is not supported by {self.name!r}; "
                     f"set it to {supported!r} or remove it from scheduler_config.json"
                 )
@@ -170,13 +216,7 @@ class Scheduler:
 
     @property
     def spacing(self) -> str:
-        spacing = self.schedule.timestep_spacing or self.default_spacing
-        if spacing not in ("linspace", "leading", "trailing"):
-            raise ValueError(
-                f"timestep_spacing: must be one of 'linspace', 'leading', 'trailing' but is {spacing!r}; "
-                "fix it in scheduler_config.json or remove it to use the scheduler's default"
-            )
-        return spacing
+        return self.schedule.timestep_spacing or self.default_spacing  # a known one: NoiseSchedule.check()
 
     def check_steps(self, num_inference_steps: int) -> None:
         """Reject a step count the training schedule cannot be divided into (``rules.check_steps``)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import InvalidArgument
 from .base import Scheduler, StepIndex, at
 
 
@@ -35,10 +36,11 @@ class DDIMScheduler(Scheduler):
         t_max = self.schedule.num_train_timesteps
         timesteps = self._spaced_timesteps(num_inference_steps)
         if timesteps.max() >= t_max:
-            raise ValueError(
+            fewer = next(k for k in range(num_inference_steps - 1, 0, -1) if self._spaced_timesteps(k).max() < t_max)
+            raise InvalidArgument(
                 f"steps: {num_inference_steps} steps with timestep_spacing {self.spacing!r} and steps_offset "
                 f"{self.schedule.steps_offset} would start at timestep {timesteps.max()}, past the last training "
-                f"step {t_max - 1}; use fewer steps"
+                f"step {t_max - 1}; use fewer steps ({fewer} is the most below {num_inference_steps} that fits)"
             )
         alphas_cumprod = self.schedule.alphas_cumprod().double()  # float32 values, as diffusers
         final = 1.0 if self.set_alpha_to_one else alphas_cumprod[0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import InvalidArgument
 from .base import Scheduler, StepIndex, at
 
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5: the value the paper uses
@@ -74,18 +75,35 @@ class DPMPP2MScheduler(Scheduler):
             return ramp.astype(np.int64) + self.schedule.steps_offset
         return np.arange(t_max, 0, -t_max / n).round().astype(np.int64) - 1  # trailing
 
-    def set_timesteps(self, num_inference_steps: int, device: torch.device | str = "cpu") -> None:
-        self.check_steps(num_inference_steps)
+    def _timesteps_and_sigmas(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(n,) timesteps (rounded like diffusers) and their (n,) sigmas."""
         train = self.schedule.train_sigmas()  # (T,) float32
-        timesteps = self._spaced_timesteps(num_inference_steps)
+        timesteps = self._spaced_timesteps(n)
         if self.karras:
             # The Karras ramp spans the whole training range, whatever the spacing.
-            sigmas = karras_sigmas(train[0].item(), train[-1].item(), num_inference_steps)
+            sigmas = karras_sigmas(train[0].item(), train[-1].item(), n)
             timesteps = sigmas_to_timesteps(sigmas, train)
             if self.schedule.beta_schedule != "squaredcos_cap_v2":
                 timesteps = timesteps.round()
         else:
             sigmas = np.interp(timesteps, np.arange(len(train)), train)
+        return timesteps, sigmas
+
+    def set_timesteps(self, num_inference_steps: int, device: torch.device | str = "cpu") -> None:
+        self.check_steps(num_inference_steps)
+        timesteps, sigmas = self._timesteps_and_sigmas(num_inference_steps)
+        repeats = len(sigmas) - len(np.unique(sigmas))
+        if repeats:
+            # Rounding puts two steps on one training timestep and sigma: a step of size h = 0,
+            # whose second-order term divides by it (diffusers goes NaN at 1000 "linspace" steps).
+            # Karras sigmas never repeat; their rounded timesteps do at the low-noise end (at 50
+            # steps already, in diffusers too), but each step still moves to a smaller sigma.
+            fewer = next(k for k in range(num_inference_steps - 1, 0, -1)
+                         if len(np.unique(self._timesteps_and_sigmas(k)[1])) == k)
+            raise InvalidArgument(
+                f"steps: {self.name} at {num_inference_steps} steps repeats {repeats} of its timesteps (the "
+                f"{self.schedule.num_train_timesteps} training steps cannot be divided that finely); use fewer "
+                f"steps ({fewer} is the most below {num_inference_steps} that repeats none)")
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # final_sigmas_type "zero"
         n = len(timesteps)
         self.num_inference_steps = n
@@ -103,9 +121,6 @@ class DPMPP2MScheduler(Scheduler):
         r[1:] = (lam[1:-1] - lam[:-2]) / h[1:]  # r_i = h_{i-1} / h_i
         second_order = torch.zeros(n, dtype=torch.bool)
         second_order[1 : n - 1] = True  # step 0: no history; last step: lower_order_final
-        # A repeated timestep (1000 "linspace" steps round two points to one) gives h = 0 and
-        # r = 0 or inf: diffusers turns the whole run into NaN there; we take a first-order step.
-        second_order[1:] &= (h[1:] > 0) & (h[:-1] > 0)
         corr = torch.where(second_order, 0.5 * phi / r, torch.zeros_like(phi))
 
         self._alpha = alpha_t[:-1].float().to(device)  # (N,) at the step's own sigma
