@@ -262,11 +262,13 @@ def _pair(arg: str, value) -> tuple[int, int] | None:
 
 
 def _prompts(value: str | list[str], arg: str) -> list[str]:
-    texts = [value] if isinstance(value, str) else list(value) if isinstance(value, list | tuple) else None
-    if texts is not None and all(isinstance(p, str) for p in texts):
-        for k, text in enumerate(texts):
-            _check_text(arg if isinstance(value, str) else f"{arg}[{k}]", text)
-        return texts
+    if isinstance(value, str):
+        _check_text(arg, value)
+        return [value]
+    if isinstance(value, list | tuple) and all(isinstance(p, str) for p in value):
+        for k, text in enumerate(value):
+            _check_text(f"{arg}[{k}]", text)
+        return list(value)
     raise InvalidArgument(f"{arg}: must be a string or a list of strings, not {type(value).__name__}")
 
 

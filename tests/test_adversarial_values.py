@@ -108,8 +108,7 @@ BAD_VALUES = {int: [0, -1, True, "8", 2.0], list: [[], [0], [-32], [True], "32",
 def _key_cases():
     for part, keys in CONFIG_KEYS.items():
         for key, (typ, _) in keys.items():
-            kind = typ if typ in BAD_VALUES else (int, list)
-            for bad in BAD_VALUES[kind]:
+            for bad in BAD_VALUES[typ]:
                 yield part, key, bad
 
 
