@@ -22,7 +22,7 @@ import logging
 import sys
 
 from . import __version__
-from .errors import InvalidArgument, MissingFile
+from .errors import InvalidArgument, MissingFile, NoSpace
 
 #: subcommand -> (module under sdfast that defines `register(subparsers)`, its one-line help).
 #: The help is repeated here so that `sdfast --help` lists the commands without importing them;
@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     except (InvalidArgument, MissingFile) as e:
         print(f"sdfast {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except NoSpace as e:  # not the user's input, nor a bug: the machine; 1 like any failed write
+        print(f"sdfast {args.command}: error: {e.strerror}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"sdfast {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -21,5 +21,14 @@ class ArtifactMismatch(InvalidArgument):
     """An exported artifact does not match the model, versions, device or request at hand."""
 
 
+class NoSpace(OSError):
+    """The disk filled (or a quota ran out) while sdfast wrote an output.
+
+    Raised in place of the writer's own error (``OSError`` ENOSPC / EDQUOT, or a library's
+    ``RuntimeError`` quoting "No space left on device") by the atomic writers in ``fsio``, after
+    they removed what they had staged: the earlier output, if any, is untouched.
+    """
+
+
 class NumericalError(RuntimeError):
     """The computation produced NaN or inf (fp16 overflow, a broken engine): not a user error."""

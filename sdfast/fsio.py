@@ -9,6 +9,10 @@
   together or not at all.
 - ``check_output_path`` / ``check_output_dir``: the checks that run *before* any work.
 
+A disk that fills mid-write (ENOSPC, EDQUOT, or a library's error quoting "No space left on
+device") surfaces from all three writers as ``errors.NoSpace``, one line naming the target,
+after the staged bytes are removed; the CLI prints it without a traceback.
+
 Temporary names are ``.NAME.tmp-PID-XXXXXXXX`` (NAME shortened so the whole fits the file
 system's name limit). The PID lets the next writer to the same target remove what a killed
 process left, and only that: a live process's staging folder is never touched.
@@ -26,7 +30,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, NoSpace
 
 _STALE = re.compile(r"^\.(?P<stem>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[^.]+(\..*)?$")
 
@@ -105,17 +109,89 @@ def clean_stale(target: Path, complete: str | None = None) -> None:
                 p.unlink()
 
 
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = os.strerror(errno.ENOSPC).lower()  # "no space left on device"
+
+
+def _is_full(e: BaseException) -> bool:
+    """True for the disk-full errors a writer may see: OSError's errno or a library's message."""
+    for err in (e, e.__cause__, e.__context__):
+        if isinstance(err, OSError) and err.errno in _FULL_ERRNOS:
+            return True
+        if isinstance(err, (OSError, RuntimeError)) and _FULL_TEXT in str(err).lower():
+            return True
+    return False
+
+
+_NEARLY_FULL = 1 << 20  # bytes: below this, a failed write is taken to be the disk filling
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < _NEARLY_FULL
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _note_full_disk(folder: Path) -> Iterator[None]:
+    """Inside a writer, before its clean-up: a failure on a disk that is now (nearly) full is the
+    disk filling, whatever the library said (OpenVINO's writer says "basic_ios::clear: iostream
+    error"); re-raised as ENOSPC quoting the library's words."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if _is_full(e) or not _nearly_full(folder):
+            raise
+        raise OSError(errno.ENOSPC, f"{_FULL_TEXT} (the writer said: {e})") from e
+
+
+def _free_mib(folder: Path) -> str:
+    while not folder.exists() and folder != folder.parent:  # a folder the failed write made is gone
+        folder = folder.parent
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free there now"
+    except OSError:
+        return "free space unknown"
+
+
+@contextlib.contextmanager
+def _full_disk_is(kind: str, target: Path) -> Iterator[None]:
+    """Turn a disk-full error inside the block into one ``NoSpace`` line naming ``target``.
+
+    Runs outside the writer's own clean-up, so the free space it reports is after the staged
+    bytes went.
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, NoSpace) or not _is_full(e):
+            raise
+        raise NoSpace(errno.ENOSPC,
+                      f"the disk filled while writing {kind} {target} ({_free_mib(target.parent)}); nothing "
+                      f"was left half-written and an earlier {target.name}, if any, is unchanged: free space on that "
+                      f"disk or write somewhere else", str(target)) from e
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it to ``path`` on success."""
     path = Path(path)
+    with _full_disk_is("the file", path.absolute()):
+        with _atomic_path(path) as tmp:
+            yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path)
     fd, tmp = tempfile.mkstemp(prefix=_prefix(path.name, "tmp", path.parent, path.suffix), suffix=path.suffix,
                                dir=path.parent)
     os.close(fd)
     try:
-        yield Path(tmp)
+        with _note_full_disk(path.parent):
+            yield Path(tmp)
         os.chmod(tmp, ordinary_mode())
         os.replace(tmp, path)
     finally:
@@ -155,13 +231,21 @@ def staging_dir(out: str | os.PathLike, complete: str | None = "manifest.json") 
     whether ``out`` may be replaced (``export.base.check_export_out``).
     """
     out = Path(out).absolute()
+    with _full_disk_is("the folder", out):
+        with _staging_dir(out, complete) as tmp:
+            yield tmp
+
+
+@contextlib.contextmanager
+def _staging_dir(out: Path, complete: str | None) -> Iterator[Path]:
     made = _make_parents(out)
     clean_stale(out, complete)
     tmp = Path(tempfile.mkdtemp(prefix=_prefix(out.name, "tmp", out.parent), dir=out.parent))
     os.chmod(tmp, ordinary_mode(0o777))  # mkdtemp makes it private; the result is an ordinary folder
     done = False
     try:
-        yield tmp
+        with _note_full_disk(out.parent):
+            yield tmp
         if complete is not None and not (tmp / complete).is_file():
             raise RuntimeError(f"writing {tmp} finished without {complete}")
         if not (out.exists() or out.is_symlink()):
@@ -261,10 +345,12 @@ class OutputGroup:
     def __init__(self) -> None:
         self._staged: list[tuple[Path, Path]] = []
         self._made: list[Path] = []
+        self.last: Path | None = None  # the latest target asked for, named if the disk fills
 
     def path(self, target: str | os.PathLike) -> Path:
         """A temporary path that becomes ``target`` when the group commits."""
         target = Path(target).absolute()
+        self.last = target
         self._made += _make_parents(target)
         clean_stale(target)
         fd, tmp = tempfile.mkstemp(prefix=_prefix(target.name, "tmp", target.parent, target.suffix),
@@ -300,5 +386,14 @@ def output_group() -> Iterator[OutputGroup]:
     try:
         yield group
         group.commit()
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, NoSpace) or group.last is None:
+            raise
+        full = _is_full(e) or _nearly_full(group.last.parent)  # before discard frees the space
+        group.discard()
+        if not full:
+            raise
+        with _full_disk_is("the outputs of this run, such as", group.last):
+            raise OSError(errno.ENOSPC, f"{_FULL_TEXT} (the writer said: {e})") from e
     finally:
         group.discard()

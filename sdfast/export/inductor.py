@@ -26,6 +26,7 @@ Choices, and why:
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from dataclasses import dataclass
@@ -135,8 +136,61 @@ def export_component(module: torch.nn.Module, name: str, info: ModelInfo, profil
     configs = {**configs, "aot_inductor.metadata": package_metadata(spec)}
     with torch.no_grad():
         ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes(spec, info, profile), strict=False)
-        path = torch._inductor.aoti_compile_and_package(ep, package_path=str(dest), inductor_configs=configs)
-    return Path(path)
+        with open(dest, "wb") as raw:
+            sink = _LatchingWriter(raw)
+            try:
+                torch._inductor.aoti_compile_and_package(ep, package_path=sink, inductor_configs=configs)
+            except Exception as e:
+                if sink.error is not None:  # torch's writer fails on after a failed write: the write is the cause
+                    raise sink.error from e
+                raise
+            if sink.error is not None:
+                raise sink.error
+    return dest
+
+
+class _LatchingWriter(io.RawIOBase):
+    """The package file as torch's zip writer sees it: the first failed write (a full disk) is kept
+    and every later write is dropped.
+
+    Handed a path, torch's ``PyTorchFileWriter`` that hits ENOSPC raises, is kept alive by the
+    traceback, and its destructor then throws again at interpreter exit — ``std::terminate``, a core
+    dump after sdfast's own message. Writing through this object, torch never sees an error; the
+    exporter raises the kept one after the package call, and the staging folder is discarded.
+    """
+
+    def __init__(self, raw: io.BufferedWriter) -> None:
+        super().__init__()
+        self._raw = raw
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        n = len(memoryview(data).cast("B"))
+        if self.error is None:
+            try:
+                self._raw.write(data)
+            except OSError as e:
+                self.error = e
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self._raw.flush()
+            except OSError as e:
+                self.error = e
 
 
 def package_metadata(spec: ComponentSpec) -> dict[str, str]:
