@@ -116,9 +116,10 @@ def test_bad_frame_and_animation_targets_are_refused_first(argv, tmp_path, capsy
     assert snapshot(tmp_path) == before
 
 
-def test_a_run_that_fails_leaves_none_of_its_outputs(argv, tmp_path, monkeypatch):
+def test_a_run_that_fails_leaves_none_of_its_outputs(argv, tmp_path, monkeypatch, capsys):
     """Frames and the GIF are written only with the images, at the end; a failure while
-    writing (here: the PNG encoder) discards every one of them, and the folders it made."""
+    writing (here: the PNG encoder on a full disk) discards every one of them, and the folders
+    it made, and ends as one line and exit 1."""
     from sdfast import media
 
     def broken(*a, **k):
@@ -126,8 +127,9 @@ def test_a_run_that_fails_leaves_none_of_its_outputs(argv, tmp_path, monkeypatch
 
     monkeypatch.setattr(media, "write_png", broken)
     out, frames, gif = tmp_path / "out" / "o.png", tmp_path / "frames", tmp_path / "anim.gif"
-    with pytest.raises(OSError, match="No space"):
-        main(argv("--out", str(out), "--save-steps", str(frames), "--animation", str(gif)))
+    assert main(argv("--out", str(out), "--save-steps", str(frames), "--animation", str(gif))) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the disk filled while writing" in err[0], err
     assert list(tmp_path.iterdir()) == []
 
 
