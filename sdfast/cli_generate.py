@@ -67,6 +67,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     approx.add_argument("--cache-branch", type=int, default=D["cache_branch"], metavar="B",
                         help="DeepCache's skip branch: 0 the shallowest and fastest (default), deeper ones rerun "
                              "more of the U-Net on the shallow steps; needs --cache-interval 2 or more")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+                   help="fuse a LoRA (.safetensors: diffusers, PEFT or kohya keys) into the U-Net and text "
+                        "encoder(s) at SCALE (default 1, from -10 to 10); repeat for several; torch backend; "
+                        "recorded with its sha256 in the PNG metadata")
     p.add_argument("--save-steps", default=None, metavar="DIR", help="write one decoded frame per step into DIR")
     p.add_argument("--animation", default=None, metavar="OUT.gif|OUT.mp4", help="write the denoising as an animation")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "math"],
@@ -167,6 +171,7 @@ def check_outputs(args: argparse.Namespace, n: int) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     from .artifacts import output_group
+    from .lora import as_loras, parse_lora_arg
     from .media import write_animation, write_png
     from .models import resolve_model
     from .request import Request
@@ -186,12 +191,16 @@ def run(args: argparse.Namespace) -> int:
                         crops_coords_top_left=args.crops_coords_top_left or (0, 0),
                         guidance_until=args.guidance_until, cache_interval=args.cache_interval,
                         cache_branch=args.cache_branch)
+    if args.lora and args.backend not in (None, "torch"):
+        raise InvalidArgument(f"--lora: LoRA runs on the torch backend only so far, not {args.backend} (its weights "
+                              "are compiled into the exported engines); use --backend torch, or drop --lora")
+    loras = as_loras([parse_lora_arg(text) for text in args.lora or []])  # read and checked before the model loads
     if req.cache_interval is not None and req.cache_interval > 1 and args.backend not in (None, "torch"):
         raise InvalidArgument(f"cache_interval: DeepCache runs on the torch backend only, not {args.backend}; "
                               "use --backend torch, or drop --cache-interval")
     # backend None: the one --engines DIR was exported for (load reads its manifest once)
     pipe = load(info, backend=args.backend, device=args.device, dtype=args.dtype, engines_dir=args.engines,
-                attention=args.attention, cuda_graphs=args.cuda_graphs)
+                attention=args.attention, cuda_graphs=args.cuda_graphs, loras=loras)
 
     frames: list = []
     want_frames = bool(args.save_steps or args.animation)
@@ -224,4 +233,6 @@ def run(args: argparse.Namespace) -> int:
               f"steps; {pipe.backend}, {chosen})")
         for line in out.approximations:  # never silent
             print(f"approximation: {line}")
+        for lora in out.loras:
+            print(f"lora: {lora['name']} at scale {lora['scale']:g} ({lora['format']}, sha256 {lora['sha256'][:12]})")
     return 0

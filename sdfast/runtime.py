@@ -24,7 +24,8 @@ from .errors import InvalidArgument
 from .graphs import GraphRunner
 from .hardware import resolve_device
 from .loop import LoopState, StepCallback, denoise, guidance_embedding
-from .models import ModelInfo, load_tokenizer, resolve_model
+from .lora import GROUPS, FusedLoras, Lora, as_loras
+from .models import COMPONENT_MODULE, ModelInfo, load_tokenizer, resolve_model
 from .request import DEFAULTS, Request
 from .safety import DecodeFallback, check_finite
 from .schedulers import Scheduler, make_scheduler
@@ -51,6 +52,8 @@ class GenerationOutput:
     #: every approximation this image was made with (few-step model or scheduler, guidance_until,
     #: DeepCache, ...), one line each; empty for the exact computation
     approximations: list[str] = field(default_factory=list)
+    #: the LoRAs fused into the weights it ran on: name, sha256 of the file, scale, format (lora.Lora.record)
+    loras: list[dict[str, Any]] = field(default_factory=list)
 
     def metadata(self, k: int = 0) -> dict[str, Any]:
         """What the PNG of image ``k`` records (A1111-style generation parameters)."""
@@ -81,6 +84,8 @@ class GenerationOutput:
             meta["cache_branch"] = r.cache_branch
         if self.approximations:
             meta["approximations"] = list(self.approximations)
+        if self.loras:
+            meta["loras"] = [dict(lora) for lora in self.loras]
         return meta
 
     def save(self, path: str | Path) -> list[Path]:
@@ -175,6 +180,41 @@ class Pipeline:
         # The fp16 black-image guard: only a reduced-precision VAE decoder needs it.
         vae_precision = self.engines["vae_decoder"].precision
         self._decode_fallback = DecodeFallback(fp32_vae_decoder, enabled=vae_precision is not Precision.FP32)
+        self._fused: FusedLoras | None = None  # the LoRA set fused into the weights (set_loras)
+
+    # -- LoRA --------------------------------------------------------------------------------
+    @property
+    def loras(self) -> tuple[Lora, ...]:
+        """The LoRAs fused into the weights now, in the order given (empty: the base model)."""
+        return () if self._fused is None else self._fused.active
+
+    def set_loras(self, loras=None) -> None:
+        """Fuse ``loras`` (paths, ``(path, scale)`` pairs or ``lora.Lora``; see sdfast/lora.py) into
+        the weights in place of the set before; ``[]`` or None returns bit-exactly to the base
+        weights. All files are read and checked against the model before any weight changes: a
+        refused set leaves the pipeline as it was."""
+        items = as_loras(loras)
+        if self._fused is None:
+            if not items:
+                return
+            self._fused = FusedLoras(self._lora_modules(), self.info.family)
+        self._fused.set(items)
+
+    def _lora_modules(self) -> dict[str, torch.nn.Module]:
+        """The torch modules a LoRA changes (unet, text encoders) under the eager engines."""
+        if self.backend != "torch":
+            raise InvalidArgument(f"loras: LoRA runs on the torch backend only so far, and this pipeline runs "
+                                  f"{self.backend} (its weights are compiled into the exported engines); load with "
+                                  "backend='torch' (--backend torch), or drop the LoRA")
+        mods = {}
+        for name, engine in self.engines.items():
+            group = COMPONENT_MODULE[name]
+            if group not in GROUPS:
+                continue
+            while not hasattr(engine, "module"):  # the CUDA-graph wrapper calls through to the eager engine
+                engine = engine.engine
+            (mods[group],) = engine.module.children()  # a fixed-I/O wrapper holds the one module it calls
+        return mods
 
     def __repr__(self) -> str:
         graphs = "off" if self.graphs is None else self.graphs.mode
@@ -339,7 +379,8 @@ class Pipeline:
             outs.append(GenerationOutput(images=images[row : row + r.batch], latents=latents[row : row + r.batch],
                                          timings=dict(timer.totals), request=r, steps=r.steps - first,
                                          model=self.info.name, backend=self.backend, dtype=self.precision.value,
-                                         approximations=self.approximations(r)))
+                                         approximations=self.approximations(r),
+                                         loras=[lora.record() for lora in self.loras]))
             row += r.batch
         return outs
 
@@ -362,7 +403,7 @@ class Pipeline:
 def load(model: str | Path | ModelInfo = "tiny", backend: str | None = "torch", device: str | torch.device = "cpu",
          dtype: str | Precision = "fp32", engines_dir: str | Path | None = None, attention: str = "sdpa",
          cuda_graphs: bool | None = None, modules: dict[str, torch.nn.Module] | None = None, *,
-         engines: str | Path | None = None) -> Pipeline:
+         engines: str | Path | None = None, loras=None) -> Pipeline:
     """Load a model for generation: the one way a Pipeline is assembled (the CLI, bench and the
     device check all come here, so they run with the safety setup users get). See
     docs/architecture.md's API contract.
@@ -380,6 +421,7 @@ def load(model: str | Path | ModelInfo = "tiny", backend: str | None = "torch", 
     uncaptured (how the tests check the graphed step's logic).
     modules: torch backend only: already loaded torch modules to run (bench shares them with
     diffusers' pipeline) instead of loading the folder again.
+    loras: LoRA files (or ``(file, scale)`` pairs) fused into the weights; see ``Pipeline.set_loras``.
     """
     from . import backends
 
@@ -414,4 +456,5 @@ def load(model: str | Path | ModelInfo = "tiny", backend: str | None = "torch", 
 
     pipe = Pipeline(info, engine_set, dev, precision, backend, cuda_graphs=cuda_graphs, fp32_vae_decoder=fallback)
     pipe.manifest = manifest
+    pipe.set_loras(loras)
     return pipe
