@@ -66,6 +66,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fast (default): the usual CPU kernels (oneDNN); batch-invariant: kernels whose "
                         "rows do not depend on the batch size (MKL strict CNR, no oneDNN/NNPACK), so "
                         "batching is exact on a CPU at some speed cost")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="serve the LoRAs in DIR (NAME.safetensors, each checked against the model at start); a "
+                        "request names them in its loras field, 'NAME[:SCALE],...' (torch backend)")
+    p.add_argument("--max-loras", type=int, default=4, help="most LoRAs one request may name (default 4)")
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment")
     p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, one pipeline each (default 1)")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
@@ -103,7 +107,7 @@ def config_from_args(args: argparse.Namespace):
                        max_prompt_chars=args.max_prompt_chars, max_n=args.max_n, max_side=args.max_side,
                        max_steps=args.max_steps, warmup_sizes=_sizes(args.warmup_size),
                        batch_invariance=args.batch_invariance, attention=args.attention,
-                       kernels=args.kernels)
+                       kernels=args.kernels, lora_dir=args.lora_dir, max_loras=args.max_loras)
     check_config(config)
     return config
 

@@ -61,7 +61,7 @@ class LoraLayer:
     kohya: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # equal only to itself: its tensors have no == that answers a bool
 class LoraFile:
     path: Path
     sha256: str
@@ -352,12 +352,12 @@ class FusedLoras:
 
 
 def as_loras(items: Any) -> list[Lora]:
-    """``loras=`` as callers write it: a path, ``(path, scale)``, a Lora, or a list of those."""
+    """``loras=`` as callers write it: a path, ``(path, scale)``, a Lora or LoraFile, or a list of those."""
     if items is None:
         return []
     from .rules import is_number
 
-    if isinstance(items, (str, Path, Lora)) or (isinstance(items, tuple) and len(items) == 2
+    if isinstance(items, (str, Path, Lora, LoraFile)) or (isinstance(items, tuple) and len(items) == 2
                                                   and isinstance(items[0], (str, Path)) and is_number(items[1])):
         items = [items]  # one LoRA, not a list of them
     if not isinstance(items, (list, tuple)):
@@ -366,12 +366,15 @@ def as_loras(items: Any) -> list[Lora]:
     for item in items:
         if isinstance(item, Lora):
             lora = Lora(item.file, check_scale(item.scale))
+        elif isinstance(item, LoraFile):
+            lora = Lora(item, 1.0)
         elif isinstance(item, (str, Path)):
             lora = Lora(read_lora(item), 1.0)
         elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], (str, Path)):
             lora = Lora(read_lora(item[0]), check_scale(item[1]))
         else:
-            raise InvalidArgument(f"loras: {item!r} is neither a LoRA file nor a (file, scale) pair")
+            raise InvalidArgument(f"loras: a {type(item).__name__} ({repr(item)[:60]}) is neither a LoRA file nor a "
+                                  "(file, scale) pair")
         if lora.file.sha256 in seen:
             raise InvalidArgument(f"loras: {lora.file.path} is given twice; pass it once with the sum of the scales")
         seen.add(lora.file.sha256)

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import rules
 from .errors import InvalidArgument
-from .images import load_init_image  # the one reader of init images (formats, bombs, arrays)
+from .images import load_init_image
+from .lora import Lora, as_loras  # the one reader of init images (formats, bombs, arrays)
 from .rules import MAX_SIDE, MIN_SIDE  # noqa: F401  (re-exported: the sides every request may have)
 from .schedulers import SCHEDULERS, scheduler_for_config
 
@@ -70,6 +71,14 @@ class Request:
     #: the model's U-Net takes the guidance scale as an embedding (an LCM-distilled U-Net's
     #: ``timestep_cond``): one U-Net batch per step, no uncond rows
     guidance_embedded: bool = False
+    #: the LoRA set to run with (lora.Lora, in order; () the base model); None: whatever set the
+    #: pipeline has (Pipeline.set_loras). A pipeline switches its set to a request's before running.
+    loras: tuple[Lora, ...] | None = None
+
+    @property
+    def lora_key(self) -> tuple[tuple[str, float], ...] | None:
+        """The LoRA set by (file sha256, scale): requests batched together must share it."""
+        return None if self.loras is None else tuple((lo.file.sha256, lo.scale) for lo in self.loras)
 
     @property
     def guidance_cut(self) -> int | None:
@@ -139,10 +148,13 @@ class Request:
               target_size: tuple[int, int] | None = None, negative_original_size: tuple[int, int] | None = None,
               negative_crops_coords_top_left: tuple[int, int] = (0, 0),
               negative_target_size: tuple[int, int] | None = None, guidance_until: float | None = None,
-              cache_interval: int | None = None, cache_branch: int = 0) -> Request:
+              cache_interval: int | None = None, cache_branch: int = 0, loras: Any = None) -> Request:
         """Check every rule of the API contract against ``info``'s model (keywords only).
         ``scheduler`` None: the one the model folder's scheduler_config.json names
-        (``schedulers.scheduler_for_config``; lms where sdfast has no equal of its class)."""
+        (``schedulers.scheduler_for_config``; lms where sdfast has no equal of its class).
+        ``loras``: None (the pipeline's set), or LoRA files / (file, scale) pairs / lora.Lora to run
+        with ([] : the base model); files are read and checked here (lora.as_loras), their fit to
+        the model when the pipeline applies them."""
         sdxl = dict(prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, original_size=original_size,
                     crops_coords_top_left=crops_coords_top_left, target_size=target_size,
                     negative_original_size=negative_original_size,
@@ -234,7 +246,7 @@ class Request:
                    sdxl["negative_original_size"], sdxl["negative_crops_coords_top_left"],
                    sdxl["negative_target_size"], guidance_until=guidance_until, cache_interval=cache_interval,
                    cache_branch=cache_branch,
-                   guidance_embedded=embedded)
+                   guidance_embedded=embedded, loras=None if loras is None else tuple(as_loras(loras)))
 
 
 def _per_prompt(value: str | list[str], arg: str, n: int) -> list[str]:

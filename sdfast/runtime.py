@@ -24,7 +24,7 @@ from .errors import InvalidArgument
 from .graphs import GraphRunner
 from .hardware import resolve_device
 from .loop import LoopState, StepCallback, denoise, guidance_embedding
-from .lora import GROUPS, FusedLoras, Lora, as_loras
+from .lora import GROUPS, FusedLoras, Lora, as_loras, plan
 from .models import COMPONENT_MODULE, ModelInfo, load_tokenizer, resolve_model
 from .request import DEFAULTS, Request
 from .safety import DecodeFallback, check_finite
@@ -133,7 +133,7 @@ class _Stage:
 #: what requests batched into one loop must share; long_prompt too: the text batch is encoded under
 #: one policy, so a "truncate" request batched after a "chunk" one would get the other's encoding.
 BATCH_KEYS = ("height", "width", "steps", "scheduler", "guided", "start_step", "long_prompt", "guidance_cut",
-              "cache_interval", "cache_branch")
+              "cache_interval", "cache_branch", "lora_key")
 
 
 def check_batchable(requests: list[Request]) -> None:
@@ -188,6 +188,11 @@ class Pipeline:
         """The LoRAs fused into the weights now, in the order given (empty: the base model)."""
         return () if self._fused is None else self._fused.active
 
+    @property
+    def lora_key(self) -> tuple[tuple[str, float], ...]:
+        """The active set by (file sha256, scale), as ``Request.lora_key`` spells a request's."""
+        return tuple((lo.file.sha256, lo.scale) for lo in self.loras)
+
     def set_loras(self, loras=None) -> None:
         """Fuse ``loras`` (paths, ``(path, scale)`` pairs or ``lora.Lora``; see sdfast/lora.py) into
         the weights in place of the set before; ``[]`` or None returns bit-exactly to the base
@@ -199,6 +204,12 @@ class Pipeline:
                 return
             self._fused = FusedLoras(self._lora_modules(), self.info.family)
         self._fused.set(items)
+
+    def check_loras(self, loras) -> None:
+        """Refuse, as ``set_loras`` would, LoRAs that do not fit this model; changes nothing."""
+        items = as_loras(loras)
+        if items:
+            plan(items, self._lora_modules(), self.info.family)
 
     def _lora_modules(self) -> dict[str, torch.nn.Module]:
         """The torch modules a LoRA changes (unet, text encoders) under the eager engines."""
@@ -340,6 +351,9 @@ class Pipeline:
         batch = sum(r.batch for r in requests)
         timer = StageTimer(self.device, sync=profile)
         t_start = time.perf_counter()
+        if head.loras is not None and head.lora_key != self.lora_key:
+            with timer("lora_swap"):  # the request's LoRA set in place of the pipeline's
+                self.set_loras(list(head.loras))
         f = self.info.vae_scale_factor
         prepared = self.text.prepare(requests, head.guided, head.long_prompt)
         if len(requests) > 1 and prepared.chunks > 1:  # a row's result depends on its text's length

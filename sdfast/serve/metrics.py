@@ -53,6 +53,10 @@ class ServeMetrics:
                                      "rows bit-identical to lone runs, 0 when not, -1 before/untested",
                                      registry=r)
         self.batch_invariant.set(-1)
+        self.lora_swap = Histogram("sdfast_lora_swap_seconds", "seconds to fuse a request's LoRA set in place of "
+                                   "the one before (requests with different sets never share a loop)",
+                                   buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+                                   registry=r)
 
     def on_batch(self, stats: BatchStats) -> None:
         self.batch_requests.observe(stats.requests)
