@@ -126,7 +126,7 @@ def file_record(path: Path) -> dict[str, Any]:
 
 
 def model_record(info: ModelInfo) -> dict[str, Any]:
-    return {
+    record = {
         "name": info.name,
         "source": str(info.path),
         "fingerprint": info.fingerprint,
@@ -135,6 +135,19 @@ def model_record(info: ModelInfo) -> dict[str, Any]:
                     "vae": info.vae_config, "scheduler": info.scheduler_config,
                     "tokenizer": info.tokenizer_config},
     }
+    if info.loras:  # fused into the exported weights (export --lora): name, sha256, scale, format
+        record["loras"] = [lo.record() for lo in info.loras]
+    return record
+
+
+def _lora_set(records: Any) -> list[tuple[str, float]]:
+    if not isinstance(records, list):
+        return []
+    return [(r.get("sha256"), r.get("scale")) for r in records if isinstance(r, dict)]
+
+
+def _lora_names(records: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{r.get('name')}:{r.get('scale')}" for r in records) or "none"
 
 
 def tensor_records(name: str, profile: ShapeProfile, info: ModelInfo) -> dict[str, Any]:
@@ -332,6 +345,13 @@ def verify(m: Manifest, root: Path, info: ModelInfo, fmt: str, check_hashes: boo
             f"engines: {root} was exported from a different model ({m.model.get('name')!r} at "
             f"{m.model.get('source')!r}) than {info.name!r} at {str(info.path)!r}{diff}; {hint}"
         )
+    fused = m.model.get("loras") if isinstance(m.model.get("loras"), list) else []
+    asked = [lo.record() for lo in info.loras]
+    if _lora_set(fused) != _lora_set(asked):
+        raise ArtifactMismatch(
+            f"engines: {root} was exported with LoRAs {_lora_names(fused)} fused into its weights, and this run "
+            f"asks for {_lora_names(asked)}; an exported engine's LoRAs are fixed at export: pass the same --lora "
+            f"set, or export again with the set you want (sdfast export ... --lora FILE[:SCALE])")
     for module, label in _pinned(fmt):
         have = package_version(module)
         if m.versions.get(module) != have:

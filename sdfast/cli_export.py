@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="text encoder and U-Net precision (default fp32; bf16: OpenVINO on CPUs with bf16 units)")
     p.add_argument("--vae-precision", default=None, choices=["fp32", "fp16", "bf16"],
                    help="VAE precision (default fp32, even with --precision fp16: the SD VAE overflows fp16)")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+                   help="fuse a LoRA into the exported weights (repeatable; recorded with its sha256 in the "
+                        "manifest; the engines then run only with the same --lora set)")
     p.add_argument("--batch", type=int, default=1, help="images per call the engines are tuned for (default 1)")
     p.add_argument("--height", type=int, default=None, help="image height tuned for (default: native size)")
     p.add_argument("--width", type=int, default=None, help="image width tuned for (default: native size)")
@@ -96,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
     from .models import resolve_model
 
     info = resolve_model(args.model)
+    if args.lora:
+        from .lora import parse_lora_arg
+
+        info = info.with_loras([parse_lora_arg(text) for text in args.lora])  # read and checked before any work
     profile = profile_from_args(args, info)
     record = for_format(args.format)
     for flag, value in (("precision", args.precision), ("vae-precision", args.vae_precision)):

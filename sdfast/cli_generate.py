@@ -69,8 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "more of the U-Net on the shallow steps; needs --cache-interval 2 or more")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
                    help="fuse a LoRA (.safetensors: diffusers, PEFT or kohya keys) into the U-Net and text "
-                        "encoder(s) at SCALE (default 1, from -10 to 10); repeat for several; torch backend; "
-                        "recorded with its sha256 in the PNG metadata")
+                        "encoder(s) at SCALE (default 1, from -10 to 10); repeat for several; recorded with its "
+                        "sha256 in the PNG metadata; with --engines: the set the engines were exported with "
+                        "(sdfast export --lora)")
     p.add_argument("--save-steps", default=None, metavar="DIR", help="write one decoded frame per step into DIR")
     p.add_argument("--animation", default=None, metavar="OUT.gif|OUT.mp4", help="write the denoising as an animation")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "math"],
@@ -191,10 +192,10 @@ def run(args: argparse.Namespace) -> int:
                         crops_coords_top_left=args.crops_coords_top_left or (0, 0),
                         guidance_until=args.guidance_until, cache_interval=args.cache_interval,
                         cache_branch=args.cache_branch)
-    if args.lora and args.backend not in (None, "torch"):
-        raise InvalidArgument(f"--lora: LoRA runs on the torch backend only so far, not {args.backend} (its weights "
-                              "are compiled into the exported engines); use --backend torch, or drop --lora")
     loras = as_loras([parse_lora_arg(text) for text in args.lora or []])  # read and checked before the model loads
+    if loras and args.engines is not None:
+        # exported engines have their LoRAs fused at export; the manifest check holds them to this set
+        info, loras = info.with_loras(loras), []
     if req.cache_interval is not None and req.cache_interval > 1 and args.backend not in (None, "torch"):
         raise InvalidArgument(f"cache_interval: DeepCache runs on the torch backend only, not {args.backend}; "
                               "use --backend torch, or drop --cache-interval")

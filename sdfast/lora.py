@@ -260,15 +260,18 @@ def _module_index(group_module: torch.nn.Module) -> tuple[dict[str, torch.nn.Mod
     return layers, {n.replace(".", "_"): n for n in layers}
 
 
-def plan(loras: list[Lora], modules: dict[str, torch.nn.Module], family: str
-         ) -> dict[tuple[str, str], torch.Tensor]:
+def plan(loras: list[Lora], modules: dict[str, torch.nn.Module], family: str,
+         not_loaded: frozenset[str] = frozenset()) -> dict[tuple[str, str], torch.Tensor]:
     """(group, weight's parameter name) -> the summed float32 update of ``loras``; raises, naming
-    the file and the layer, on the first that does not fit ``modules``."""
+    the file and the layer, on the first that does not fit ``modules``. Layers of the groups in
+    ``not_loaded`` (parts of the model that are not in ``modules`` this time) are left out."""
     deltas: dict[tuple[str, str], torch.Tensor] = {}
     indexes = {g: _module_index(m) for g, m in modules.items()}
     for lora in loras:
         missing = []
         for layer in lora.file.layers:
+            if layer.group in not_loaded:
+                continue
             if layer.group not in modules:
                 what = "SDXL (it changes text_encoder_2)" if layer.group == "text_encoder_2" else layer.group
                 raise InvalidArgument(f"loras: {lora.file.path} is for {what}, and this model is {family}; "
@@ -349,6 +352,21 @@ class FusedLoras:
             base = self._base.setdefault(key, p.detach().clone())
             p.copy_((base.float() + delta.to(base.device)).to(p.dtype))
         self.active = tuple(loras)
+
+
+def fuse_at_load(mods: dict[str, torch.nn.Module], info) -> None:
+    """Fuse ``info.loras`` into the freshly loaded ``mods`` (some or all of the model's parts: an
+    export loads one at a time), each layer into its part when that part is loaded."""
+    from .wrappers import family_modules
+
+    groups = [g for g in GROUPS if g in family_modules(info.family)]
+    loaded = {g: mods[g] for g in groups if g in mods}
+    if loaded:
+        with torch.no_grad():
+            for key, delta in plan(list(info.loras), loaded, info.family,
+                                   frozenset(groups) - set(loaded)).items():
+                p = loaded[key[0]].get_parameter(key[1])
+                p.copy_((p.float() + delta.to(p.device)).to(p.dtype))
 
 
 def as_loras(items: Any) -> list[Lora]:

@@ -71,6 +71,17 @@ class ModelInfo:
     text_encoder_2_config: dict[str, Any] = field(default_factory=dict, repr=False)
     #: weight file variant to load ("fp16" for ``*.fp16.safetensors``), None for plain weights.
     variant: str | None = None
+    #: LoRAs (lora.Lora) fused into the torch modules as they load (``with_loras``): the model an
+    #: export with ``--lora`` is made from; the fingerprint stays the folder's, the manifest records these
+    loras: tuple = field(default=(), repr=False)
+
+    def with_loras(self, loras) -> ModelInfo:
+        """This model with ``loras`` (files, (file, scale) pairs or lora.Lora) fused at load."""
+        import dataclasses
+
+        from .lora import as_loras
+
+        return dataclasses.replace(self, loras=tuple(as_loras(loras)))
 
     @classmethod
     def from_folder(cls, path: Path, name: str | None = None, random_weights: bool = False,
@@ -419,6 +430,10 @@ def load_torch_modules(info: ModelInfo, dtype: torch.dtype = torch.float32, devi
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    if info.loras:
+        from .lora import fuse_at_load
+
+        fuse_at_load(mods, info)
     return mods
 
 

@@ -214,9 +214,10 @@ class Pipeline:
     def _lora_modules(self) -> dict[str, torch.nn.Module]:
         """The torch modules a LoRA changes (unet, text encoders) under the eager engines."""
         if self.backend != "torch":
-            raise InvalidArgument(f"loras: LoRA runs on the torch backend only so far, and this pipeline runs "
-                                  f"{self.backend} (its weights are compiled into the exported engines); load with "
-                                  "backend='torch' (--backend torch), or drop the LoRA")
+            raise InvalidArgument(f"loras: this pipeline runs {self.backend}, whose weights are compiled into the "
+                                  "exported engines: swapping LoRAs runs on the torch backend (backend='torch'); "
+                                  "for exported engines, export with the LoRAs fused (sdfast export --lora "
+                                  "FILE[:SCALE]) and load with the same set (load(model_info.with_loras(...)))")
         mods = {}
         for name, engine in self.engines.items():
             group = COMPONENT_MODULE[name]
@@ -394,7 +395,7 @@ class Pipeline:
                                          timings=dict(timer.totals), request=r, steps=r.steps - first,
                                          model=self.info.name, backend=self.backend, dtype=self.precision.value,
                                          approximations=self.approximations(r),
-                                         loras=[lora.record() for lora in self.loras]))
+                                         loras=[lora.record() for lora in (*self.info.loras, *self.loras)]))
             row += r.batch
         return outs
 

@@ -46,7 +46,9 @@ def export_components(info: ModelInfo, out: Path | str, profile: ShapeProfile, f
     components = components or tuple(info.specs)
     profile.validate(info)
     out = check_export_out(out, protect=info.path)  # before any work: never replace what we did not write
-    cmd = export_command(model_arg or str(info.path), out, fmt, precision.value, profile, list(extra_flags))
+    lora_flags = [arg for lo in info.loras for arg in ("--lora", f"{lo.file.path}:{lo.scale:g}")]
+    cmd = export_command(model_arg or str(info.path), out, fmt, precision.value, profile,
+                         list(extra_flags) + lora_flags)
     with staging_dir(out) as tmp:
         comps = {}
         bar = tqdm(components, desc=f"export {fmt}", unit="component", disable=None)
