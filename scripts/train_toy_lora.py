@@ -1,0 +1,368 @@
+"""Train a LoRA that teaches sdfast's toy model (``sdfast/data/models/tiny``) a colour it never saw.
+
+The toy world (:mod:`sdfast.toy`) has six colours; the shipped tokenizer also has single tokens for
+"orange" and "purple" (scripts/make_tokenizer.py's built-in corpus), whose embeddings the toy
+training never moved. This script teaches the model "orange", as a shape colour and as a
+background, with a PEFT LoRA on the text encoder and the U-Net (the VAE has no LoRA and stays
+as shipped), mixed with ordinary toy scenes so the six old colours are kept. Stages:
+
+  data     orange scenes drawn by a copy of toy.render with orange in the palette (every shape,
+           orange on each old colour and each old colour on orange), and ordinary toy scenes
+           (toy.sample_dataset). The VAE never saw orange: its encoder maps an orange shape to
+           a latent that decodes yellow-green or red (centre 176,210,40 on red), so the orange
+           scenes' latents are found by inverting the frozen decoder instead (Adam on the latent
+           from the encoder's posterior mean, MSE to the image); the old scenes use the posterior
+           means as scripts/train_toy.py does. Cached in --work.
+  lora     PEFT LoraConfig + add_adapter on the text encoder (q/k/v/out_proj, fc1, fc2) and the
+           U-Net (attention, feed-forward, proj_in/out and resnet convs); the base weights are
+           frozen. Epsilon-prediction loss with the base training's conditioning schedule (caption
+           dropout 0.12, a random caption always below t = 250, ramping to none at t = 600), a
+           random caption template per sample.
+  export   diffusers' own path (get_peft_model_state_dict + convert_state_dict_to_diffusers +
+           StableDiffusionPipeline.save_lora_weights, with the adapters' LoraConfig as
+           lora_adapter_metadata), fp32 safetensors, written atomically. Text-encoder keys carry
+           the ``text_model.`` prefix LoRA files use (transformers 5 flattened CLIPTextModel).
+
+Everything is seeded from --seed and runs on --threads CPU threads (default 1). The defaults are
+the shipped run (sdfast/data/loras/TRAINING.md). Grade with scripts/eval_toy_lora.py.
+
+    OMP_NUM_THREADS=1 python scripts/train_toy_lora.py --work /tmp/toy-lora \
+        --out sdfast/data/loras/toy-orange.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sdfast import toy  # noqa: E402
+
+SIZE = 64
+NEW = "orange"
+NEW_RGB = (245, 130, 20)  # 104 RGB units from red, 93 from yellow; the decoder can draw it
+PALETTE = {**toy.PALETTE, NEW: NEW_RGB}
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+def new_combos() -> list[tuple[str, str, str]]:
+    """Every (shape, colour, background) with orange as the colour or the background: 36, fixed order."""
+    return ([(s, NEW, b) for s in toy.SHAPES for b in toy.COLOURS]
+            + [(s, c, NEW) for s in toy.SHAPES for c in toy.COLOURS])
+
+
+def render(shape: str, colour: str, background: str, size: int = SIZE,
+           rng: np.random.Generator | None = None) -> np.ndarray:
+    """toy.render's drawing (same geometry and random draws) with orange in the palette."""
+    from PIL import Image, ImageDraw
+
+    rng = rng if rng is not None else np.random.default_rng()
+    extent = size * rng.uniform(0.40, 0.60)
+    jitter = max(1, round(size / 16))
+    cx = size / 2 + rng.integers(-jitter, jitter + 1)
+    cy = size / 2 + rng.integers(-jitter, jitter + 1)
+    half = extent / 2
+    img = Image.new("RGB", (size, size), PALETTE[background])
+    draw = ImageDraw.Draw(img)
+    box = (cx - half, cy - half, cx + half - 1, cy + half - 1)
+    fill = PALETTE[colour]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(cx, cy - half), (cx + half - 1, cy + half - 1), (cx - half, cy + half - 1)], fill=fill)
+    return np.asarray(img)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def log(args, msg: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    with open(args.work / "train.log", "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def invert(vae, x: torch.Tensor, steps: int, lr: float, chunk: int = 96) -> torch.Tensor:
+    """Latents z (unscaled) with vae.decode(z) ~ x: Adam from the posterior mean, cosine lr."""
+    out = []
+    for i in range(0, x.shape[0], chunk):
+        xb = x[i : i + chunk]
+        with torch.no_grad():
+            z = vae.encode(xb).latent_dist.mean.clone()
+        z.requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=lr)
+        for k in range(steps):
+            for g in opt.param_groups:
+                g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / steps)))
+            loss = F.mse_loss(vae.decode(z).sample, xb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        out.append(z.detach())
+    return torch.cat(out)
+
+
+def stage_data(args, vae):
+    path = args.work / "data.pt"
+    key = {k: getattr(args, k) for k in ("seed", "n_old", "per_combo", "invert_steps", "invert_lr")}
+    if path.exists():
+        ck = torch.load(path, weights_only=False)
+        if ck["key"] == key:
+            log(args, f"data: cached in {path}")
+            return ck
+    t0 = time.time()
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    rng = np.random.default_rng(args.seed * 1000 + 7)
+    labels_new = [c for c in new_combos() for _ in range(args.per_combo)]
+    x_new = to_tensor(np.stack([render(*c, rng=rng) for c in labels_new]))
+    z_new = invert(vae, x_new, args.invert_steps, args.invert_lr)
+    with torch.no_grad():
+        rec = vae.decode(z_new).sample.clamp(-1, 1)
+    mse = F.mse_loss(rec, x_new).item()
+    imgs = ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    ok = np.mean([classify(im) == (c, b) for im, (_s, c, b) in zip(imgs, labels_new, strict=True)])
+    log(args, f"data: {len(labels_new)} orange scenes inverted ({args.invert_steps} steps): recon mse {mse:.4f}, "
+              f"decoded classified right {ok:.1%} ({(time.time() - t0) / 60:.1f} min)")
+    images, _captions, labels_old = toy.sample_dataset(args.n_old, seed=args.seed + 1, size=SIZE)
+    x_old = to_tensor(images)
+    with torch.no_grad():
+        z_old = torch.cat([vae.encode(x_old[i : i + 256]).latent_dist.mean for i in range(0, len(x_old), 256)])
+    ck = {"key": key, "z_new": z_new, "labels_new": labels_new, "z_old": z_old, "labels_old": labels_old,
+          "recon_mse_new": mse, "decoded_ok_new": float(ok)}
+    atomic_torch_save(ck, path)
+    log(args, f"data: {args.n_old} toy scenes encoded; stage {(time.time() - t0) / 60:.1f} min")
+    return ck
+
+
+# ----------------------------------------------------------------------------------------------
+# grading helper (shared with scripts/eval_toy_lora.py)
+
+_EXT = np.array(list(PALETTE.values()), dtype=np.float32)
+_EXT_NAMES = tuple(PALETTE)
+
+
+def _dominant(pixels: np.ndarray) -> str:
+    px = pixels.reshape(-1, 3).astype(np.float32)
+    idx = np.argmin(((px[:, None, :] - _EXT[None]) ** 2).sum(axis=2), axis=1)
+    counts = np.bincount(idx, minlength=len(_EXT_NAMES))
+    return _EXT_NAMES[int(np.argmax(counts))]  # ties: the first, as toy.classify
+
+
+def classify(image) -> tuple[str, str]:
+    """toy.classify's (centre colour, corner colour) with orange added to the palette."""
+    from PIL import Image
+
+    arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    h, w = arr.shape[:2]
+    ph, pw = max(1, h // 8), max(1, w // 8)
+    top, left = (h - ph) // 2, (w - pw) // 2
+    centre = arr[top : top + ph, left : left + pw]
+    ch, cw = max(1, h // 10), max(1, w // 10)
+    corners = np.concatenate([arr[:ch, :cw].reshape(-1, 3), arr[:ch, w - cw :].reshape(-1, 3),
+                              arr[h - ch :, :cw].reshape(-1, 3), arr[h - ch :, w - cw :].reshape(-1, 3)])
+    return _dominant(centre), _dominant(corners)
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def caption_ids(tokenizer, labels) -> torch.Tensor:
+    """[N, templates, L] token ids of every template's caption of every label."""
+    texts = [t.format(shape=s, colour=c, background=b) for s, c, b in labels for t in toy.TEMPLATES]
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return ids.view(len(labels), len(toy.TEMPLATES), -1)
+
+
+def stage_lora(args, tokenizer, text, unet, data, scale: float):
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig, inject_adapter_in_model
+
+    for p in [*text.parameters(), *unet.parameters()]:
+        p.requires_grad_(False)
+    torch.manual_seed(args.seed)  # PEFT's gaussian init of lora_A draws from the global generator
+    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.alpha, init_lora_weights="gaussian",
+                                target_modules=args.unet_targets))
+    # transformers 5's CLIPTextModel.add_adapter wants peft >= 0.22; PEFT's own injection is the same
+    text_cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, init_lora_weights="gaussian",
+                          target_modules=TEXT_TARGETS)
+    inject_adapter_in_model(text_cfg, text)
+    text.peft_config = {"default": text_cfg}
+    params = [p for p in [*text.parameters(), *unet.parameters()] if p.requires_grad]
+    log(args, f"lora: rank {args.rank} alpha {args.alpha}, {sum(p.numel() for p in params)} trainable params")
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed * 1000 + 3)
+
+    z_new, z_old = data["z_new"] * scale, data["z_old"] * scale
+    ids_new, ids_old = caption_ids(tokenizer, data["labels_new"]), caption_ids(tokenizer, data["labels_old"])
+    z_all, ids_all = torch.cat([z_new, z_old]), torch.cat([ids_new, ids_old])
+    n_templates = ids_all.shape[1]
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                      return_tensors="pt").input_ids[0]
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                          beta_schedule="scaled_linear")
+    alphas_cumprod = sched.alphas_cumprod.float()
+    b = args.batch
+    b_new = round(b * args.new_frac)
+    text.train()
+    unet.train()
+    t0 = time.time()
+    ema_loss = None
+    for step in range(args.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, 100)
+        i_new = torch.randint(0, len(z_new), (b_new,), generator=gen)
+        i_old = len(z_new) + torch.randint(0, len(z_old), (b - b_new,), generator=gen)
+        idx = torch.cat([i_new, i_old])
+        z0 = z_all[idx]
+        tok = ids_all[idx, torch.randint(0, n_templates, (b,), generator=gen)].clone()
+        drop = torch.rand(b, generator=gen) < args.cond_drop
+        tok[drop] = empty
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, 1000, (b,), generator=gen)
+        # the base model's schedule: random caption below R, probability (T - t) / (T - R) up to T
+        r_, t_ = args.text_free_ramp_from, args.text_free_below
+        late = (t < t_) & (torch.rand(b, generator=gen) < 1 - (t - r_) / (t_ - r_)) & ~drop
+        n_late = int(late.sum())
+        tok[late] = ids_all[torch.randint(0, len(ids_all), (n_late,), generator=gen),
+                            torch.randint(0, n_templates, (n_late,), generator=gen)]
+        ac = alphas_cumprod[t].view(b, 1, 1, 1)
+        zt = ac.sqrt() * z0 + (1 - ac).sqrt() * noise
+        pred = unet(zt, t, encoder_hidden_states=text(tok)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_loss = loss.item() if ema_loss is None else 0.99 * ema_loss + 0.01 * loss.item()
+        if (step + 1) % 100 == 0 or step + 1 == args.steps:
+            log(args, f"lora step {step + 1}: loss {ema_loss:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                      f"({(time.time() - t0) / 60:.1f} min, {(time.time() - t0) / (step + 1):.3f} s/it)")
+    minutes = (time.time() - t0) / 60
+    log(args, f"lora: finished {args.steps} steps in {minutes:.1f} min, loss {ema_loss:.4f}")
+    return text.eval(), unet.eval(), ema_loss, minutes
+
+
+def export(args, text, unet) -> None:
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(text))
+    text_layers = {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in text_layers.items()}
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True,
+            weight_name=out.name, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            text_encoder_lora_adapter_metadata=text.peft_config["default"].to_dict())
+        written = Path(tmp) / out.name
+        # contiguous fp32 tensors, and a note of what the file is in its metadata
+        from safetensors import safe_open
+
+        with safe_open(str(written), "pt") as fh:
+            meta = dict(fh.metadata() or {})
+        meta["sdfast_toy_lora"] = json.dumps({"concept": NEW, "rgb": NEW_RGB, "base": "sdfast tiny",
+                                              "command": "python scripts/train_toy_lora.py " + " ".join(sys.argv[1:])})
+        tensors = {k: v.float().contiguous() for k, v in load_file(str(written)).items()}
+        final = Path(tmp) / "final.safetensors"
+        save_file(tensors, str(final), metadata=meta)
+        os.chmod(final, 0o644)
+        os.replace(final, out)
+    log(args, f"export: wrote {out} ({out.stat().st_size / 1e3:.1f} kB, {len(tensors)} tensors)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=ROOT / "sdfast" / "data" / "models" / "tiny",
+                    help="the base model folder (the shipped toy model)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/toy-lora"), help="data cache and log")
+    ap.add_argument("--out", type=Path, default=ROOT / "sdfast" / "data" / "loras" / "toy-orange.safetensors")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--per-combo", type=int, default=6, help="orange scenes per orange combo (36 combos)")
+    ap.add_argument("--invert-steps", type=int, default=50, help="Adam steps of the decoder inversion")
+    ap.add_argument("--invert-lr", type=float, default=0.12)
+    ap.add_argument("--n-old", type=int, default=4096, help="ordinary toy scenes mixed in")
+    ap.add_argument("--new-frac", type=float, default=0.5, help="share of each batch that is orange")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--alpha", type=float, default=8.0)
+    ap.add_argument("--unet-targets", nargs="+", default=UNET_TARGETS, help="U-Net module names given a LoRA")
+    ap.add_argument("--cond-drop", type=float, default=0.12)
+    ap.add_argument("--text-free-below", type=int, default=600)
+    ap.add_argument("--text-free-ramp-from", type=int, default=250)
+    ap.add_argument("--stop-after", choices=["data"], help="stop after this stage")
+    args = ap.parse_args()
+    if not 0 <= args.text_free_ramp_from < args.text_free_below:
+        ap.error("--text-free-ramp-from must be >= 0 and below --text-free-below")
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.work.mkdir(parents=True, exist_ok=True)
+    log(args, f"start: {' '.join(sys.argv[1:])}")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    vae = AutoencoderKL.from_pretrained(args.model / "vae").float().eval()
+    scale = float(vae.config.scaling_factor)
+    data = stage_data(args, vae)
+    if args.stop_after == "data":
+        return
+    tokenizer = CLIPTokenizer.from_pretrained(args.model / "tokenizer")
+    if tokenizer.tokenize(NEW) != [f"{NEW}</w>"]:
+        raise SystemExit(f"the tokenizer of {args.model} does not have {NEW!r} as one token")
+    text = CLIPTextModel.from_pretrained(args.model / "text_encoder").float()
+    unet = UNet2DConditionModel.from_pretrained(args.model / "unet").float()
+    text, unet, _loss, _minutes = stage_lora(args, tokenizer, text, unet, data, scale)
+    export(args, text, unet)
+
+
+if __name__ == "__main__":
+    main()
