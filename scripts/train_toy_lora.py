@@ -12,15 +12,16 @@ as shipped), mixed with ordinary toy scenes so the six old colours are kept. Sta
            a latent that decodes yellow-green or red (centre 176,210,40 on red), so the orange
            scenes' latents are found by inverting the frozen decoder instead (Adam on the latent
            from the encoder's posterior mean, MSE to the image); the old scenes use the posterior
-           means as scripts/train_toy.py does. Cached in --work.
+           means as scripts/train_toy.py does. Cached in --work. Orange scenes whose inverted latent
+           still decodes to other colours (classify reads them wrong) are left out.
   lora     PEFT LoraConfig + add_adapter on the text encoder (q/k/v/out_proj, fc1, fc2) and the
            U-Net (attention, feed-forward, proj_in/out and resnet convs); the base weights are
            frozen. Epsilon-prediction loss with the base training's conditioning schedule (caption
            dropout 0.12, a random caption always below t = 250, ramping to none at t = 600), a
            random caption template per sample.
-  export   diffusers' own path (get_peft_model_state_dict + convert_state_dict_to_diffusers +
-           StableDiffusionPipeline.save_lora_weights, with the adapters' LoraConfig as
-           lora_adapter_metadata), fp32 safetensors, written atomically. Text-encoder keys carry
+  export   get_peft_model_state_dict + StableDiffusionPipeline.save_lora_weights with the adapters'
+           LoraConfig as lora_adapter_metadata (PEFT's lora_A/lora_B keys: export() says why not
+           convert_state_dict_to_diffusers as diffusers' example), fp32 safetensors, atomically. Text-encoder keys carry
            the ``text_model.`` prefix LoRA files use (transformers 5 flattened CLIPTextModel).
 
 Everything is seeded from --seed and runs on --threads CPU threads (default 1). The defaults are
@@ -286,12 +287,15 @@ def stage_lora(args, tokenizer, text, unet, data, scale: float):
 
 def export(args, text, unet) -> None:
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
-    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(text))
+    # diffusers' example converts with convert_state_dict_to_diffusers, which (diffusers 0.42, peft 0.21)
+    # renames only the attention layers (to_q.lora.down ...) and leaves the rest PEFT's (proj_in.lora_A
+    # ...); diffusers' load_lora_weights then skips the renamed ones without a word. PEFT's own keys
+    # (lora_A / lora_B everywhere) are read whole by load_lora_weights and by sdfast.
+    unet_layers = get_peft_model_state_dict(unet)
+    text_layers = get_peft_model_state_dict(text)
     text_layers = {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in text_layers.items()}
     out: Path = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -355,6 +359,15 @@ def main() -> None:
     data = stage_data(args, vae)
     if args.stop_after == "data":
         return
+    # an inverted latent the decoder still draws in other colours would teach the wrong colour: keep
+    # the orange scenes whose decoded latent toy.classify's patches (orange added) read as their label
+    with torch.no_grad():
+        dec = torch.cat([vae.decode(data["z_new"][i : i + 64]).sample for i in range(0, len(data["z_new"]), 64)])
+    imgs = ((dec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    keep = [i for i, (im, (_s, c, b)) in enumerate(zip(imgs, data["labels_new"], strict=True)) if classify(im) == (c, b)]
+    dropped = sorted({data["labels_new"][i] for i in range(len(imgs)) if i not in set(keep)})
+    log(args, f"data: kept {len(keep)} of {len(imgs)} orange scenes (dropped some of {dropped})")
+    data = {**data, "z_new": data["z_new"][keep], "labels_new": [data["labels_new"][i] for i in keep]}
     tokenizer = CLIPTokenizer.from_pretrained(args.model / "tokenizer")
     if tokenizer.tokenize(NEW) != [f"{NEW}</w>"]:
         raise SystemExit(f"the tokenizer of {args.model} does not have {NEW!r} as one token")
