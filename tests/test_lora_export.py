@@ -75,6 +75,20 @@ def test_base_engines_refuse_a_lora_set(tiny_info, lora_path, onnx_dynamic):
         sdfast.load(tiny_info.with_loras([(lora_path, 0.7)]), backend="onnxruntime", engines_dir=onnx_dynamic)
 
 
+def test_cli_generate_with_fused_engines(tiny_info, lora_path, fused_onnx, tmp_path, capsys):
+    png = tmp_path / "o.png"
+    assert main(["generate", "a", "cat", "--model", str(tiny_info.path), "--engines", str(fused_onnx), "--steps", "2",
+                 "--out", str(png), "--lora", f"{lora_path}:0.7"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("lora: style at scale 0.7 (kohya")
+    assert json.loads(Image.open(png).info["loras"])[0]["sha256"] == json.loads(
+        (fused_onnx / "manifest.json").read_text())["model"]["loras"][0]["sha256"]
+    assert main(["generate", "a", "--model", str(tiny_info.path), "--engines", str(fused_onnx), "--steps", "2",
+                 "--out", str(tmp_path / "p.png"), "--lora", f"{lora_path}:0.6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "asks for style:0.6" in err[0]
+    assert not (tmp_path / "p.png").exists()
+
+
 def test_cli_export_and_generate_with_a_fused_lora(tiny_info, lora_path, tmp_path, capsys):
     out = tmp_path / "engines"
     assert main(["export", "--model", str(tiny_info.path), "--out", str(out), "--format", "openvino",

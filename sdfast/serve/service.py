@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from .. import rules
 from ..errors import InvalidArgument
-from ..lora import Lora, check_scale
 from ..request import Request
 from .batching import Batcher, batch_key
+from .loras import load_lora_dir, parse_loras_field
 from .metrics import ServeMetrics
 
 if TYPE_CHECKING:
@@ -35,8 +35,6 @@ OPENAI_FIELDS = ("prompt", "n", "size", "response_format", "user", "model", "qua
 IGNORED_STRING_FIELDS = ("user", "model", "quality", "style")
 #: sdfast's own fields, sent by the openai client through ``extra_body``.
 SDFAST_FIELDS = ("seed", "steps", "guidance_scale", "negative_prompt", "scheduler", "loras")
-#: a served LoRA's name: its file's stem in --lora-dir (no path, no separator of the loras field)
-LORA_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 SIZE_RE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")  # whole string (fullmatch): no trailing newline
 
 
@@ -345,7 +343,7 @@ class ImageService:
         g = opts.get("guidance_scale")
         if isinstance(g, int) and not isinstance(g, bool):
             opts["guidance_scale"] = float(g)  # JSON 7 is the CLI's 7.0 (same value, same messages)
-        loras = self._loras(body.get("loras"))
+        loras = parse_loras_field(body.get("loras"), self.loras, self.config.max_loras)
         req = Request.build(self.info, prompt=prompt if n == 1 else [prompt] * n, negative_prompt=negative,
                             height=height, width=width, steps=steps, loras=loras, **opts)
         from ..engines import check_request
@@ -353,39 +351,6 @@ class ImageService:
         chunks = self.pipe.chunks(req) if hasattr(self.pipe, "chunks") else 1  # long prompts: a profile dim
         check_request(self.pipe.engines, req.batch, req.height, req.width, req.guided, chunks=chunks)
         return req
-
-    def _loras(self, value: Any) -> list[Lora]:
-        """The ``loras`` field, ``"NAME[:SCALE],NAME..."``: names of this server's --lora-dir files
-        (never a path); absent or "" is the base model."""
-        if value is None or value == "":
-            return []
-        if not isinstance(value, str):
-            raise InvalidArgument(f"loras: must be a string 'NAME[:SCALE],...' but is a {_json_type(value)}")
-        if not self.loras:
-            raise InvalidArgument("loras: this server serves no LoRAs (it was started without --lora-dir); "
-                                  "drop the field")
-        items = value.split(",")
-        if len(items) > self.config.max_loras:
-            raise InvalidArgument(f"loras: at most {self.config.max_loras} per request on this server but "
-                                  f"{len(items)} were named")
-        out, seen = [], set()
-        for item in items:
-            name, sep, scale_text = item.partition(":")
-            name = name.strip()
-            if name not in self.loras:
-                shown = name if LORA_NAME_RE.fullmatch(name) else repr(name)[:40]
-                raise InvalidArgument(f"loras: {shown} is not a LoRA of this server; it serves "
-                                      f"{', '.join(sorted(self.loras))}")
-            if name in seen:
-                raise InvalidArgument(f"loras: {name} is named twice; name it once with the sum of the scales")
-            seen.add(name)
-            try:
-                scale = float(scale_text) if sep else 1.0
-            except ValueError:
-                raise InvalidArgument(f"loras: the scale of {name} must be a number, like {name}:0.7, not "
-                                      f"{scale_text[:20]!r}") from None
-            out.append(Lora(self.loras[name], check_scale(scale, "loras")))
-        return out
 
     def _size(self, size: Any) -> tuple[int, int]:
         native = self.info.native_size
@@ -446,29 +411,6 @@ class ImageService:
                 "max_batch": self.max_images if self.batcher.run_batch is not None else 1,
                 "batch_invariant": self.batch_invariant, "queue_depth": self.batcher.depth,
                 "loras": sorted(self.loras)}
-
-
-def load_lora_dir(folder: str | None, pipe: Pipeline) -> dict[str, Any]:
-    """name -> LoraFile of every ``*.safetensors`` in ``folder`` (not recursive), each checked to
-    fit the model now, so a request never meets a file that does not; {} for no folder."""
-    if folder is None:
-        return {}
-    from ..lora import read_lora
-
-    root = Path(folder)
-    if not root.is_dir():
-        raise InvalidArgument(f"lora-dir: {root} is not a folder; pass the folder holding the .safetensors LoRAs")
-    files = sorted(p for p in root.iterdir() if p.suffix == ".safetensors" and p.is_file())
-    if not files:
-        raise InvalidArgument(f"lora-dir: {root} holds no .safetensors file; put the LoRAs there or drop --lora-dir")
-    loras = {}
-    for path in files:
-        if not LORA_NAME_RE.fullmatch(path.stem):
-            raise InvalidArgument(f"lora-dir: {path.name}: a served LoRA's name (its file's stem) is letters, digits, "
-                                  "'.', '_' and '-' (at most 100, no ':' or ','); rename the file")
-        loras[path.stem] = read_lora(path)
-        pipe.check_loras([loras[path.stem]])
-    return loras
 
 
 @dataclass
