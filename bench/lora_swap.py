@@ -127,10 +127,9 @@ def main() -> int:
 
                 from sdfast.engines.onnxruntime import session_options
 
-                onnx_unet = str(Path(args.onnx) / "unet.onnx")
                 sess = None
 
-                def build():
+                def build(onnx_unet=str(Path(args.onnx) / "unet.onnx")):
                     nonlocal sess
                     sess = ort.InferenceSession(onnx_unet, sess_options=session_options(args.threads),
                                                 providers=["CPUExecutionProvider"])

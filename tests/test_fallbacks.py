@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 import torch
+from PIL import Image
 
 import sdfast
 from sdfast import fsio
