@@ -365,6 +365,14 @@ MUTATIONS: tuple[Mutation, ...] = (
              "\"lora_te2_\": \"text_encoder_2\"", "\"lora_te2_\": \"text_encoder\"",
              ("tests/test_lora.py", "-k", "sdxl_lora_matches and kohya"),
              "kohya's lora_te2_ layers go to SDXL's first text encoder"),
+    Mutation("lora-restore-not-pushed", "sdfast/lora.py",
+             "        changed = set(self._base) | set(deltas)\n", "        changed = set(deltas)\n",
+             ("tests/test_lora.py", "-k", "engines_that_swap"),
+             "set_loras([]) on an inductor pipeline restores the base copy but leaves the package's weights fused"),
+    Mutation("lora-engine-check-skipped", "sdfast/lora.py",
+             "        self._check_engines(changed)\n", "",
+             ("tests/test_lora.py", "-k", "engines_that_swap"),
+             "a package lacking a weight fails after the base copy changed, leaving the two apart"),
 )
 
 

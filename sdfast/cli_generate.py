@@ -194,8 +194,13 @@ def run(args: argparse.Namespace) -> int:
                         cache_branch=args.cache_branch)
     loras = as_loras([parse_lora_arg(text) for text in args.lora or []])  # read and checked before the model loads
     if loras and args.engines is not None:
-        # exported engines have their LoRAs fused at export; the manifest check holds them to this set
-        info, loras = info.with_loras(loras), []
+        from .artifacts import read_manifest
+
+        m = read_manifest(args.engines, info)
+        if m.format != "inductor" or m.model.get("loras"):
+            # engines with their LoRAs fused at export: --lora names that set, and the manifest check holds
+            # them to it (inductor packages exported without one swap weights in place, as torch does)
+            info, loras = info.with_loras(loras), []
     if req.cache_interval is not None and req.cache_interval > 1 and args.backend not in (None, "torch"):
         raise InvalidArgument(f"cache_interval: DeepCache runs on the torch backend only, not {args.backend}; "
                               "use --backend torch, or drop --cache-interval")

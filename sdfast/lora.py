@@ -333,9 +333,12 @@ class FusedLoras:
     ``modules``: group -> torch module (the unet, the text encoder(s)). In-place changes keep every
     tensor's storage, so a captured CUDA graph and any shared reference see the new weights."""
 
-    def __init__(self, modules: dict[str, torch.nn.Module], family: str):
+    def __init__(self, modules: dict[str, torch.nn.Module], family: str, engines: dict[str, Any] | None = None):
         self.modules = modules
         self.family = family
+        #: group -> an exported engine whose copy of the weights follows the modules' (its
+        #: ``load_weights``); None: the modules are what runs (the torch backend)
+        self.engines = engines
         self._base: dict[tuple[str, str], torch.Tensor] = {}
         self.active: tuple[Lora, ...] = ()
 
@@ -345,13 +348,29 @@ class FusedLoras:
     @torch.no_grad()
     def set(self, loras: list[Lora]) -> None:
         deltas = plan(loras, self.modules, self.family)  # every check before the first change
+        changed = set(self._base) | set(deltas)
+        self._check_engines(changed)
         for key in [k for k in self._base if k not in deltas]:
             self._param(key).copy_(self._base.pop(key))
         for key, delta in deltas.items():
             p = self._param(key)
             base = self._base.setdefault(key, p.detach().clone())
             p.copy_((base.float() + delta.to(base.device)).to(p.dtype))
+        if self.engines is not None:
+            for group in sorted({g for g, _ in changed}):
+                self.engines[group].load_weights({n: self._param((g, n)) for g, n in changed if g == group})
         self.active = tuple(loras)
+
+    def _check_engines(self, keys: set[tuple[str, str]]) -> None:
+        if self.engines is None:
+            return
+        for group in sorted({g for g, _ in keys}):
+            names = self.engines[group].weight_names()
+            lacking = sorted(n for g, n in keys if g == group and n not in names)
+            if lacking:
+                raise InvalidArgument(f"loras: the exported {group} holds no weight {lacking[0]!r} to replace (its "
+                                      "compiler folded it into another constant); export with the LoRAs fused "
+                                      "instead (sdfast export --lora FILE[:SCALE])")
 
 
 def fuse_at_load(mods: dict[str, torch.nn.Module], info) -> None:

@@ -197,41 +197,56 @@ class Pipeline:
         """Fuse ``loras`` (paths, ``(path, scale)`` pairs or ``lora.Lora``; see sdfast/lora.py) into
         the weights in place of the set before; ``[]`` or None returns bit-exactly to the base
         weights. All files are read and checked against the model before any weight changes: a
-        refused set leaves the pipeline as it was."""
+        refused set leaves the pipeline as it was. Torch: the modules that run change in place;
+        inductor: the packages' weights are replaced (no re-export); other exported backends
+        refuse (export with ``--lora``)."""
         items = as_loras(loras)
-        if self._fused is None:
-            if not items:
-                return
-            self._fused = FusedLoras(self._lora_modules(), self.info.family)
-        self._fused.set(items)
+        if self._fused is None and not items:
+            return
+        self._lora_target().set(items)
 
     def check_loras(self, loras) -> None:
         """Refuse, as ``set_loras`` would, LoRAs that do not fit this model; changes nothing."""
         items = as_loras(loras)
         if items:
-            plan(items, self._lora_modules(), self.info.family)
+            plan(items, self._lora_target().modules, self.info.family)
+
+    def _lora_target(self) -> FusedLoras:
+        """The modules a LoRA changes (unet, text encoders): the eager engines' own, or for engines
+        that can replace their weights (``load_weights``), a base copy whose changes they follow."""
+        if self._fused is not None:
+            return self._fused
+        engines = {COMPONENT_MODULE[n]: self._unwrapped(e) for n, e in self.engines.items()
+                   if COMPONENT_MODULE[n] in GROUPS}
+        if self.backend == "torch":
+            mods = {}
+            for group, engine in engines.items():
+                (mods[group],) = engine.module.children()  # a fixed-I/O wrapper holds the one module it calls
+            self._fused = FusedLoras(mods, self.info.family)
+        elif all(hasattr(e, "load_weights") for e in engines.values()):
+            if self.graphs is not None and self.graphs.mode == "captured":
+                raise InvalidArgument("loras: replacing a compiled package's weights under captured CUDA graphs is "
+                                      "not verified; load with cuda_graphs=False (--no-cuda-graphs) to swap LoRAs")
+            from .models import load_torch_modules
+
+            base = load_torch_modules(self.info, parts=tuple(engines))  # fp32 on the CPU: the weights' base
+            self._fused = FusedLoras(base, self.info.family, engines=engines)
+        else:
+            raise InvalidArgument(f"loras: this pipeline runs {self.backend}, whose weights are compiled into the "
+                                  "exported engines: swapping LoRAs runs on the torch and inductor backends; "
+                                  "for the others, export with the LoRAs fused (sdfast export --lora "
+                                  "FILE[:SCALE]) and load with the same set (load(model_info.with_loras(...)))")
+        return self._fused
+
+    @staticmethod
+    def _unwrapped(engine):
+        while hasattr(engine, "engine"):  # the CUDA-graph wrapper calls through to the engine it wraps
+            engine = engine.engine
+        return engine
 
     def _lora_modules(self) -> dict[str, torch.nn.Module]:
-        """The torch modules a LoRA changes (unet, text encoders) under the eager engines."""
-        if self.backend != "torch":
-            raise InvalidArgument(f"loras: this pipeline runs {self.backend}, whose weights are compiled into the "
-                                  "exported engines: swapping LoRAs runs on the torch backend (backend='torch'); "
-                                  "for exported engines, export with the LoRAs fused (sdfast export --lora "
-                                  "FILE[:SCALE]) and load with the same set (load(model_info.with_loras(...)))")
-        mods = {}
-        for name, engine in self.engines.items():
-            group = COMPONENT_MODULE[name]
-            if group not in GROUPS:
-                continue
-            while not hasattr(engine, "module"):  # the CUDA-graph wrapper calls through to the eager engine
-                engine = engine.engine
-            (mods[group],) = engine.module.children()  # a fixed-I/O wrapper holds the one module it calls
-        return mods
-
-    def __repr__(self) -> str:
-        graphs = "off" if self.graphs is None else self.graphs.mode
-        return (f"Pipeline(model={self.info.name!r}, backend={self.backend!r}, device={str(self.device)!r}, "
-                f"dtype={self.precision.value!r}, native_size={self.info.native_size}, cuda_graphs={graphs!r})")
+        """The torch modules a LoRA set is fused into (the tests read the weights there)."""
+        return self._lora_target().modules
 
     # -- stages ------------------------------------------------------------------------------
     def token_chunks(self, texts: list[str], long_prompt: str = "truncate") -> torch.Tensor:

@@ -407,3 +407,46 @@ def test_an_sd_lora_on_sdxl_names_what_differs(sdxl_pair, tmp_path, tiny_info):
     with pytest.raises(InvalidArgument, match=r"sd\.safetensors.*(lacks|does not fit)"):
         pipe.set_loras([path])
     assert pipe.loras == ()
+
+
+class _PushTarget:
+    """An exported engine's side of a weight swap: it holds ``names`` and records what it is sent."""
+
+    def __init__(self, names):
+        self.names, self.sent = set(names), []
+
+    def weight_names(self):
+        return {n: f"unet.{n}" for n in self.names}
+
+    def load_weights(self, weights):
+        self.sent.append({n: w.clone() for n, w in weights.items()})
+
+
+def test_engines_that_swap_get_every_changed_weight_and_the_restore(tiny_info, tmp_path):
+    """What a package (inductor) is sent: the fused weights of every layer the set touches, then
+    on [] those layers' base weights; an engine lacking one of them refuses before any change."""
+    from sdfast.lora import FusedLoras
+    from sdfast.models import load_torch_modules
+
+    mods = load_torch_modules(tiny_info, parts=("unet",))
+    layers = [("unet", n) for n in ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                                    "down_blocks.0.resnets.0.conv1")]
+    path = make_lora(tmp_path / "u.safetensors", mods, layers, "kohya", seed=61)
+    names = [f"{n}.weight" for _, n in layers]
+    base = {n: mods["unet"].get_parameter(n).detach().clone() for n in names}
+    engine = _PushTarget(dict(mods["unet"].named_parameters()))
+    fused = FusedLoras(mods, "sd", engines={"unet": engine})
+    fused.set(as_loras([(path, 0.5)]))
+    (sent,) = engine.sent
+    assert sorted(sent) == sorted(names)
+    for n in names:
+        assert torch.equal(sent[n], mods["unet"].get_parameter(n)) and not torch.equal(sent[n], base[n])
+    fused.set([])
+    assert sorted(engine.sent[1]) == sorted(names)
+    assert all(torch.equal(engine.sent[1][n], base[n]) for n in names)
+
+    lacking = _PushTarget(set(dict(mods["unet"].named_parameters())) - {names[1]})
+    other = FusedLoras(mods, "sd", engines={"unet": lacking})
+    with pytest.raises(InvalidArgument, match=r"holds no weight 'down_blocks\.0\.resnets\.0\.conv1\.weight'"):
+        other.set(as_loras([(path, 0.5)]))
+    assert lacking.sent == [] and all(torch.equal(mods["unet"].get_parameter(n), base[n]) for n in names)

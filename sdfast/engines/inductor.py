@@ -43,6 +43,19 @@ class InductorEngine(ExportedEngine):
         outs = out if isinstance(out, (list, tuple)) else (out,)
         return {t.name: o.float() for t, o in zip(self.spec.outputs, outs, strict=True)}
 
+    def weight_names(self) -> dict[str, str]:
+        """The torch module's parameter name -> the package constant holding it (the package names
+        them after the fixed-I/O wrapper: ``unet.conv_in.weight`` for ``conv_in.weight``)."""
+        return {fqn.split(".", 1)[1]: fqn for fqn in self.runner.get_constant_fqns() if "." in fqn}
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Replace weights in the loaded package (AOTInductor's load_constants copies them in): a
+        LoRA swap without re-export. Names are the torch module's (``weight_names``)."""
+        names = self.weight_names()
+        consts = {names[n]: w.to(self.device, self.dtype).contiguous() for n, w in weights.items()}
+        with self._lock:
+            self.runner.load_constants(consts, check_full_update=False)
+
 
 def _check_runtime(m: Manifest, root: Path, info: ModelInfo, device: torch.device, precision: Precision) -> None:
     hint = rebuild_hint(m, root, info, "inductor")
