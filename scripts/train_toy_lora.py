@@ -68,25 +68,8 @@ def new_combos() -> list[tuple[str, str, str]]:
 def render(shape: str, colour: str, background: str, size: int = SIZE,
            rng: np.random.Generator | None = None) -> np.ndarray:
     """toy.render's drawing (same geometry and random draws) with orange in the palette."""
-    from PIL import Image, ImageDraw
-
-    rng = rng if rng is not None else np.random.default_rng()
-    extent = size * rng.uniform(0.40, 0.60)
-    jitter = max(1, round(size / 16))
-    cx = size / 2 + rng.integers(-jitter, jitter + 1)
-    cy = size / 2 + rng.integers(-jitter, jitter + 1)
-    half = extent / 2
-    img = Image.new("RGB", (size, size), PALETTE[background])
-    draw = ImageDraw.Draw(img)
-    box = (cx - half, cy - half, cx + half - 1, cy + half - 1)
-    fill = PALETTE[colour]
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:
-        draw.polygon([(cx, cy - half), (cx + half - 1, cy + half - 1), (cx - half, cy + half - 1)], fill=fill)
-    return np.asarray(img)
+    return np.asarray(toy.render(shape, colour, background, size, rng if rng is not None else np.random.default_rng(),
+                                 palette=PALETTE))
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

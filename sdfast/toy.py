@@ -57,12 +57,15 @@ def render(
     background: str,
     size: int = 64,
     rng: np.random.Generator | int | None = None,
+    palette: dict[str, tuple[int, int, int]] | None = None,
 ) -> Image.Image:
-    """Draw ``shape`` in ``colour`` on ``background``: centred up to ~size/16 px off, 40-60 % of the side."""
+    """Draw ``shape`` in ``colour`` on ``background``: centred up to ~size/16 px off, 40-60 % of the side.
+    ``palette``: colour name -> RGB (default PALETTE; scripts/train_toy_lora.py adds a colour)."""
+    palette = PALETTE if palette is None else palette
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-    if colour not in PALETTE or background not in PALETTE:
-        raise ValueError(f"colours must be among {COLOURS}")
+    if colour not in palette or background not in palette:
+        raise ValueError(f"colours must be among {tuple(palette)}")
     if colour == background:
         raise ValueError("shape colour and background must differ")
     rng = _rng(rng)
@@ -71,10 +74,10 @@ def render(
     cx = size / 2 + rng.integers(-jitter, jitter + 1)
     cy = size / 2 + rng.integers(-jitter, jitter + 1)
     half = extent / 2
-    img = Image.new("RGB", (size, size), PALETTE[background])
+    img = Image.new("RGB", (size, size), palette[background])
     draw = ImageDraw.Draw(img)
     box = (cx - half, cy - half, cx + half - 1, cy + half - 1)
-    fill = PALETTE[colour]
+    fill = palette[colour]
     if shape == "circle":
         draw.ellipse(box, fill=fill)
     elif shape == "square":
