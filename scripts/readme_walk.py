@@ -2,7 +2,8 @@
 
 Every ```bash block is split into commands (backslash continuations joined, `&&` chains split)
 and run in order in one scratch folder, so later commands see what earlier ones wrote (the
-img2img example reads the PNG of the one before it). Each must exit 0 and write the files its
+img2img example reads the PNG of the one before it); that folder starts as a copy of the checkout,
+as a reader stands in a clone. Each must exit 0 and write the files its
 flags name (--out, --animation, --save-steps, --json, --plot; an export's --out folder must hold
 a manifest.json). ```python blocks run too, and must write what they `.save(...)`. A command
 that ends in `&` (the server) starts in the background, serves the commands and blocks after it,
@@ -271,9 +272,24 @@ def _stop(servers: list[tuple[Step, subprocess.Popen, IO[str]]]) -> None:
         log.close()
 
 
+def copy_checkout(dest: Path) -> None:
+    """Copy the checkout's files (tracked and untracked, not ignored) into ``dest``: the README is
+    read by someone standing in a clone, so its commands may name the repo's files
+    (``sdfast/data/loras/...``)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    for rel in files:
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
 def walk(readme: Path, workdir: Path, timeout: float = 1200) -> list[Step]:
-    """Run README's commands with this environment's sdfast in ``workdir`` (see the module doc).
-    A command ending in ``&`` (a server) starts in the background and runs until the walk ends."""
+    """Run README's commands with this environment's sdfast in ``workdir``, a copy of the checkout
+    (see the module doc). A command ending in ``&`` (a server) starts in the background and runs
+    until the walk ends."""
+    copy_checkout(workdir)
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     env = dict(os.environ, SDFAST_CACHE=str(workdir / ".sdfast-cache"))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -314,13 +330,7 @@ def _walk_steps(steps: list[Step], pyproject: dict, workdir: Path, env: dict, ti
 def walk_fresh(readme: Path, workdir: Path, timeout: float = 3600) -> list[Step]:
     """Copy the checkout into ``workdir`` and run every block literally in one bash session."""
     repo = workdir / "sdfast"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.splitlines()
-    for rel in files:
-        src = ROOT / rel
-        if src.is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, repo / rel)
+    copy_checkout(repo)
     steps = plan(readme.read_text(encoding="utf-8"))
     lines = ["set -e"]
     for k, step in enumerate(steps):
@@ -375,10 +385,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
     ap.add_argument("--fresh", action="store_true", help="new .venv, README's installs run literally")
-    ap.add_argument("--keep", type=Path, default=None, help="walk in this folder and keep it (default: a temp dir)")
+    ap.add_argument("--keep", type=Path, default=None, help="walk in this new or empty folder and keep it (default: a temp dir)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="readme-walk-") as tmp:
         workdir = args.keep or Path(tmp)
+        if workdir.exists() and any(workdir.iterdir()):
+            ap.error(f"--keep: {workdir} is not empty; the walk copies the checkout into it and would "
+                     "overwrite what is there: name a new or empty folder")
         workdir.mkdir(parents=True, exist_ok=True)
         steps = (walk_fresh if args.fresh else walk)(args.readme, workdir)
     print(report(steps))
