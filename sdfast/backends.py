@@ -50,6 +50,10 @@ class Flag:
         parser.add_argument(self.flag, **{k: v for k, v in kw.items() if v is not None or k == "default"})
 
 
+#: the formats whose exporters build LoRA slots (``sdfast export --lora-rank``; sdfast/lora_slots.py)
+LORA_SLOT_FORMATS = ("onnx", "openvino")
+
+
 @dataclass(frozen=True)
 class ExportJob:
     """What every exporter gets: the model, the folder, the profile, the precisions and the
@@ -62,6 +66,8 @@ class ExportJob:
     vae_precision: Precision | None
     model_arg: str
     flags: dict[str, Any] = field(default_factory=dict)
+    #: LoRA slots of this rank (``--lora-rank``; 0: none), for the formats in LORA_SLOT_FORMATS
+    lora_rank: int = 0
 
 
 @dataclass(frozen=True)

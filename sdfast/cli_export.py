@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .backends import BACKENDS, FORMATS, ExportJob, for_format
+from .backends import BACKENDS, FORMATS, LORA_SLOT_FORMATS, ExportJob, for_format
 from .components import Precision, ShapeProfile, size_multiple
 from .errors import InvalidArgument
 from .rules import MAX_SIDE, MIN_SIDE  # the side limits of every request bound every profile too
@@ -37,6 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
                    help="fuse a LoRA into the exported weights (repeatable; recorded with its sha256 in the "
                         "manifest; the engines then run only with the same --lora set)")
+    p.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                   help="onnx, openvino: give the U-Net's attention layers and the text encoders LoRA slots of rank R "
+                        "(the summed rank of LoRAs used together, e.g. 64), so generate --lora / serve --lora-dir swap "
+                        "LoRAs on these engines without re-export; costs time per U-Net call even without a LoRA "
+                        "(see the README's LoRA section; default 0: none)")
     p.add_argument("--batch", type=int, default=1, help="images per call the engines are tuned for (default 1)")
     p.add_argument("--height", type=int, default=None, help="image height tuned for (default: native size)")
     p.add_argument("--width", type=int, default=None, help="image width tuned for (default: native size)")
@@ -96,6 +101,7 @@ def profile_from_args(args: argparse.Namespace, info) -> ShapeProfile:
 
 def run(args: argparse.Namespace) -> int:
     from .export.base import check_export_out
+    from .lora_slots import check_rank
     from .models import resolve_model
 
     info = resolve_model(args.model)
@@ -110,12 +116,17 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidArgument(f"{flag}: --format {args.format} builds {' or '.join(record.precisions)}, not {value}; "
                                   f"pass --{flag} {record.precisions[0]}" + (", or --format openvino for bf16 on the CPU"
                                                                            if value == "bf16" else ""))
+    check_rank(args.lora_rank, "--lora-rank")
+    if args.lora_rank and args.format not in LORA_SLOT_FORMATS:
+        raise InvalidArgument(f"--lora-rank: LoRA slots are built for --format {' or '.join(LORA_SLOT_FORMATS)}, not "
+                              f"{args.format}; drop --lora-rank (fuse a set at export with --lora) or change --format")
     record.require()
     # Before any work: --out is replaced as a whole, so it must be new, empty or an earlier export.
     out_dir = check_export_out(args.out, protect=info.path)
     job = ExportJob(info=info, out=out_dir, profile=profile, precision=Precision(args.precision),
                     vae_precision=Precision(args.vae_precision) if args.vae_precision else None,
-                    model_arg=args.model, flags={f.dest: getattr(args, f.dest) for f in record.flags})
+                    model_arg=args.model, flags={f.dest: getattr(args, f.dest) for f in record.flags},
+                    lora_rank=args.lora_rank)
     out = record.export(job)
     print(f"wrote {out} ({profile.describe()})")
     return 0

@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,29 +251,68 @@ def _pattern_alpha(cfg: dict[str, Any], module: str) -> float | None:
 
 # -- against a model -----------------------------------------------------------------------
 
-def _module_index(group_module: torch.nn.Module) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
-    """The LoRA-able layers of one module by dotted name, and kohya's underscored name -> dotted.
-    Text encoders answer to ``text_model.``-prefixed names too: LoRA files keep the prefix that
-    transformers 5's flattened CLIPTextModel no longer has."""
-    layers = {n: m for n, m in group_module.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
-    if not hasattr(group_module, "text_model") and hasattr(group_module, "encoder"):  # a flattened CLIP
-        layers.update({f"text_model.{n}": m for n, m in list(layers.items())})
+def _module_index(group_module: torch.nn.Module) -> LayerIndex:
+    """The LoRA-able layers (Linear, Conv2d) of one torch module: see :func:`layer_index`."""
+    shapes, params = {}, {}
+    for n, m in group_module.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            shapes[n], params[n] = tuple(m.weight.shape), f"{n}.weight"
+    text = not hasattr(group_module, "text_model") and hasattr(group_module, "encoder")  # a flattened CLIP
+    return layer_index(shapes, params, flattened_text=text)
+
+
+#: (LoRA-side dotted name -> (weight's parameter name, weight shape), kohya's underscored name -> dotted)
+LayerIndex = tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]
+
+
+def layer_index(shapes: dict[str, tuple[int, ...]], params: dict[str, str], flattened_text: bool = False) -> LayerIndex:
+    """The names a LoRA file may give a model's layers. ``shapes``: layer name -> weight shape;
+    ``params``: layer name -> what the layer's weight is called where the update goes. A flattened
+    text encoder (transformers 5's CLIPTextModel) answers to ``text_model.``-prefixed names too:
+    LoRA files keep the prefix that it no longer has."""
+    layers = {n: (params[n], shape) for n, shape in shapes.items()}
+    if flattened_text:
+        layers.update({f"text_model.{n}": v for n, v in list(layers.items())})
     return layers, {n.replace(".", "_"): n for n in layers}
 
 
-def plan(loras: list[Lora], modules: dict[str, torch.nn.Module], family: str,
-         not_loaded: frozenset[str] = frozenset()) -> dict[tuple[str, str], torch.Tensor]:
-    """(group, weight's parameter name) -> the summed float32 update of ``loras``; raises, naming
-    the file and the layer, on the first that does not fit ``modules``. Layers of the groups in
-    ``not_loaded`` (parts of the model that are not in ``modules`` this time) are left out."""
-    deltas: dict[tuple[str, str], torch.Tensor] = {}
-    indexes = {g: _module_index(m) for g, m in modules.items()}
+@dataclass(frozen=True)
+class Match:
+    """One layer of one LoRA, matched to the model's weight it changes."""
+
+    lora: Lora
+    layer: LoraLayer
+    name: str  # the layer's dotted name (kohya's resolved)
+    param: str  # the weight's parameter name in its group
+    shape: tuple[int, ...]
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up, down) as 2-D float32 (out, r) and (r, in·kh·kw), the scale · alpha / rank in ``up``."""
+        down, up = self.layer.down.float(), self.layer.up.float()
+        rank = down.shape[0]
+        alpha = rank if self.layer.alpha is None else self.layer.alpha
+        return up.flatten(1) * (self.lora.scale * alpha / rank), down.flatten(1)
+
+    def delta(self) -> torch.Tensor:
+        up, down = self.factors()
+        return (up @ down).reshape(self.shape)
+
+
+def match(loras: list[Lora], indexes: dict[str, LayerIndex], family: str,
+          not_loaded: frozenset[str] = frozenset(),
+          missing: Callable[[Lora, list[LoraLayer], str], str] | None = None) -> list[Match]:
+    """Every layer of ``loras`` matched to the model's layers (``indexes``: group -> its
+    :func:`layer_index`); raises, naming the file and the layer, on the first that does not fit.
+    Layers of the groups in ``not_loaded`` (parts not at hand this time) are left out.
+    ``missing(lora, layers, group)``: the message for layers the index lacks, where the index is
+    not the whole model (an export's LoRA slots)."""
+    out = []
     for lora in loras:
-        missing = []
+        lacking = []
         for layer in lora.file.layers:
             if layer.group in not_loaded:
                 continue
-            if layer.group not in modules:
+            if layer.group not in indexes:
                 what = "SDXL (it changes text_encoder_2)" if layer.group == "text_encoder_2" else layer.group
                 raise InvalidArgument(f"loras: {lora.file.path} is for {what}, and this model is {family}; "
                                       "pass a LoRA trained for this model's family")
@@ -280,39 +320,37 @@ def plan(loras: list[Lora], modules: dict[str, torch.nn.Module], family: str,
             name = flat.get(layer.module) if layer.kohya else layer.module
             target = layers.get(name) if name is not None else None
             if target is None:
-                missing.append(layer)
+                lacking.append(layer)
                 continue
-            deltas_key = (layer.group, _param_name(modules[layer.group], target))
-            delta = _delta(lora, layer, name, target.weight)
-            deltas[deltas_key] = deltas[deltas_key] + delta if deltas_key in deltas else delta
-        if missing:
-            first = missing[0]
+            param, shape = target
+            if not _fits(layer.up, layer.down, shape):
+                raise InvalidArgument(f"loras: {lora.file.path}: {layer.group} layer {name!r} (up "
+                                      f"{tuple(layer.up.shape)}, down {tuple(layer.down.shape)}) does not fit the "
+                                      f"model's weight {shape}; the LoRA is for another architecture (another "
+                                      "width): pass one trained for this model")
+            out.append(Match(lora, layer, name, param, shape))
+        if lacking and missing is not None:
+            raise InvalidArgument(missing(lora, lacking, lacking[0].group))
+        if lacking:
+            first = lacking[0]
             ldm = " (the original LDM U-Net's names, which sdfast does not map: convert the file with diffusers)" \
                 if re.match(r"(input_blocks|middle_block|output_blocks)", first.module) else ""
             raise InvalidArgument(
-                f"loras: {lora.file.path}: {len(missing)} of {len(lora.file.layers)} layers name modules this "
+                f"loras: {lora.file.path}: {len(lacking)} of {len(lora.file.layers)} layers name modules this "
                 f"model's {first.group} lacks (first: {first.module!r}{ldm}); the LoRA is for another architecture: "
                 "pass one trained for this model")
+    return out
+
+
+def plan(loras: list[Lora], modules: dict[str, torch.nn.Module], family: str,
+         not_loaded: frozenset[str] = frozenset()) -> dict[tuple[str, str], torch.Tensor]:
+    """(group, weight's parameter name) -> the summed float32 update of ``loras`` on ``modules``
+    (group -> torch module); raises as :func:`match` does."""
+    deltas: dict[tuple[str, str], torch.Tensor] = {}
+    for m in match(loras, {g: _module_index(mod) for g, mod in modules.items()}, family, not_loaded):
+        key, delta = (m.layer.group, m.param), m.delta()
+        deltas[key] = deltas[key] + delta if key in deltas else delta
     return deltas
-
-
-def _param_name(root: torch.nn.Module, target: torch.nn.Module) -> str:
-    for name, m in root.named_modules():
-        if m is target:
-            return f"{name}.weight"
-    raise AssertionError("a layer found in the index is a submodule")  # pragma: no cover
-
-
-def _delta(lora: Lora, layer: LoraLayer, name: str, weight: torch.Tensor) -> torch.Tensor:
-    down, up = layer.down.float(), layer.up.float()
-    rank = down.shape[0]
-    shape = tuple(weight.shape)
-    if not _fits(up, down, shape):
-        raise InvalidArgument(f"loras: {lora.file.path}: {layer.group} layer {name!r} (up {tuple(up.shape)}, down "
-                              f"{tuple(down.shape)}) does not fit the model's weight {shape}; the LoRA is for another "
-                              "architecture (another width): pass one trained for this model")
-    alpha = rank if layer.alpha is None else layer.alpha
-    return (up.flatten(1) @ down.flatten(1)).reshape(shape) * (lora.scale * alpha / rank)
 
 
 def _fits(up: torch.Tensor, down: torch.Tensor, shape: tuple[int, ...]) -> bool:
@@ -344,6 +382,10 @@ class FusedLoras:
 
     def _param(self, key: tuple[str, str]) -> torch.Tensor:
         return self.modules[key[0]].get_parameter(key[1])
+
+    def check(self, loras: list[Lora]) -> None:
+        """Refuse, as ``set`` would, a set that does not fit; changes nothing."""
+        self._check_engines(set(plan(loras, self.modules, self.family)))
 
     @torch.no_grad()
     def set(self, loras: list[Lora]) -> None:

@@ -24,7 +24,8 @@ from .errors import InvalidArgument
 from .graphs import GraphRunner
 from .hardware import resolve_device
 from .loop import LoopState, StepCallback, denoise, guidance_embedding
-from .lora import GROUPS, FusedLoras, Lora, as_loras, plan
+from .lora import GROUPS, FusedLoras, Lora, as_loras
+from .lora_slots import SlotLoras
 from .models import COMPONENT_MODULE, ModelInfo, load_tokenizer, resolve_model
 from .request import DEFAULTS, Request
 from .safety import DecodeFallback, check_finite
@@ -180,7 +181,7 @@ class Pipeline:
         # The fp16 black-image guard: only a reduced-precision VAE decoder needs it.
         vae_precision = self.engines["vae_decoder"].precision
         self._decode_fallback = DecodeFallback(fp32_vae_decoder, enabled=vae_precision is not Precision.FP32)
-        self._fused: FusedLoras | None = None  # the LoRA set fused into the weights (set_loras)
+        self._fused: FusedLoras | SlotLoras | None = None  # the LoRA set fused into the weights (set_loras)
 
     # -- LoRA --------------------------------------------------------------------------------
     @property
@@ -198,7 +199,8 @@ class Pipeline:
         the weights in place of the set before; ``[]`` or None returns bit-exactly to the base
         weights. All files are read and checked against the model before any weight changes: a
         refused set leaves the pipeline as it was. Torch: the modules that run change in place;
-        inductor: the packages' weights are replaced (no re-export); other exported backends
+        inductor: the packages' weights are replaced (no re-export); ONNX Runtime / OpenVINO engines
+        exported with ``--lora-rank`` take the set as their slots' inputs; other exported engines
         refuse (export with ``--lora``)."""
         items = as_loras(loras)
         if self._fused is None and not items:
@@ -209,11 +211,12 @@ class Pipeline:
         """Refuse, as ``set_loras`` would, LoRAs that do not fit this model; changes nothing."""
         items = as_loras(loras)
         if items:
-            plan(items, self._lora_target().modules, self.info.family)
+            self._lora_target().check(items)
 
-    def _lora_target(self) -> FusedLoras:
+    def _lora_target(self) -> FusedLoras | SlotLoras:
         """The modules a LoRA changes (unet, text encoders): the eager engines' own, or for engines
-        that can replace their weights (``load_weights``), a base copy whose changes they follow."""
+        that can replace their weights (``load_weights``), a base copy whose changes they follow;
+        for engines exported with LoRA slots, the slots' inputs (sdfast/lora_slots.py)."""
         if self._fused is not None:
             return self._fused
         engines = {COMPONENT_MODULE[n]: self._unwrapped(e) for n, e in self.engines.items()
@@ -223,6 +226,8 @@ class Pipeline:
             for group, engine in engines.items():
                 (mods[group],) = engine.module.children()  # a fixed-I/O wrapper holds the one module it calls
             self._fused = FusedLoras(mods, self.info.family)
+        elif all(getattr(e, "lora_slots", None) is not None for e in engines.values()):
+            self._fused = SlotLoras(engines, self.info.family)
         elif all(hasattr(e, "load_weights") for e in engines.values()):
             if self.graphs is not None and self.graphs.mode == "captured":
                 raise InvalidArgument("loras: replacing a compiled package's weights under captured CUDA graphs is "
@@ -232,10 +237,11 @@ class Pipeline:
             base = load_torch_modules(self.info, parts=tuple(engines))  # fp32 on the CPU: the weights' base
             self._fused = FusedLoras(base, self.info.family, engines=engines)
         else:
-            raise InvalidArgument(f"loras: this pipeline runs {self.backend}, whose weights are compiled into the "
-                                  "exported engines: swapping LoRAs runs on the torch and inductor backends; "
-                                  "for the others, export with the LoRAs fused (sdfast export --lora "
-                                  "FILE[:SCALE]) and load with the same set (load(model_info.with_loras(...)))")
+            raise InvalidArgument(f"loras: this pipeline runs {self.backend} engines exported without LoRA slots, "
+                                  "whose weights are compiled in: export with slots (sdfast export --lora-rank 64, "
+                                  "onnx and openvino) to swap LoRAs on them, or with the set fused (sdfast export "
+                                  "--lora FILE[:SCALE]) and load with the same set (load(model_info.with_loras(...))); "
+                                  "the torch and inductor backends swap as they are")
         return self._fused
 
     @staticmethod

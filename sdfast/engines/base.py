@@ -8,9 +8,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from ..artifacts import Manifest, load_manifest, rebuild_hint
-from ..components import ComponentSpec, Precision, ShapeProfile
+from ..artifacts import Manifest, check_io, load_manifest, rebuild_hint
+from ..components import COMPONENT_MODULE, ComponentSpec, Precision, ShapeProfile
 from ..errors import ArtifactMismatch, InvalidArgument
+from ..lora_slots import SlotTable
 from ..models import ModelInfo, model_arg
 from ..rules import check_side
 
@@ -52,6 +53,10 @@ class ExportedEngine:
     requests to."""
 
     graph_safe = False
+    #: the LoRA slots its file takes after the component's inputs (``sdfast export --lora-rank``;
+    #: sdfast/lora_slots.py), None without; ``slot_inputs`` the factors it runs with now
+    lora_slots: SlotTable | None = None
+    slot_dtype: torch.dtype = torch.float32
 
     def __init__(self, spec: ComponentSpec, device: torch.device, precision: Precision,
                  profile: ShapeProfile, size_multiple: int):
@@ -61,6 +66,19 @@ class ExportedEngine:
         self.dtype = precision.torch_dtype
         self.profile = profile
         self.size_multiple = size_multiple
+        self.slot_inputs: list[torch.Tensor] = []
+
+    def init_slots(self, table: SlotTable | None, dtype: torch.dtype) -> None:
+        """Take ``table``'s slots with zero factors (the base model) in ``dtype``."""
+        self.lora_slots, self.slot_dtype = table, dtype
+        self.slot_inputs = table.zeros(dtype) if table is not None else []
+
+    def set_lora_slots(self, tensors: list[torch.Tensor]) -> None:
+        """Run with these slot factors from the next call on (``SlotLoras`` computed and checked them)."""
+        want = self.lora_slots.input_shapes() if self.lora_slots is not None else []
+        if [tuple(t.shape) for t in tensors] != want or any(t.dtype != self.slot_dtype for t in tensors):
+            raise AssertionError(f"{self.spec.name}: slot factors do not match the engine's slots")  # pragma: no cover
+        self.slot_inputs = [t.to(self.device).contiguous() for t in tensors]
 
 
 def engine_inputs(spec: ComponentSpec, inputs: dict[str, torch.Tensor], device: torch.device,
@@ -84,6 +102,25 @@ def open_export(info: ModelInfo, engines: str | Path | None, backend: str, fmt: 
     root = Path(engines)
     m = load_manifest(root, info, fmt, device=device)
     return root, m, rebuild_hint(m, root, info, fmt)
+
+
+def check_engine_io(m: Manifest, root: Path, info: ModelInfo, name: str, inputs: list, outputs: list,
+                    slot_type: str) -> SlotTable | None:
+    """``artifacts.check_io`` of one engine file, and of its LoRA slot inputs where the manifest
+    lists slots for it (``slot_type``: their element type); returns the slot table or None."""
+    record = m.components[name].get("lora_slots")
+    if record is None:
+        check_io(m, root, info, name, inputs, outputs)
+        return None
+    path, hint = m.file(root, name), rebuild_hint(m, root, info, m.format)
+    table = SlotTable.from_record(record, str(path))
+    if table.group != COMPONENT_MODULE[name]:
+        raise ArtifactMismatch(f"engines: {path}: lora_slots are for {table.group}, but {name} runs "
+                               f"{COMPONENT_MODULE[name]} (an edited manifest); {hint}")
+    n = len(info.specs[name].inputs)
+    check_io(m, root, info, name, inputs[:n], outputs)
+    table.check_io(inputs[n:], slot_type, path, hint)
+    return table
 
 
 def read_artifact(read: Callable[[], Any], library: str, path: Path, hint: str) -> Any:

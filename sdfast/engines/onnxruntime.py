@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import check_io, check_precision
+from ..artifacts import FLOAT_TYPES, check_precision
 from ..components import ComponentSpec, Precision, ShapeProfile, output_shapes, size_multiple
 from ..errors import InvalidArgument
 from ..models import ModelInfo
-from .base import ExportedEngine, engine_inputs, open_export, read_artifact
+from .base import ExportedEngine, check_engine_io, engine_inputs, open_export, read_artifact
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,11 @@ class OrtEngine(ExportedEngine):
         for t, x in zip(self.spec.inputs, keep, strict=True):
             binding.bind_input(t.name, self._device_type, self._device_id, NUMPY_DTYPES[x.dtype],
                                tuple(x.shape), x.data_ptr())
+        slots = self.slot_inputs  # this call's LoRA factors, even if a swap replaces the list meanwhile
+        if slots:
+            for name, x in zip(self.lora_slots.input_names(), slots, strict=True):
+                binding.bind_input(name, self._device_type, self._device_id, NUMPY_DTYPES[x.dtype],
+                                   tuple(x.shape), x.data_ptr())
         shapes = output_shapes(self.spec, self.info, {n: tuple(x.shape) for n, x in zip(self.spec.input_names, keep, strict=True)})
         outs = {}
         for t in self.spec.outputs:
@@ -189,8 +194,11 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
         path = manifest.file(root, name)
         session = read_artifact(lambda path=path, name=name: open_session(path, device, manifest.precision(name)),
                                 "ONNX Runtime", path, hint)
-        check_io(manifest, root, info, name, _ort_io(session.get_inputs()), _ort_io(session.get_outputs()))
-        out[name] = OrtEngine(info.specs[name], session, info, device, manifest.precision(name), manifest.profile)
+        precision = manifest.precision(name)
+        slots = check_engine_io(manifest, root, info, name, _ort_io(session.get_inputs()),
+                                _ort_io(session.get_outputs()), FLOAT_TYPES[precision])
+        out[name] = OrtEngine(info.specs[name], session, info, device, precision, manifest.profile)
+        out[name].init_slots(slots, precision.torch_dtype)
     return out
 
 

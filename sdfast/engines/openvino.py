@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from ..artifacts import Manifest, check_io, check_precision, rebuild_hint
+from ..artifacts import Manifest, check_precision, rebuild_hint
 from ..components import ComponentSpec, Precision, ShapeProfile, output_shapes, size_multiple
 from ..errors import ArtifactMismatch, InvalidArgument
 from ..models import ModelInfo
-from .base import ExportedEngine, engine_inputs, open_export, read_artifact
+from .base import ExportedEngine, check_engine_io, engine_inputs, open_export, read_artifact
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class OpenVinoEngine(ExportedEngine):
         outs = {t.name: torch.empty(shapes[t.name], dtype=self.dtype) for t in self.spec.outputs}
         with self._lock:
             request = self.request_for(in_shapes)
-            for i, x in enumerate(keep):
+            for i, x in enumerate([*keep, *self.slot_inputs]):  # then the LoRA slots' factors, if any
                 request.set_input_tensor(i, to_ov(x))
             for i, t in enumerate(self.spec.outputs):
                 request.set_output_tensor(i, to_ov(outs[t.name]))
@@ -148,7 +148,7 @@ def check_bounds(model, m: Manifest, root: Path, info: ModelInfo, name: str) -> 
     """Refuse an IR whose dynamic dims are not bounded by the manifest's profile (check_io has
     made sure they are dynamic; an unbounded or differently bounded one is not this export)."""
     shapes = m.profile.shapes(info.specs[name], info, "inputs")
-    for port in model.inputs:
+    for port in model.inputs[:len(info.specs[name].inputs)]:  # LoRA slots (after them) are static
         tname = sorted(port.get_names())[0]
         lo, _, hi = shapes[tname]
         for axis, (d, a, b) in enumerate(zip(port.get_partial_shape(), lo, hi, strict=True)):
@@ -181,11 +181,12 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
             raise ArtifactMismatch(f"engines: {root} lists {name} in {m.precision(name).value}, which the openvino "
                                    f"export never builds (fp32 or bf16); {hint}")
         model = read_artifact(lambda path=path: core.read_model(str(path)), "OpenVINO", path, hint)
-        check_io(m, root, info, name, _ov_io(model.inputs), _ov_io(model.outputs))
+        slots = check_engine_io(m, root, info, name, _ov_io(model.inputs), _ov_io(model.outputs), "float32")
         check_bounds(model, m, root, info, name)
         # The hint follows the checked precision (the manifest's own hint field is informative).
         engine = OpenVinoEngine(info.specs[name], model, core, compile_config(OV_HINT[m.precision(name)], threads),
                                 info, device, m.precision(name), m.profile, static_shapes)
+        engine.init_slots(slots, torch.float32)  # weights stay fp32 in the IR (see export/openvino.py)
         with engine._lock:  # the tuned shape now: a broken IR fails on load, not mid-generation
             engine.request_for(tuple(s[1] for s in m.profile.shapes(info.specs[name], info, "inputs").values()))
         out[name] = engine

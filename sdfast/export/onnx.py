@@ -42,7 +42,8 @@ import torch
 
 from ..components import VAE_COMPONENTS, Precision, ShapeProfile, sample_inputs
 from ..errors import InvalidArgument
-from ..models import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
+from ..lora_slots import SlotTable, check_rank, slotted_component
+from ..models import COMPONENT_MODULE, ModelInfo, load_torch_modules
 from .base import export_components
 
 if TYPE_CHECKING:
@@ -73,6 +74,8 @@ class OnnxExportOptions:
     external_data: bool | None = None
     optimize: bool = True
     opset: int = OPSET
+    #: LoRA slots of this rank in the U-Net and text encoders (0: none; sdfast/lora_slots.py)
+    lora_rank: int = 0
 
     def component_precision(self, name: str) -> Precision:
         if name in VAE_COMPONENTS:
@@ -80,6 +83,7 @@ class OnnxExportOptions:
         return self.precision
 
     def validate(self) -> None:
+        check_rank(self.lora_rank)
         top = max_opset()
         if isinstance(self.opset, bool) or not isinstance(self.opset, int) or not MIN_OPSET <= self.opset <= top:
             raise InvalidArgument(f"opset: {self.opset!r} is not an opset this exporter writes; use {MIN_OPSET}..{top} "
@@ -96,8 +100,10 @@ def max_opset() -> int:
     return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))
 
 
-def prepare_module(info: ModelInfo, name: str, dtype: torch.dtype) -> torch.nn.Module:
-    """One component wrapper with export-friendly attention (see the module doc), in ``dtype``.
+def prepare_module(info: ModelInfo, name: str, dtype: torch.dtype,
+                   lora_rank: int = 0) -> tuple[torch.nn.Module, SlotTable | None]:
+    """One component wrapper with export-friendly attention (see the module doc), in ``dtype``,
+    with LoRA slots of ``lora_rank`` where it runs a LoRA group; (wrapper, slot table or None).
 
     Only the torch module that component needs is loaded, so exporting the SD 1.5 U-Net never
     holds the text encoder or the VAE (or a second precision's copy) beside it."""
@@ -109,14 +115,17 @@ def prepare_module(info: ModelInfo, name: str, dtype: torch.dtype) -> torch.nn.M
         mod.set_attn_implementation("eager")
     else:
         mod.set_attn_processor(AttnProcessor())
-    return component_modules({part: mod}, info.family)[name]
+    return slotted_component({part: mod}, name, info.family, lora_rank)
 
 
 def trace_component(module: torch.nn.Module, name: str, info: ModelInfo, profile: ShapeProfile,
-                    dtype: torch.dtype, raw: Path, options: OnnxExportOptions) -> None:
-    """Trace one component with the legacy exporter into ``raw`` (unoptimized)."""
+                    dtype: torch.dtype, raw: Path, options: OnnxExportOptions, slots: SlotTable | None = None) -> None:
+    """Trace one component with the legacy exporter into ``raw`` (unoptimized); ``slots``: its
+    LoRA slots' factors follow the component's inputs (static shapes)."""
     spec = info.specs[name]
     inputs = sample_inputs(spec, info, profile, which=1, dtype=dtype)
+    slot_names = slots.input_names() if slots else []
+    inputs.update(zip(slot_names, slots.zeros(dtype) if slots else [], strict=True))
     raw.parent.mkdir()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         # TracerWarnings name the Python branches that tracing freezes; see the module doc.
@@ -126,28 +135,28 @@ def trace_component(module: torch.nn.Module, name: str, info: ModelInfo, profile
         # optimizer folds what it left (see the module doc), so the warning is noise here.
         warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
         torch.onnx.export(
-            module, tuple(inputs[n] for n in spec.input_names), str(raw), dynamo=False,
-            opset_version=options.opset, input_names=spec.input_names, output_names=spec.output_names,
+            module, tuple(inputs[n] for n in [*spec.input_names, *slot_names]), str(raw), dynamo=False,
+            opset_version=options.opset, input_names=[*spec.input_names, *slot_names], output_names=spec.output_names,
             dynamic_axes=profile.dynamic_axes(spec, info), do_constant_folding=True,
         )
 
 
 def export_component(info: ModelInfo, name: str, profile: ShapeProfile, dtype: torch.dtype, dest: Path,
-                     options: OnnxExportOptions) -> list[Path]:
-    """Load, trace, optimize and check one component at ``dest``; returns the files written.
+                     options: OnnxExportOptions) -> SlotTable | None:
+    """Load, trace, optimize and check one component at ``dest``; returns its LoRA slots, if any.
 
     The torch module is dropped as soon as the trace is on disk, so optimizing and saving the
     graph never holds a second copy of the weights beside it."""
     import onnx
 
     raw = dest.parent / f"{dest.stem}.raw" / dest.name
-    module = prepare_module(info, name, dtype)
-    trace_component(module, name, info, profile, dtype, raw, options)
+    module, slots = prepare_module(info, name, dtype, options.lora_rank)
+    trace_component(module, name, info, profile, dtype, raw, options, slots)
     del module
-    files = _finish(raw, dest, options)
+    _finish(raw, dest, options)
     shutil.rmtree(raw.parent)
     onnx.checker.check_model(str(dest))  # from the path: works for external data and > 2 GB
-    return files
+    return slots
 
 
 def optimize(model, rounds: int = 2) -> None:
@@ -195,6 +204,8 @@ def export_onnx(info: ModelInfo, out: Path | str, profile: ShapeProfile,
     extra = ["--vae-precision", options.vae_precision.value] if options.vae_precision else []
     if options.external_data:
         extra.append("--external-data")
+    if options.lora_rank:
+        extra += ["--lora-rank", str(options.lora_rank)]
     dtypes = {name: options.component_precision(name).torch_dtype for name in components}
     if options.precision is not Precision.FP32:
         vae = options.vae_precision or Precision.FP32
@@ -202,8 +213,9 @@ def export_onnx(info: ModelInfo, out: Path | str, profile: ShapeProfile,
                     "" if options.vae_precision else " (the SD VAE overflows fp16; --vae-precision fp16 to change)")
 
     def build(name: str, tmp: Path) -> dict:
-        export_component(info, name, profile, dtypes[name], tmp / f"{name}.onnx", options)
-        return {"file": f"{name}.onnx", "precision": options.component_precision(name).value}
+        slots = export_component(info, name, profile, dtypes[name], tmp / f"{name}.onnx", options)
+        return {"file": f"{name}.onnx", "precision": options.component_precision(name).value,
+                **({"lora_slots": slots.record()} if slots else {})}
 
     return export_components(info, out, profile, "onnx", options.precision, build, components=components,
                              extra_flags=extra, model_arg=model_arg)
@@ -213,5 +225,5 @@ def export_job(job: ExportJob) -> Path:
     """``sdfast export --format onnx`` (the backend record's entry point)."""
     options = OnnxExportOptions(precision=job.precision, vae_precision=job.vae_precision,
                                 external_data=True if job.flags.get("external_data") else None,
-                                opset=job.flags.get("opset", OPSET))
+                                opset=job.flags.get("opset", OPSET), lora_rank=job.lora_rank)
     return export_onnx(job.info, job.out, job.profile, options, model_arg=job.model_arg)

@@ -43,7 +43,8 @@ from ..artifacts import (
 )
 from ..components import VAE_COMPONENTS, Precision, ShapeProfile, sample_inputs
 from ..errors import InvalidArgument
-from ..models import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
+from ..lora_slots import SlotTable, check_rank, slotted_component
+from ..models import COMPONENT_MODULE, ModelInfo, load_torch_modules
 from .base import export_components
 
 if TYPE_CHECKING:
@@ -64,6 +65,8 @@ class OpenVinoExportOptions:
     precision: Precision = Precision.FP32
     #: None: the VAE follows ``precision`` (see the module doc).
     vae_precision: Precision | None = None
+    #: LoRA slots of this rank in the U-Net and text encoders (0: none; sdfast/lora_slots.py)
+    lora_rank: int = 0
 
     def component_precision(self, name: str) -> Precision:
         if name in VAE_COMPONENTS and self.vae_precision is not None:
@@ -71,6 +74,7 @@ class OpenVinoExportOptions:
         return self.precision
 
     def validate(self) -> None:
+        check_rank(self.lora_rank)
         for arg, p in (("precision", self.precision), ("vae_precision", self.vae_precision)):
             if p is not None and p not in PRECISIONS:
                 raise InvalidArgument(f"{arg}: the OpenVINO export builds fp32 or bf16 models, not {p.value}; "
@@ -85,25 +89,29 @@ def partial_shape(dims: list[tuple[int, int]]):
 
 
 def convert_component(module: torch.nn.Module, name: str, info: ModelInfo, profile: ShapeProfile,
-                      precision: Precision):
-    """``ov.convert_model`` of one wrapper, with the spec's tensor names and the profile's shapes."""
+                      precision: Precision, slots: SlotTable | None = None):
+    """``ov.convert_model`` of one wrapper, with the spec's tensor names and the profile's shapes;
+    ``slots``: its LoRA slots' factors follow the component's inputs (static, fp32 like the weights)."""
     import openvino as ov
     from openvino.preprocess import PrePostProcessor
 
     spec = info.specs[name]
     inputs = sample_inputs(spec, info, profile, which=1)
-    args = tuple(inputs[n] for n in spec.input_names)
+    slot_names = slots.input_names() if slots else []
+    args = tuple(inputs[n] for n in spec.input_names) + tuple(slots.zeros(torch.float32) if slots else ())
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # branches frozen at the traced shape
         model = ov.convert_model(module, example_input=args)
-    for port, t in zip(model.inputs, spec.inputs, strict=True):
-        port.get_tensor().set_names({t.name})
+    for port, tname in zip(model.inputs, [*spec.input_names, *slot_names], strict=True):
+        port.get_tensor().set_names({tname})
     for port, t in zip(model.outputs, spec.outputs, strict=True):
         port.get_tensor().set_names({t.name})
     shapes = {which: profile.shapes(spec, info, which) for which in ("inputs", "outputs")}
-    model.reshape({t.name: partial_shape(list(zip(shapes["inputs"][t.name][0], shapes["inputs"][t.name][2],
-                                                  strict=True)))
-                   for t in spec.inputs})
+    model.reshape({**{t.name: partial_shape(list(zip(shapes["inputs"][t.name][0], shapes["inputs"][t.name][2],
+                                                     strict=True)))
+                      for t in spec.inputs},
+                   **{n: ov.PartialShape(list(s)) for n, s in zip(slot_names, slots.input_shapes() if slots else [],
+                                                                  strict=True)}})
     if precision is not Precision.FP32:
         # Real I/O in the engine's precision; weights stay fp32 (the hint decides the compute).
         ppp = PrePostProcessor(model)
@@ -118,19 +126,22 @@ def convert_component(module: torch.nn.Module, name: str, info: ModelInfo, profi
     return model
 
 
-def export_component(info: ModelInfo, name: str, profile: ShapeProfile, precision: Precision, dest: Path) -> None:
-    """Load one component's module (fp32: weights stay fp32), convert and save it at ``dest``."""
+def export_component(info: ModelInfo, name: str, profile: ShapeProfile, precision: Precision, dest: Path,
+                     lora_rank: int = 0) -> SlotTable | None:
+    """Load one component's module (fp32: weights stay fp32), convert and save it at ``dest``;
+    returns its LoRA slots, if any."""
     import openvino as ov
 
     part = COMPONENT_MODULE[name]
     mods = load_torch_modules(info, dtype=torch.float32, device="cpu", parts=(part,))
-    module = component_modules(mods, info.family)[name]
+    module, slots = slotted_component(mods, name, info.family, lora_rank)
     # The IR shares the module's weight memory (convert_model's share_weights), so one copy of
     # the weights is resident and the module must outlive the save.
-    model = convert_component(module, name, info, profile, precision)
+    model = convert_component(module, name, info, profile, precision, slots)
     ov.save_model(model, str(dest), compress_to_fp16=False)
     del model, module, mods
     gc.collect()
+    return slots
 
 
 def export_openvino(info: ModelInfo, out: Path | str, profile: ShapeProfile,
@@ -139,12 +150,14 @@ def export_openvino(info: ModelInfo, out: Path | str, profile: ShapeProfile,
     """Convert every component into ``out`` (replaced atomically) and seal it with a manifest."""
     options.validate()
     extra = ["--vae-precision", options.vae_precision.value] if options.vae_precision else []
+    if options.lora_rank:
+        extra += ["--lora-rank", str(options.lora_rank)]
 
     def build(name: str, tmp: Path) -> dict:
         precision = options.component_precision(name)
-        export_component(info, name, profile, precision, tmp / f"{name}.xml")
+        slots = export_component(info, name, profile, precision, tmp / f"{name}.xml", options.lora_rank)
         return {"file": f"{name}.xml", "weights": f"{name}.bin", "precision": precision.value,
-                "inference_precision": OV_HINT[precision]}
+                "inference_precision": OV_HINT[precision], **({"lora_slots": slots.record()} if slots else {})}
 
     return export_components(info, out, profile, FORMAT, options.precision, build, components=components,
                              extra_flags=extra, model_arg=model_arg, verb="converted",
@@ -153,5 +166,6 @@ def export_openvino(info: ModelInfo, out: Path | str, profile: ShapeProfile,
 
 def export_job(job: ExportJob) -> Path:
     """``sdfast export --format openvino`` (the backend record's entry point)."""
-    options = OpenVinoExportOptions(precision=job.precision, vae_precision=job.vae_precision)
+    options = OpenVinoExportOptions(precision=job.precision, vae_precision=job.vae_precision,
+                                    lora_rank=job.lora_rank)
     return export_openvino(job.info, job.out, job.profile, options, model_arg=job.model_arg)
