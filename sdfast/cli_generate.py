@@ -70,8 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
                    help="fuse a LoRA (.safetensors: diffusers, PEFT or kohya keys) into the U-Net and text "
                         "encoder(s) at SCALE (default 1, from -10 to 10); repeat for several; recorded with its "
-                        "sha256 in the PNG metadata; with --engines: the set the engines were exported with "
-                        "(sdfast export --lora)")
+                        "sha256 in the PNG metadata; with --engines: any set on inductor engines and on engines "
+                        "exported with --lora-rank, else the set the engines were exported with (sdfast export --lora)")
     p.add_argument("--save-steps", default=None, metavar="DIR", help="write one decoded frame per step into DIR")
     p.add_argument("--animation", default=None, metavar="OUT.gif|OUT.mp4", help="write the denoising as an animation")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "math"],
@@ -197,9 +197,11 @@ def run(args: argparse.Namespace) -> int:
         from .artifacts import read_manifest
 
         m = read_manifest(args.engines, info)
-        if m.format != "inductor" or m.model.get("loras"):
+        swaps = m.format == "inductor" or any("lora_slots" in c for c in m.components.values())
+        if not swaps or m.model.get("loras"):
             # engines with their LoRAs fused at export: --lora names that set, and the manifest check holds
-            # them to it (inductor packages exported without one swap weights in place, as torch does)
+            # them to it (inductor packages and engines with LoRA slots, exported without a fused set, take
+            # the set at load as torch does)
             info, loras = info.with_loras(loras), []
     if req.cache_interval is not None and req.cache_interval > 1 and args.backend not in (None, "torch"):
         raise InvalidArgument(f"cache_interval: DeepCache runs on the torch backend only, not {args.backend}; "
