@@ -211,3 +211,30 @@ def test_cli_generate_swaps_a_set_onto_slot_engines(tiny_info, slot_exports, lor
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no LoRA slot" in err[0]
     assert not (tmp_path / "p.png").exists()
+
+
+def test_the_server_swaps_request_sets_on_slot_engines(tiny_info, slot_exports, loras, tmp_path):
+    pytest.importorskip("fastapi")
+    import numpy as np
+    from test_serve import client, generate, serving
+    from test_serve_lora import pixels, png_meta
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(loras[name], folder / f"style-{name}.safetensors")
+    pipe = sdfast.load(tiny_info.path, backend="onnxruntime", engines_dir=slot_exports["onnxruntime"])
+    with serving(pipe, lora_dir=str(folder), batch_invariance="allow") as (url, _):
+        c = client(url)
+        got = {name: generate(c, seed=4, **({"loras": v} if v else {}))
+               for name, v in (("base", None), ("a", "style-a:0.7"), ("ab", "style-a:0.7,style-b"), ("base2", None))}
+    from test_serve import STEPS
+
+    for name, lo in (("base", []), ("a", [(folder / "style-a.safetensors", 0.7)]),
+                     ("ab", [(folder / "style-a.safetensors", 0.7), (folder / "style-b.safetensors", 1.0)]),
+                     ("base2", [])):
+        want = pipe.generate("a red circle", seed=4, steps=STEPS, loras=lo)
+        assert np.array_equal(pixels(got[name]), np.asarray(want.images[0])), name
+        assert png_meta(got[name]).get("loras") == (want.loras or None), name
+    assert not np.array_equal(pixels(got["base"]), pixels(got["a"]))
+    assert np.array_equal(pixels(got["base"]), pixels(got["base2"]))
