@@ -22,7 +22,7 @@ written together at the end: a run that fails leaves none of them.
 
 def register(sub: argparse._SubParsersAction) -> None:
     from .request import DEFAULTS as D
-    from .request import LONG_PROMPT
+    from .request import IMG2IMG_STRENGTH, LONG_PROMPT
     from .rules import MAX_GUIDANCE
     from .schedulers import SCHEDULERS
 
@@ -50,8 +50,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "lms where sdfast has no equal of its class)")
     p.add_argument("--init-image", default=None, metavar="PNG", help="img2img: start from this image (PNG, JPEG, ...; 16-bit scaled to 8, "
                         "transparency composited on white)")
+    p.add_argument("--mask", default=None, metavar="PNG",
+                   help="inpaint: repaint the white part of --init-image (any mode or size: made grey, resized, "
+                        "binarized at 50 %%; transparent pixels count as white); black is kept")
+    p.add_argument("--paste-unmasked", action="store_true",
+                   help="inpaint: copy the init image's kept pixels over the result (the VAE alone keeps them only "
+                        "approximately)")
     p.add_argument("--strength", type=float, default=D["strength"],
-                   help=f"img2img: how much of the init image to repaint, in (0, 1] (default {D['strength']:g})")
+                   help=f"img2img / inpaint: how much of the schedule re-runs from the noised init image, in (0, 1] "
+                        f"(default {IMG2IMG_STRENGTH:g}; 1 with --mask, diffusers' inpainting default)")
     p.add_argument("-n", "--num-images", type=int, default=D["num_images_per_prompt"], metavar="N",
                    help="images per prompt, each from its own noise (default 1); written as OUT-0.png, ...")
     p.add_argument("--long-prompt", default=D["long_prompt"], choices=list(LONG_PROMPT),
@@ -191,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
                         original_size=args.original_size, target_size=args.target_size,
                         crops_coords_top_left=args.crops_coords_top_left or (0, 0),
                         guidance_until=args.guidance_until, cache_interval=args.cache_interval,
-                        cache_branch=args.cache_branch)
+                        cache_branch=args.cache_branch, mask=args.mask, paste_unmasked=args.paste_unmasked)
     loras = as_loras([parse_lora_arg(text) for text in args.lora or []])  # read and checked before the model loads
     if loras and args.engines is not None:
         from .artifacts import read_manifest

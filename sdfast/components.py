@@ -120,7 +120,7 @@ TEXT_ENCODER = ComponentSpec(
 UNET = ComponentSpec(
     "unet",
     inputs=(
-        TensorSpec("sample", ("B", "C", "h", "w")),
+        TensorSpec("sample", ("B", "Cu", "h", "w")),
         # One timestep for the whole batch: every image of a call is at the same step.
         TensorSpec("timestep", ("1",)),
         TensorSpec("encoder_hidden_states", ("B", "S", "D")),
@@ -307,6 +307,7 @@ class ShapeProfile:
             "D": (info.text_hidden_size,) * 3,
             **{k: (v,) * 3 for k, v in info.text_dims.items()},
             "C": (c,) * 3,
+            "Cu": (info.unet_in_channels,) * 3,  # C, or 2C + 1 for an inpainting U-Net (sdfast/inpaint.py)
             "2C": (2 * c,) * 3,
             "E": ((info.timestep_cond_dim or 0),) * 3,
             "H": self.height,
@@ -369,7 +370,7 @@ def output_shapes(spec: ComponentSpec, info: ModelInfo, inputs: dict[str, tuple[
     """Output shapes implied by concrete input shapes (so engines can allocate before running)."""
     f = info.vae_scale_factor
     known: dict[str, int] = {"S": info.max_tokens, "D": info.text_hidden_size, "C": info.latent_channels,
-                             "2C": 2 * info.latent_channels, **info.text_dims}
+                             "Cu": info.unet_in_channels, "2C": 2 * info.latent_channels, **info.text_dims}
     if info.timestep_cond_dim:
         known["E"] = info.timestep_cond_dim
     for t in spec.inputs:

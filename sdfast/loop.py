@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .inpaint import Blend
 from .schedulers.base import Scheduler, StepIndex, at
 
 #: callback(step_index, timestep, latents) after every step; latents are (B, C, h, w) float32.
@@ -72,19 +73,26 @@ class LoopState:
     #: guidance_until: from this step index on, the conditional rows only (one U-Net row per
     #: image); None: every step as ``guided`` says
     cut: int | None = None
+    #: inpainting (sdfast/inpaint.py): a 9-channel U-Net's extra input channels (2B|B, 1 + C, h, w),
+    #: rows as the U-Net's; an ordinary U-Net's latent blending after each step
+    unet_extra: torch.Tensor | None = None
+    blend: Blend | None = None
 
     @classmethod
     def create(cls, latents: torch.Tensor, cond: dict[str, torch.Tensor], guidance: list[float] | torch.Tensor,
-               guided: bool, noise: torch.Tensor | None, steps: int, cut: int | None = None) -> LoopState:
+               guided: bool, noise: torch.Tensor | None, steps: int, cut: int | None = None,
+               unet_extra: torch.Tensor | None = None, blend: Blend | None = None) -> LoopState:
         g = torch.as_tensor(guidance, dtype=torch.float32).reshape(-1, 1, 1, 1).to(latents.device)  # (B, 1, 1, 1)
         finite = torch.ones(steps, dtype=torch.bool, device=latents.device)
-        return cls(latents, cond, g, guided, noise, finite, cut)
+        return cls(latents, cond, g, guided, noise, finite, cut, unet_extra, blend)
 
     def drop_guidance(self) -> None:
         """From now on run the conditional rows only: the [uncond..., cond...] inputs keep their
         cond half (B rows), and the step takes the conditional prediction as it is."""
         b = self.latents.shape[0]
         self.cond = {k: v[b:] if v.shape[0] == 2 * b else v for k, v in self.cond.items()}
+        if self.unet_extra is not None and self.unet_extra.shape[0] == 2 * b:
+            self.unet_extra = self.unet_extra[b:]
         self.guided = False
 
 
@@ -95,6 +103,8 @@ def guided_step(unet, sched: Scheduler, s: LoopState, i: StepIndex, timer: Timer
     with timer("scheduler"):
         x = torch.cat([s.latents, s.latents]) if s.guided else s.latents  # (2B|B, C, h, w)
         x = sched.scale_model_input(x, i)
+        if s.unet_extra is not None:  # an inpainting U-Net: + mask and masked-image latents
+            x = torch.cat([x, s.unet_extra], dim=1)  # (2B|B, 2C + 1, h, w)
         t = at(sched.timesteps, i).reshape(1)  # (1,)
     with timer("unet"):
         eps = unet(sample=x, timestep=t, **s.cond)["noise_pred"]  # (2B|B, C, h, w)
@@ -102,6 +112,8 @@ def guided_step(unet, sched: Scheduler, s: LoopState, i: StepIndex, timer: Timer
         if s.guided:
             eps = guide(eps, s.guidance)  # (B, C, h, w)
         new = sched.step(eps, i, s.latents, None if s.noise is None else at(s.noise, i))
+        if s.blend is not None:  # inpainting with an ordinary U-Net: the kept region from the init image
+            new = s.blend.apply(new, sched, i)
         ok = torch.isfinite(new).all()
         if isinstance(i, torch.Tensor):  # finite[i] = ... would call i.item(): a host sync
             s.finite.index_copy_(0, i.reshape(1), ok.reshape(1))

@@ -29,8 +29,9 @@ REQUIRED_CONFIGS = (
 TOKENIZER_LAYOUTS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 #: model_index.json's pipeline class -> model family (components.FAMILY_SPECS).
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionImg2ImgPipeline": "sd",
-            "LatentConsistencyModelPipeline": "sd",
-            "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl"}
+            "LatentConsistencyModelPipeline": "sd", "StableDiffusionInpaintPipeline": "sd",
+            "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
+            "StableDiffusionXLInpaintPipeline": "sdxl"}
 #: model_index.json entries SD releases carry that sdfast does not run (said once, at info level).
 IGNORED_PARTS = ("safety_checker", "feature_extractor", "image_encoder")
 #: the extra folders an SDXL folder has.

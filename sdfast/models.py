@@ -165,6 +165,12 @@ class ModelInfo:
 
     @property
     def latent_channels(self) -> int:
+        """Channels of the latents (the U-Net's output; the VAE's latent_channels)."""
+        return int(self.unet_config.get("out_channels", 4))  # diffusers UNet2DConditionModel default
+
+    @property
+    def unet_in_channels(self) -> int:
+        """Channels of the U-Net's sample input: latent_channels, or 2 × + 1 for an inpainting U-Net."""
         return int(self.unet_config["in_channels"])
 
     @property

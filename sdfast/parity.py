@@ -139,7 +139,7 @@ def component_parity(ref_pipe, pipe, profile: ShapeProfile, precisions: dict[str
         both(name, input_ids=ids.reshape(-1, ids.shape[-1]).cpu())  # (U, S)
     cond = {k: v.cpu() for k, v in ref_pipe.text.encode(ref_pipe.engines, batch).items()}  # the U-Net's inputs
 
-    latents = torch.randn((2 * b, info.latent_channels, h // f, w // f), generator=g)  # (2B, C, h, w)
+    latents = torch.randn((2 * b, info.unet_in_channels, h // f, w // f), generator=g)  # (2B, Cu, h, w)
     n_train = int(info.scheduler_config.get("num_train_timesteps", 1000))
     for frac in UNET_TIMESTEP_FRACTIONS:
         t = torch.tensor([float(round(frac * (n_train - 1)))])

@@ -164,6 +164,16 @@ RECIPES: dict[str, dict[str, Any]] = {
         "model_index": {**MODEL_INDEX, "_class_name": "LatentConsistencyModelPipeline",
                         "scheduler": ["diffusers", "LCMScheduler"]},
     },
+    # SD 1.5's inpainting release (stable-diffusion-inpainting): the U-Net takes latents, mask and
+    # masked-image latents (4 + 1 + 4 channels).
+    "random-sd15-inpaint": {
+        "text_encoder": _TEXT_SD15,
+        "unet": {**_UNET_SD15, "in_channels": 9},
+        "vae": _VAE,
+        "scheduler": SD15_SCHEDULER_CONFIG,
+        "pad_token": EOS,
+        "model_index": {**MODEL_INDEX, "_class_name": "StableDiffusionInpaintPipeline"},
+    },
     "random-sd21": {
         "text_encoder": _TEXT_SD21,
         "unet": _UNET_SD21,

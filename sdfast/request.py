@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from . import rules
 from .errors import InvalidArgument
-from .images import load_init_image
-from .lora import Lora, as_loras  # the one reader of init images (formats, bombs, arrays)
+from .images import load_init_image  # the one reader of init images (formats, bombs, arrays)
+from .inpaint import check_masked_model, load_mask
+from .lora import Lora, as_loras
 from .rules import MAX_SIDE, MIN_SIDE  # noqa: F401  (re-exported: the sides every request may have)
 from .schedulers import SCHEDULERS, scheduler_for_config
 
@@ -30,6 +31,10 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from .models import ModelInfo
+
+
+#: img2img's strength when none is given (with a mask: 1)
+IMG2IMG_STRENGTH = 0.8
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,14 @@ class Request:
     #: the LoRA set to run with (lora.Lora, in order; () the base model); None: whatever set the
     #: pipeline has (Pipeline.set_loras). A pipeline switches its set to a request's before running.
     loras: tuple[Lora, ...] | None = None
+    #: inpainting (sdfast/inpaint.py): the grey mask, white = repaint (None: not inpainting), and
+    #: whether the kept pixels of the init image are copied over the decoded result
+    mask: Image.Image | None = None
+    paste_unmasked: bool = False
+
+    @property
+    def inpainting(self) -> bool:
+        return self.mask is not None
 
     @property
     def lora_key(self) -> tuple[tuple[str, float], ...] | None:
@@ -141,20 +154,23 @@ class Request:
     def build(cls, info: ModelInfo, *, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
               height: int | None = None, width: int | None = None, steps: int = 50,
               guidance_scale: float = 7.5, seed: int = 0, scheduler: str | None = None,
-              image: Image.Image | str | Path | None = None, strength: float = 0.8,
+              image: Image.Image | str | Path | None = None, strength: float | None = None,
               num_images_per_prompt: int = 1, long_prompt: str = "chunk",
               prompt_2: str | list[str] | None = None, negative_prompt_2: str | list[str] | None = None,
               original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
               target_size: tuple[int, int] | None = None, negative_original_size: tuple[int, int] | None = None,
               negative_crops_coords_top_left: tuple[int, int] = (0, 0),
               negative_target_size: tuple[int, int] | None = None, guidance_until: float | None = None,
-              cache_interval: int | None = None, cache_branch: int = 0, loras: Any = None) -> Request:
+              cache_interval: int | None = None, cache_branch: int = 0, loras: Any = None,
+              mask: Any = None, paste_unmasked: bool = False) -> Request:
         """Check every rule of the API contract against ``info``'s model (keywords only).
         ``scheduler`` None: the one the model folder's scheduler_config.json names
         (``schedulers.scheduler_for_config``; lms where sdfast has no equal of its class).
         ``loras``: None (the pipeline's set), or LoRA files / (file, scale) pairs / lora.Lora to run
         with ([] : the base model); files are read and checked here (lora.as_loras), their fit to
-        the model when the pipeline applies them."""
+        the model when the pipeline applies them. ``mask`` (with ``image``): inpaint, white
+        repaints (sdfast/inpaint.py). ``strength`` None: 0.8 for img2img, 1 (all of the schedule,
+        diffusers' inpainting default) with a mask."""
         sdxl = dict(prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, original_size=original_size,
                     crops_coords_top_left=crops_coords_top_left, target_size=target_size,
                     negative_original_size=negative_original_size,
@@ -223,7 +239,16 @@ class Request:
             raise InvalidArgument(f"cache_branch: {cache_branch} has no effect without DeepCache; set "
                                   "cache_interval to 2 or more (--cache-interval), or drop cache_branch")
 
+        if strength is None:
+            strength = 1.0 if mask is not None else IMG2IMG_STRENGTH
         strength = rules.check_strength(strength)  # also without an init image: a wrong value is wrong anyway
+        check_masked_model(info, image is not None, mask is not None)
+        if not isinstance(paste_unmasked, bool):
+            raise InvalidArgument(f"paste_unmasked: must be True or False, not {paste_unmasked!r}")
+        if paste_unmasked and mask is None:
+            raise InvalidArgument("paste_unmasked: copies the init image's kept pixels, and there is no mask; pass "
+                                  "mask= too, or drop paste_unmasked")
+        mask_image = load_mask(mask) if mask is not None else None
         init = None
         if image is not None:
             if int(steps * strength) < 1:
@@ -246,7 +271,8 @@ class Request:
                    sdxl["negative_original_size"], sdxl["negative_crops_coords_top_left"],
                    sdxl["negative_target_size"], guidance_until=guidance_until, cache_interval=cache_interval,
                    cache_branch=cache_branch,
-                   guidance_embedded=embedded, loras=None if loras is None else tuple(as_loras(loras)))
+                   guidance_embedded=embedded, loras=None if loras is None else tuple(as_loras(loras)),
+                   mask=mask_image, paste_unmasked=paste_unmasked)
 
 
 def _per_prompt(value: str | list[str], arg: str, n: int) -> list[str]:

@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from . import inpaint
 from .components import Precision
 from .engines import Engine, check_request, load_engines
 from .errors import InvalidArgument
 from .graphs import GraphRunner
 from .hardware import resolve_device
+from .inpaint import THRESHOLD, Start, is_inpaint_unet, latent_mask, mask_tensor
 from .loop import LoopState, StepCallback, denoise, guidance_embedding
 from .lora import GROUPS, FusedLoras, Lora, as_loras
 from .lora_slots import SlotLoras
@@ -55,6 +57,8 @@ class GenerationOutput:
     approximations: list[str] = field(default_factory=list)
     #: the LoRAs fused into the weights it ran on: name, sha256 of the file, scale, format (lora.Lora.record)
     loras: list[dict[str, Any]] = field(default_factory=list)
+    #: how the masked request was inpainted ("9-channel U-Net" | "latent blending"); "" otherwise
+    inpainting: str = ""
 
     def metadata(self, k: int = 0) -> dict[str, Any]:
         """What the PNG of image ``k`` records (A1111-style generation parameters)."""
@@ -78,6 +82,10 @@ class GenerationOutput:
             meta["batch_index"] = k
         if r.image is not None:
             meta["strength"] = r.strength
+        if r.inpainting:
+            meta["inpainting"] = self.inpainting
+            if r.paste_unmasked:
+                meta["paste_unmasked"] = True
         for key in ("guidance_until", "cache_interval"):
             if getattr(r, key) is not None:
                 meta[key] = getattr(r, key)
@@ -134,7 +142,7 @@ class _Stage:
 #: what requests batched into one loop must share; long_prompt too: the text batch is encoded under
 #: one policy, so a "truncate" request batched after a "chunk" one would get the other's encoding.
 BATCH_KEYS = ("height", "width", "steps", "scheduler", "guided", "start_step", "long_prompt", "guidance_cut",
-              "cache_interval", "cache_branch", "lora_key")
+              "cache_interval", "cache_branch", "lora_key", "inpainting")
 
 
 def check_batchable(requests: list[Request]) -> None:
@@ -283,12 +291,19 @@ class Pipeline:
 
     def encode_image(self, image: Image.Image, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
         """PIL image → scaled latents (B=1), sampling the posterior with the seed's generator."""
+        return self.encode_pixels(self.image_tensor(image, height, width), generator)
+
+    def image_tensor(self, image: Image.Image, height: int, width: int) -> torch.Tensor:
+        """PIL image → (1, 3, H, W) in [-1, 1] on the device, resized with Lanczos (diffusers' preprocess)."""
         from PIL import Image
 
         if image.size != (width, height):
             image = image.resize((width, height), resample=Image.LANCZOS)
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-        x = (2 * x - 1).to(self.device)  # (1, 3, H, W) in [-1, 1]
+        return (2 * x - 1).to(self.device)
+
+    def encode_pixels(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(1, 3, H, W) in [-1, 1] → scaled latents, sampling the posterior with ``generator``."""
         moments = self.engines["vae_encoder"](image=x)["moments"]  # (1, 2C, h, w)
         mean, logvar = moments.chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
@@ -328,14 +343,23 @@ class Pipeline:
         """Run one checked request."""
         return self.run_batch([req], callback=callback, progress=progress, profile=profile)[0]
 
+    @property
+    def inpainting(self) -> str:
+        """How this pipeline's model inpaints (sdfast/inpaint.py)."""
+        return "9-channel U-Net" if is_inpaint_unet(self.info) else "latent blending"
+
     def _initial_latents(self, req: Request, sched: Scheduler, shape: tuple[int, ...], timer: StageTimer
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A request's starting latents (B, C, h, w) and ancestral noise (N, B, C, h, w) or None,
-        all drawn from its own seed's generator in diffusers' order: latents (img2img: the VAE
-        posterior sample, then the noise), then one draw per remaining step."""
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, Start | None]:
+        """A request's starting latents (B, C, h, w), ancestral noise (N, B, C, h, w) or None and
+        inpainting inputs or None, all drawn from its own seed's generator in diffusers' order:
+        latents (img2img: the VAE posterior sample, then the noise; inpainting: see
+        sdfast/inpaint.py), then one draw per remaining step."""
         generator = torch.Generator("cpu").manual_seed(req.seed)
         first = req.start_step
-        if req.image is None:
+        start = None
+        if req.inpainting:
+            latents, start = self._inpaint_latents(req, sched, shape, generator, timer)
+        elif req.image is None:
             latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
             latents = latents * sched.init_noise_sigma
         else:
@@ -344,12 +368,34 @@ class Pipeline:
             noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
             latents = sched.add_noise(init, noise, first)
         if not sched.needs_noise:
-            return latents, None
+            return latents, None, start
         # Uploaded once, indexed by the absolute step: the loop never touches the host RNG.
         step_noise = torch.zeros((len(sched.timesteps), *shape), dtype=torch.float32)
         for i in range(first, len(sched.timesteps)):
             step_noise[i] = torch.randn(shape, generator=generator, dtype=torch.float32)
-        return latents, step_noise.to(self.device)
+        return latents, step_noise.to(self.device), start
+
+    def _inpaint_latents(self, req: Request, sched: Scheduler, shape: tuple[int, ...], generator: torch.Generator,
+                         timer: StageTimer) -> tuple[torch.Tensor, Start]:
+        """Inpainting's starting latents and inputs, drawn as diffusers' inpaint pipeline draws them."""
+        nine = is_inpaint_unet(self.info)
+        full = req.strength == 1.0  # diffusers' is_strength_max: pure noise, the init image unused for it
+        pixels = self.image_tensor(req.image, req.height, req.width)  # (1, 3, H, W)
+        mask = mask_tensor(req.mask, req.height, req.width).to(self.device)  # (1, 1, H, W)
+        image_latents = None
+        with timer("vae_encode"):
+            if not (nine and full):
+                image_latents = self.encode_pixels(pixels, generator).expand(shape)
+            noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+            masked = pixels * (mask < THRESHOLD)  # the repainted pixels at 0
+            if nine:
+                masked_latents = self.encode_pixels(masked, generator).expand(shape)
+            else:  # not used, but drawn: the generator's stream stays diffusers'
+                torch.randn((1, *shape[1:]), generator=generator, dtype=torch.float32)
+                masked_latents = torch.zeros(shape, device=self.device)
+        latents = noise * sched.init_noise_sigma if full else sched.add_noise(image_latents, noise, req.start_step)
+        small = latent_mask(mask, shape[2], shape[3]).expand(shape[0], 1, *shape[2:])
+        return latents, Start(small, masked_latents, image_latents, noise)
 
     def run_batch(self, requests: list[Request], callback: StepCallback | None = None, progress: bool = False,
                   profile: bool = False) -> list[GenerationOutput]:
@@ -395,15 +441,19 @@ class Pipeline:
         sched.set_timesteps(head.steps, self.device)
         parts = [self._initial_latents(r, sched, (r.batch, self.info.latent_channels, r.height // f, r.width // f),
                                        timer) for r in requests]
-        latents = torch.cat([lat for lat, _ in parts])  # (B, C, h, w)
-        noise = None if parts[0][1] is None else torch.cat([n for _, n in parts], dim=1)  # (N, B, C, h, w)
+        latents = torch.cat([lat for lat, _, _ in parts])  # (B, C, h, w)
+        noise = None if parts[0][1] is None else torch.cat([n for _, n, _ in parts], dim=1)  # (N, B, C, h, w)
+        starts = [st for _, _, st in parts if st is not None]
+        extra = inpaint.unet_extra(starts, head.guided) if starts and is_inpaint_unet(self.info) else None
+        blending = inpaint.blend(starts) if starts and extra is None else None
         sched.begin(latents)
         state = LoopState.create(latents, cond, guidance, head.guided, noise, len(sched.timesteps),
-                                 cut=head.guidance_cut)
+                                 cut=head.guidance_cut, unet_extra=extra, blend=blending)
 
         first = head.start_step
-        # DeepCache's call schedule is host state: it runs the plain loop
-        run = denoise if self.graphs is None or unet is not self.engines["unet"] else self.graphs.denoise
+        # DeepCache's call schedule is host state: it runs the plain loop; inpainting's extra
+        # inputs are not in the captured graphs' state (CUDA graphs: not verified), so it does too
+        run = denoise if self.graphs is None or unet is not self.engines["unet"] or starts else self.graphs.denoise
         latents = run(unet, sched, state, first, timer, callback, progress)
         check_finite(state.finite, first, sched.timesteps, self._numerics_hint(head))
 
@@ -412,11 +462,14 @@ class Pipeline:
         timer.totals["total"] = time.perf_counter() - t_start
         outs, row = [], 0
         for r in requests:
+            if r.paste_unmasked:
+                images[row : row + r.batch] = [inpaint.paste(im, r.image, r.mask) for im in images[row : row + r.batch]]
             outs.append(GenerationOutput(images=images[row : row + r.batch], latents=latents[row : row + r.batch],
                                          timings=dict(timer.totals), request=r, steps=r.steps - first,
                                          model=self.info.name, backend=self.backend, dtype=self.precision.value,
                                          approximations=self.approximations(r),
-                                         loras=[lora.record() for lora in (*self.info.loras, *self.loras)]))
+                                         loras=[lora.record() for lora in (*self.info.loras, *self.loras)],
+                                         inpainting=self.inpainting if r.inpainting else ""))
             row += r.batch
         return outs
 

@@ -1,0 +1,135 @@
+"""Inpainting: repaint the masked part of an init image, through the same guided step.
+
+Two kinds of model, run as diffusers' ``StableDiffusionInpaintPipeline`` runs them (and held to
+it at tier 2):
+
+- **9-channel inpaint U-Nets** (``unet.config.in_channels`` = 2 × latent channels + 1, e.g.
+  stable-diffusion-inpainting): every U-Net call takes the scaled latents, the mask at latent
+  size and the latents of the masked image, concatenated on channels (``LoopState.unet_extra``).
+- **Ordinary U-Nets** (4 channels): latent blending. After every step the latents outside the
+  mask are put back to the init image's latents, noised to the next step's level with the
+  request's own initial noise (the last step puts back the clean latents), so only the masked
+  part is denoised toward the prompt (``Blend``).
+
+The mask: white repaints, black keeps. It is read like an init image (sdfast/images.py: any mode
+or size; an alpha channel is composited over white, so transparent pixels are repainted, as in
+the OpenAI Images API's masks), made grey, resized to the image size with Lanczos and binarized
+at 0.5, as diffusers' mask processor does; the masked image is the init image with the
+repainted pixels set to 0 (grey, in [-1, 1]). At latent size the mask is the nearest
+downsample. Random draws follow diffusers' order from the request's seed: the init image's
+posterior sample (skipped by a 9-channel U-Net at strength 1, as diffusers skips it), the
+initial noise, the masked image's posterior sample (drawn even by blending models, which do not
+use it, so the stream stays diffusers'), then one draw per step for ancestral samplers.
+
+VAE decoding does not give back the init image exactly, so the kept region of the result differs
+from the input by the VAE's reconstruction error; ``paste_unmasked`` (off by default, like
+diffusers) copies the kept pixels of the init image over the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .errors import InvalidArgument
+from .schedulers.base import Scheduler, StepIndex
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+#: mask values at or above this (after grey conversion and resize, in [0, 1]) are repainted
+THRESHOLD = 0.5
+
+
+def load_mask(mask: Any, arg: str = "mask") -> Image.Image:
+    """``mask`` (whatever an init image may be: sdfast/images.py) as an 8-bit grey PIL image."""
+    from .images import load_init_image
+
+    return load_init_image(mask, arg).convert("L")
+
+
+def mask_tensor(mask: Image.Image, height: int, width: int) -> torch.Tensor:
+    """(1, 1, H, W) float32 of 0 (keep) and 1 (repaint): resized with Lanczos, binarized."""
+    from PIL import Image
+
+    if mask.size != (width, height):
+        mask = mask.resize((width, height), resample=Image.LANCZOS)
+    m = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
+    return (m >= THRESHOLD).to(torch.float32)
+
+
+def latent_mask(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The (1, 1, H, W) mask at latent size (nearest, as diffusers' ``interpolate`` default)."""
+    return torch.nn.functional.interpolate(mask, size=(h, w))
+
+
+def check_masked_model(info, has_image: bool, has_mask: bool) -> None:
+    """A 9-channel inpaint U-Net runs only with an image and a mask (it has no text-to-image mode)."""
+    if is_inpaint_unet(info) and not (has_image and has_mask):
+        raise InvalidArgument(f"mask: {info.name!r} has an inpainting U-Net ({info.unet_in_channels} input channels: "
+                              "latents, mask and masked image), which only repaints a masked image; pass image= "
+                              "and mask= (--init-image and --mask), or use an ordinary model for text to image")
+    if has_mask and not has_image:
+        raise InvalidArgument("mask: a mask marks what to repaint in an init image, and no image was given; pass "
+                              "image= (--init-image) too, or drop the mask")
+
+
+def is_inpaint_unet(info) -> bool:
+    return info.unet_in_channels == 2 * info.latent_channels + 1
+
+
+@dataclass
+class Blend:
+    """Latent blending of an ordinary U-Net (see the module doc); rows as the latents'."""
+
+    mask: torch.Tensor  # (B, 1, h, w): 1 repaint, 0 keep
+    image_latents: torch.Tensor  # (B, C, h, w): the init image's scaled latents
+    noise: torch.Tensor  # (B, C, h, w): the request's initial noise
+
+    def apply(self, latents: torch.Tensor, sched: Scheduler, i: StepIndex) -> torch.Tensor:
+        """The latents after step ``i`` with the kept region at step ``i + 1``'s noise level."""
+        n = len(sched.timesteps)
+        if isinstance(i, torch.Tensor):  # a captured step: no host branch on the index
+            nxt = torch.clamp(i + 1, max=n - 1)
+            proper = torch.where(i + 1 < n, sched.add_noise(self.image_latents, self.noise, nxt), self.image_latents)
+        elif i + 1 < n:
+            proper = sched.add_noise(self.image_latents, self.noise, i + 1)
+        else:
+            proper = self.image_latents
+        return (1 - self.mask) * proper + self.mask * latents
+
+
+@dataclass
+class Start:
+    """One request's inpainting inputs at latent size, rows as its latents (B = its images)."""
+
+    mask: torch.Tensor  # (B, 1, h, w)
+    masked_latents: torch.Tensor  # (B, C, h, w)
+    image_latents: torch.Tensor | None  # (B, C, h, w), blending only
+    noise: torch.Tensor  # (B, C, h, w)
+
+
+def unet_extra(starts: list[Start], guided: bool) -> torch.Tensor:
+    """The 9-channel U-Net's extra input: (2B|B, 1 + C, h, w), rows [uncond..., cond...] when guided."""
+    x = torch.cat([torch.cat([s.mask, s.masked_latents], dim=1) for s in starts])
+    return torch.cat([x, x]) if guided else x
+
+
+def blend(starts: list[Start]) -> Blend:
+    return Blend(torch.cat([s.mask for s in starts]), torch.cat([s.image_latents for s in starts]),
+                 torch.cat([s.noise for s in starts]))
+
+
+def paste(result: Image.Image, init: Image.Image, mask: Image.Image) -> Image.Image:
+    """``result`` with the kept pixels (mask below the threshold at image size) of ``init``."""
+    from PIL import Image
+
+    size = result.size
+    init = init if init.size == size else init.resize(size, resample=Image.LANCZOS)
+    keep = mask_tensor(mask, size[1], size[0])[0, 0].numpy() < 0.5  # (H, W)
+    out = np.asarray(result).copy()
+    out[keep] = np.asarray(init.convert("RGB"))[keep]
+    return Image.fromarray(out)
