@@ -78,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fuse a LoRA (.safetensors: diffusers, PEFT or kohya keys) into the U-Net and text "
                         "encoder(s) at SCALE (default 1, from -10 to 10); repeat for several; recorded with its "
                         "sha256 in the PNG metadata; with --engines: any set on inductor engines and on engines "
-                        "exported with --lora-rank, else the set the engines were exported with (sdfast export --lora)")
+                        "exported with LoRA slots, else the set the engines were exported with (sdfast export --lora)")
     p.add_argument("--save-steps", default=None, metavar="DIR", help="write one decoded frame per step into DIR")
     p.add_argument("--animation", default=None, metavar="OUT.gif|OUT.mp4", help="write the denoising as an animation")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "math"],

@@ -68,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "batching is exact on a CPU at some speed cost")
     p.add_argument("--lora-dir", default=None, metavar="DIR",
                    help="serve the LoRAs in DIR (NAME.safetensors, each checked against the model at start); a "
-                        "request names them in its loras field, 'NAME[:SCALE],...' (torch and inductor backends, and engines exported with --lora-rank)")
+                        "request names them in its loras field, 'NAME[:SCALE],...' (torch and inductor backends, and engines exported with LoRA slots)")
     p.add_argument("--max-loras", type=int, default=4, help="most LoRAs one request may name (default 4)")
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment")
     p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, one pipeline each (default 1)")

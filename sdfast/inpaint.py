@@ -133,3 +133,28 @@ def paste(result: Image.Image, init: Image.Image, mask: Image.Image) -> Image.Im
     out = np.asarray(result).copy()
     out[keep] = np.asarray(init.convert("RGB"))[keep]
     return Image.fromarray(out)
+
+
+def initial_latents(pipe, req, sched: Scheduler, shape: tuple[int, ...], generator: torch.Generator,
+                    timer) -> tuple[torch.Tensor, Start]:
+    """A request's starting latents and inpainting inputs on ``pipe`` (a runtime.Pipeline), drawn as
+    diffusers' inpaint pipeline draws them (see the module doc)."""
+    nine = is_inpaint_unet(pipe.info)
+    full = req.strength == 1.0  # diffusers' is_strength_max: pure noise, the init image unused for it
+    pixels = pipe.image_tensor(req.image, req.height, req.width)  # (1, 3, H, W)
+    mask = mask_tensor(req.mask, req.height, req.width).to(pipe.device)  # (1, 1, H, W)
+    image_latents = None
+    with timer("vae_encode"):
+        if not (nine and full):
+            image_latents = pipe.encode_pixels(pixels, generator).expand(shape)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(pipe.device)
+        masked = pixels * (mask < THRESHOLD)  # the repainted pixels at 0
+        if nine:
+            masked_latents = pipe.encode_pixels(masked, generator).expand(shape)
+        else:  # not used, but drawn: the generator's stream stays diffusers'
+            torch.randn((1, *shape[1:]), generator=generator, dtype=torch.float32)
+            masked_latents = torch.zeros(shape, device=pipe.device)
+    latents = noise * sched.init_noise_sigma if full else sched.add_noise(image_latents, noise, req.start_step)
+    small = latent_mask(mask, shape[2], shape[3]).expand(shape[0], 1, *shape[2:])
+    return latents, Start(small, masked_latents, image_latents, noise)
+

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,11 +23,12 @@ from .engines import Engine, check_request, load_engines
 from .errors import InvalidArgument
 from .graphs import GraphRunner
 from .hardware import resolve_device
-from .inpaint import THRESHOLD, Start, is_inpaint_unet, latent_mask, mask_tensor
+from .inpaint import Start, is_inpaint_unet
 from .loop import LoopState, StepCallback, denoise, guidance_embedding
 from .lora import GROUPS, FusedLoras, Lora, as_loras
 from .lora_slots import SlotLoras
 from .models import COMPONENT_MODULE, ModelInfo, load_tokenizer, resolve_model
+from .output import GenerationOutput  # noqa: F401  (re-exported: sdfast.runtime.GenerationOutput)
 from .request import DEFAULTS, Request
 from .safety import DecodeFallback, check_finite
 from .schedulers import Scheduler, make_scheduler
@@ -40,74 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["GenerationOutput", "Pipeline", "StepCallback", "load", "resolve_device"]
-
-
-@dataclass
-class GenerationOutput:
-    images: list[Image.Image]
-    latents: torch.Tensor  # (B, C, H/f, W/f) final latents, before VAE decode
-    timings: dict[str, float]  # seconds per stage (of the whole batch the request ran in)
-    request: Request = field(repr=False)
-    steps: int = 0  # denoising steps that ran (img2img runs fewer than request.steps)
-    model: str = ""
-    backend: str = ""
-    dtype: str = ""
-    #: every approximation this image was made with (few-step model or scheduler, guidance_until,
-    #: DeepCache, ...), one line each; empty for the exact computation
-    approximations: list[str] = field(default_factory=list)
-    #: the LoRAs fused into the weights it ran on: name, sha256 of the file, scale, format (lora.Lora.record)
-    loras: list[dict[str, Any]] = field(default_factory=list)
-    #: how the masked request was inpainted ("9-channel U-Net" | "latent blending"); "" otherwise
-    inpainting: str = ""
-
-    def metadata(self, k: int = 0) -> dict[str, Any]:
-        """What the PNG of image ``k`` records (A1111-style generation parameters)."""
-        from . import __version__
-
-        r = self.request
-        meta: dict[str, Any] = {
-            "prompt": r.prompts[k], "negative_prompt": r.negative_prompts[k], "seed": r.seed, "steps": r.steps,
-            "guidance_scale": r.guidance_scale, "scheduler": r.scheduler, "height": r.height, "width": r.width,
-            "model": self.model, "backend": self.backend, "dtype": self.dtype, "sdfast_version": __version__,
-        }
-        if r.prompts_2 != r.prompts or r.negative_prompts_2 != r.negative_prompts:  # SDXL's second encoder
-            meta.update(prompt_2=r.prompts_2[k], negative_prompt_2=r.negative_prompts_2[k])
-        for key in ("original_size", "target_size", "negative_original_size", "negative_target_size"):
-            if getattr(r, key) is not None:
-                meta[key] = list(getattr(r, key))
-        for key in ("crops_coords_top_left", "negative_crops_coords_top_left"):
-            if getattr(r, key) != (0, 0):
-                meta[key] = list(getattr(r, key))
-        if r.batch > 1:
-            meta["batch_index"] = k
-        if r.image is not None:
-            meta["strength"] = r.strength
-        if r.inpainting:
-            meta["inpainting"] = self.inpainting
-            if r.paste_unmasked:
-                meta["paste_unmasked"] = True
-        for key in ("guidance_until", "cache_interval"):
-            if getattr(r, key) is not None:
-                meta[key] = getattr(r, key)
-        if r.cache_interval is not None:
-            meta["cache_branch"] = r.cache_branch
-        if self.approximations:
-            meta["approximations"] = list(self.approximations)
-        if self.loras:
-            meta["loras"] = [dict(lora) for lora in self.loras]
-        return meta
-
-    def save(self, path: str | Path) -> list[Path]:
-        """Write the images as PNGs with their generation metadata: ``path`` for one image,
-        ``stem-0.png``, ``stem-1.png``, ... for several. Returns the paths written."""
-        from .media import save_png
-
-        path = Path(path)
-        paths = [path] if len(self.images) == 1 else \
-            [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(len(self.images))]
-        for k, (image, p) in enumerate(zip(self.images, paths, strict=True)):
-            save_png(image, p, self.metadata(k))
-        return paths
 
 
 class StageTimer:
@@ -358,7 +290,7 @@ class Pipeline:
         first = req.start_step
         start = None
         if req.inpainting:
-            latents, start = self._inpaint_latents(req, sched, shape, generator, timer)
+            latents, start = inpaint.initial_latents(self, req, sched, shape, generator, timer)
         elif req.image is None:
             latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
             latents = latents * sched.init_noise_sigma
@@ -374,28 +306,6 @@ class Pipeline:
         for i in range(first, len(sched.timesteps)):
             step_noise[i] = torch.randn(shape, generator=generator, dtype=torch.float32)
         return latents, step_noise.to(self.device), start
-
-    def _inpaint_latents(self, req: Request, sched: Scheduler, shape: tuple[int, ...], generator: torch.Generator,
-                         timer: StageTimer) -> tuple[torch.Tensor, Start]:
-        """Inpainting's starting latents and inputs, drawn as diffusers' inpaint pipeline draws them."""
-        nine = is_inpaint_unet(self.info)
-        full = req.strength == 1.0  # diffusers' is_strength_max: pure noise, the init image unused for it
-        pixels = self.image_tensor(req.image, req.height, req.width)  # (1, 3, H, W)
-        mask = mask_tensor(req.mask, req.height, req.width).to(self.device)  # (1, 1, H, W)
-        image_latents = None
-        with timer("vae_encode"):
-            if not (nine and full):
-                image_latents = self.encode_pixels(pixels, generator).expand(shape)
-            noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
-            masked = pixels * (mask < THRESHOLD)  # the repainted pixels at 0
-            if nine:
-                masked_latents = self.encode_pixels(masked, generator).expand(shape)
-            else:  # not used, but drawn: the generator's stream stays diffusers'
-                torch.randn((1, *shape[1:]), generator=generator, dtype=torch.float32)
-                masked_latents = torch.zeros(shape, device=self.device)
-        latents = noise * sched.init_noise_sigma if full else sched.add_noise(image_latents, noise, req.start_step)
-        small = latent_mask(mask, shape[2], shape[3]).expand(shape[0], 1, *shape[2:])
-        return latents, Start(small, masked_latents, image_latents, noise)
 
     def run_batch(self, requests: list[Request], callback: StepCallback | None = None, progress: bool = False,
                   profile: bool = False) -> list[GenerationOutput]:

@@ -148,15 +148,20 @@ def test_strength_in_zero_one_that_runs_a_step_is_accepted(tiny_info, init, step
 
 
 @pytest.mark.parametrize("strength", [0, 0.0, -0.0, below(0.0), -1, above(1.0), 1.5, math.nan, math.inf, True,
-                                      "0.8", None])
+                                      "0.8"])
 def test_strength_outside_zero_one_is_refused(tiny_info, init, strength):
     refused(tiny_info, "strength", "must be in (0, 1]", image=init, strength=strength)
 
 
-@pytest.mark.parametrize("strength", [0, 7, math.nan, "0.8", None])
+@pytest.mark.parametrize("strength", [0, 7, math.nan, "0.8"])
 def test_strength_outside_zero_one_is_refused_without_an_init_image_too(tiny_info, strength):
     """A wrong value is refused by name even where text to image does not use it (not a TypeError)."""
     refused(tiny_info, "strength", "must be in (0, 1]", strength=strength)
+
+
+def test_strength_none_is_the_default_of_img2img(tiny_info, init):
+    """None asks for the default: 0.8 for img2img (with a mask 1: tests/test_inpaint.py)."""
+    assert build(tiny_info, image=init, strength=None, steps=4).strength == 0.8
 
 
 @pytest.mark.parametrize("strength", [np.float32(0.5), np.float64(1.0), 1])
