@@ -151,6 +151,69 @@ def stage_data(args, vae):
     return ck
 
 
+def decoded_right(vae, z: torch.Tensor, labels) -> list[bool]:
+    """Whether each latent's decoded image classifies (orange-aware) as its label's (colour, background)."""
+    with torch.no_grad():
+        dec = torch.cat([vae.decode(z[i : i + 64]).sample for i in range(0, len(z), 64)])
+    imgs = ((dec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [classify(im) == (c, b) for im, (_s, c, b) in zip(imgs, labels, strict=True)]
+
+
+def stage_retry(args, vae, data):
+    """A second inversion pass, --invert-retry-steps more Adam steps (fresh optimiser, same cosine lr),
+    on only the orange scenes whose first-pass latent still decodes to other colours (mostly orange
+    next to red). Cached in --work/data-retry.pt beside the first pass's data.pt, so the first pass
+    is reused; the scenes still wrong after it are dropped as before."""
+    if args.invert_retry_steps <= 0:
+        return data
+    path = args.work / "data-retry.pt"
+    key = {**data["key"], "invert_retry_steps": args.invert_retry_steps}
+    if path.exists():
+        ck = torch.load(path, weights_only=False)
+        if ck["key"] == key:
+            log(args, f"data: retry pass cached in {path} ({ck['fixed']} of {ck['tried']} scenes fixed)")
+            return {**data, "z_new": ck["z_new"]}
+    t0 = time.time()
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    wrong = [i for i, ok in enumerate(decoded_right(vae, data["z_new"], data["labels_new"])) if not ok]
+    z_new = data["z_new"].clone()
+    fixed = 0
+    if wrong:
+        rng = np.random.default_rng(args.seed * 1000 + 7)  # stage_data's draws, replayed: the same images
+        x_all = to_tensor(np.stack([render(*c, rng=rng) for c in data["labels_new"]]))
+        x = x_all[wrong]
+        z = z_new[wrong].clone().requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=args.invert_lr)
+        steps = args.invert_retry_steps
+        for k in range(steps):
+            for g in opt.param_groups:
+                g["lr"] = args.invert_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / steps)))
+            loss = F.mse_loss(vae.decode(z).sample, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        z = z.detach()
+        ok = decoded_right(vae, z, [data["labels_new"][i] for i in wrong])
+        fixed = sum(ok)
+        z_new[wrong] = z
+    atomic_torch_save({"key": key, "z_new": z_new, "tried": len(wrong), "fixed": fixed}, path)
+    log(args, f"data: retry pass ({args.invert_retry_steps} steps) on {len(wrong)} scenes decoded wrong: "
+              f"{fixed} now right ({(time.time() - t0) / 60:.1f} min)")
+    return {**data, "z_new": z_new}
+
+
+def sample_weights(labels, hard: list[str], hard_weight: float) -> torch.Tensor:
+    """Per-scene sampling weights of the kept orange scenes: every combo (shape, colour, background)
+    drawn equally often however many of its scenes were kept (the dropped ones cluster next to red),
+    and the combos whose "colour/background" is in ``hard`` ``hard_weight`` times as often."""
+    counts: dict[tuple[str, str, str], int] = {}
+    for lab in labels:
+        counts[lab] = counts.get(lab, 0) + 1
+    w = [(hard_weight if f"{c}/{b}" in hard else 1.0) / counts[(s, c, b)] for s, c, b in labels]
+    return torch.tensor(w, dtype=torch.float64)
+
+
 # ----------------------------------------------------------------------------------------------
 # grading helper (shared with scripts/eval_toy_lora.py)
 
@@ -229,14 +292,26 @@ def stage_lora(args, tokenizer, text, unet, data, scale: float):
     alphas_cumprod = sched.alphas_cumprod.float()
     b = args.batch
     b_new = round(b * args.new_frac)
+    w_new = None
+    if args.balance_combos:
+        w_new = sample_weights(data["labels_new"], args.hard, args.hard_weight)
+        hard_share = float(w_new[[f"{c}/{bg}" in args.hard for _s, c, bg in data["labels_new"]]].sum() / w_new.sum())
+        log(args, f"lora: orange scenes drawn combo-balanced, {args.hard} x{args.hard_weight:g} "
+                  f"({hard_share:.0%} of the orange draws)")
     text.train()
     unet.train()
     t0 = time.time()
     ema_loss = None
+    # an exponential moving average of the LoRA weights (warm-up decay min(d, (1 + k) / (10 + k))), what
+    # is exported when --ema > 0
+    ema = [p.detach().clone() for p in params] if args.ema > 0 else None
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, 100)
-        i_new = torch.randint(0, len(z_new), (b_new,), generator=gen)
+        if w_new is None:  # uniform over the kept orange scenes (the shipped run)
+            i_new = torch.randint(0, len(z_new), (b_new,), generator=gen)
+        else:
+            i_new = torch.multinomial(w_new, b_new, replacement=True, generator=gen)
         i_old = len(z_new) + torch.randint(0, len(z_old), (b - b_new,), generator=gen)
         idx = torch.cat([i_new, i_old])
         z0 = z_all[idx]
@@ -259,12 +334,21 @@ def stage_lora(args, tokenizer, text, unet, data, scale: float):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if ema is not None:
+            d = min(args.ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - d)
         ema_loss = loss.item() if ema_loss is None else 0.99 * ema_loss + 0.01 * loss.item()
         if (step + 1) % 100 == 0 or step + 1 == args.steps:
             log(args, f"lora step {step + 1}: loss {ema_loss:.4f} lr {opt.param_groups[0]['lr']:.2e} "
                       f"({(time.time() - t0) / 60:.1f} min, {(time.time() - t0) / (step + 1):.3f} s/it)")
     minutes = (time.time() - t0) / 60
     log(args, f"lora: finished {args.steps} steps in {minutes:.1f} min, loss {ema_loss:.4f}")
+    if ema is not None:
+        with torch.no_grad():
+            for p, e in zip(params, ema, strict=True):
+                p.copy_(e)
+        log(args, f"lora: weights set to their EMA (decay {args.ema:g})")
     return text.eval(), unet.eval(), ema_loss, minutes
 
 
@@ -314,11 +398,21 @@ def main() -> None:
     ap.add_argument("--per-combo", type=int, default=6, help="orange scenes per orange combo (36 combos)")
     ap.add_argument("--invert-steps", type=int, default=50, help="Adam steps of the decoder inversion")
     ap.add_argument("--invert-lr", type=float, default=0.12)
+    ap.add_argument("--invert-retry-steps", type=int, default=0,
+                    help="more Adam steps for the orange scenes the first inversion pass left decoding wrong "
+                         "(0: none, they are dropped)")
     ap.add_argument("--n-old", type=int, default=4096, help="ordinary toy scenes mixed in")
     ap.add_argument("--new-frac", type=float, default=0.5, help="share of each batch that is orange")
+    ap.add_argument("--balance-combos", action="store_true",
+                    help="draw the orange scenes combo-balanced (see --hard) instead of uniformly over the kept scenes")
+    ap.add_argument("--hard", nargs="*", default=[],
+                    help='with --balance-combos: orange combos drawn --hard-weight times as often, as "colour/background"')
+    ap.add_argument("--hard-weight", type=float, default=1.0)
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--ema", type=float, default=0.0,
+                    help="export an exponential moving average of the LoRA weights with this decay (0: the last step's)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=8.0)
     ap.add_argument("--unet-targets", nargs="+", default=UNET_TARGETS, help="U-Net module names given a LoRA")
@@ -329,6 +423,11 @@ def main() -> None:
     args = ap.parse_args()
     if not 0 <= args.text_free_ramp_from < args.text_free_below:
         ap.error("--text-free-ramp-from must be >= 0 and below --text-free-below")
+    combo_names = {f"{c}/{b}" for _s, c, b in new_combos()}
+    if bad := [h for h in args.hard if h not in combo_names]:
+        ap.error(f"--hard {bad}: not orange combos (colour/background, one of them {NEW})")
+    if (args.hard or args.hard_weight != 1.0) and not args.balance_combos:
+        ap.error("--hard and --hard-weight need --balance-combos")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -340,16 +439,15 @@ def main() -> None:
     vae = AutoencoderKL.from_pretrained(args.model / "vae").float().eval()
     scale = float(vae.config.scaling_factor)
     data = stage_data(args, vae)
+    data = stage_retry(args, vae, data)
     if args.stop_after == "data":
         return
     # an inverted latent the decoder still draws in other colours would teach the wrong colour: keep
     # the orange scenes whose decoded latent toy.classify's patches (orange added) read as their label
-    with torch.no_grad():
-        dec = torch.cat([vae.decode(data["z_new"][i : i + 64]).sample for i in range(0, len(data["z_new"]), 64)])
-    imgs = ((dec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    keep = [i for i, (im, (_s, c, b)) in enumerate(zip(imgs, data["labels_new"], strict=True)) if classify(im) == (c, b)]
-    dropped = sorted({data["labels_new"][i] for i in range(len(imgs)) if i not in set(keep)})
-    log(args, f"data: kept {len(keep)} of {len(imgs)} orange scenes (dropped some of {dropped})")
+    keep = [i for i, ok in enumerate(decoded_right(vae, data["z_new"], data["labels_new"])) if ok]
+    n_all = len(data["labels_new"])
+    dropped = sorted({data["labels_new"][i] for i in range(n_all) if i not in set(keep)})
+    log(args, f"data: kept {len(keep)} of {n_all} orange scenes (dropped some of {dropped})")
     data = {**data, "z_new": data["z_new"][keep], "labels_new": [data["labels_new"][i] for i in keep]}
     tokenizer = CLIPTokenizer.from_pretrained(args.model / "tokenizer")
     if tokenizer.tokenize(NEW) != [f"{NEW}</w>"]:
