@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,13 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from lora_swap import print_table, summarize, timed  # noqa: E402  (the same rows as bench/lora_swap.py)
+
 BACKEND = {"onnx": "onnxruntime", "openvino": "openvino"}
-
-
-def timed(fn) -> tuple[float, float]:
-    w0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - w0, time.process_time() - c0
 
 
 def export(info, fmt: str, rank: int, out: Path, size: int) -> float | None:
@@ -127,14 +122,11 @@ def main() -> int:
         measure(args, info, BACKEND[fmt], exports[f"{fmt}-r0"]["folder"],
                 exports[f"{fmt}-r{args.slot_rank}"]["folder"], la, lb, rows)
         gc.collect()
-    summary = {name: {"best_s": min(w for w, _ in v), "median_s": statistics.median(w for w, _ in v),
-                      "median_cpu_s": statistics.median(c for _, c in v)} for name, v in rows.items()}
+    summary = summarize(rows)
     cpu = f"{cpu_model_name()}, {busy_cpus():.1f} CPUs busy at the end"
     print(f"{args.model} at {args.size}², two rank-{args.rank} LoRAs ({layers} layers), slots of rank "
           f"{args.slot_rank}, threads={args.threads}, {args.rounds} interleaved rounds; {cpu}")
-    print(f"{'row':<28}{'best s':>9}{'median s':>10}{'cpu s':>8}")
-    for name, r in summary.items():
-        print(f"{name:<28}{r['best_s']:>9.3f}{r['median_s']:>10.3f}{r['median_cpu_s']:>8.3f}")
+    print_table(summary, width=28)
     for fmt in args.formats:
         backend = BACKEND[fmt]
         p, s = summary[f"{backend} unet plain"]["median_s"], summary[f"{backend} unet slots"]["median_s"]

@@ -65,6 +65,18 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - w0, time.process_time() - c0
 
 
+def summarize(rows: dict[str, list[tuple[float, float]]]) -> dict[str, dict[str, float]]:
+    """Each row's best and median wall time and median process CPU time."""
+    return {name: {"best_s": min(w for w, _ in v), "median_s": statistics.median(w for w, _ in v),
+                   "median_cpu_s": statistics.median(c for _, c in v)} for name, v in rows.items()}
+
+
+def print_table(summary: dict[str, dict[str, float]], width: int = 16) -> None:
+    print(f"{'row':<{width}}{'best s':>9}{'median s':>10}{'cpu s':>8}")
+    for name, r in summary.items():
+        print(f"{name:<{width}}{r['best_s']:>9.3f}{r['median_s']:>10.3f}{r['median_cpu_s']:>8.3f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -136,14 +148,11 @@ def main() -> int:
 
                 rows.setdefault("ort session", []).append(timed(build))
                 sess = None
-    summary = {name: {"best_s": min(w for w, _ in v), "median_s": statistics.median(w for w, _ in v),
-                      "median_cpu_s": statistics.median(c for _, c in v)} for name, v in rows.items()}
+    summary = summarize(rows)
     cpu = f"{cpu_model_name()}, {busy_cpus():.1f} CPUs busy at the end"
     print(f"{args.model}, rank-{args.rank} LoRA ({layers} layers, {size_mb:.0f} MB), threads={args.threads}, "
           f"{args.rounds} interleaved rounds; {cpu}")
-    print(f"{'row':<16}{'best s':>9}{'median s':>10}{'cpu s':>8}")
-    for name, r in summary.items():
-        print(f"{name:<16}{r['best_s']:>9.3f}{r['median_s']:>10.3f}{r['median_cpu_s']:>8.3f}")
+    print_table(summary)
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "rank": args.rank, "layers": layers,
                                                "file_mb": size_mb, "threads": args.threads, "rounds": args.rounds,

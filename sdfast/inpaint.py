@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .errors import InvalidArgument
-from .schedulers.base import Scheduler, StepIndex
+from .schedulers.base import Scheduler
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -89,13 +89,11 @@ class Blend:
     image_latents: torch.Tensor  # (B, C, h, w): the init image's scaled latents
     noise: torch.Tensor  # (B, C, h, w): the request's initial noise
 
-    def apply(self, latents: torch.Tensor, sched: Scheduler, i: StepIndex) -> torch.Tensor:
-        """The latents after step ``i`` with the kept region at step ``i + 1``'s noise level."""
+    def apply(self, latents: torch.Tensor, sched: Scheduler, i: int) -> torch.Tensor:
+        """The latents after step ``i`` with the kept region at step ``i + 1``'s noise level
+        (inpainting runs the plain loop, so ``i`` is a Python int)."""
         n = len(sched.timesteps)
-        if isinstance(i, torch.Tensor):  # a captured step: no host branch on the index
-            nxt = torch.clamp(i + 1, max=n - 1)
-            proper = torch.where(i + 1 < n, sched.add_noise(self.image_latents, self.noise, nxt), self.image_latents)
-        elif i + 1 < n:
+        if i + 1 < n:
             proper = sched.add_noise(self.image_latents, self.noise, i + 1)
         else:
             proper = self.image_latents

@@ -197,15 +197,13 @@ def slotted_component(mods: dict[str, torch.nn.Module], name: str, family: str, 
                       ) -> tuple[torch.nn.Module, SlotTable | None]:
     """The fixed-I/O wrapper of component ``name`` over ``mods`` (load_torch_modules' parts), with
     slots when ``rank`` and the component is a LoRA group; (wrapper, its slot table or None)."""
-    from .components import COMPONENT_MODULE
+    from .components import COMPONENT_MODULE, FAMILY_SPECS
     from .wrappers import component_modules
 
     group = COMPONENT_MODULE[name]
     if not rank or group not in GROUPS:
         return component_modules(mods, family)[name], None
     layers, table = add_slots(mods[group], group, rank)
-    from .components import FAMILY_SPECS
-
     n = len(FAMILY_SPECS[family][name].inputs)
     return Slotted(component_modules(mods, family)[name], layers, n), table
 

@@ -91,6 +91,14 @@ class OpenVinoEngine(ExportedEngine):
         self._dynamic = None
         self._lock = threading.Lock()  # one request per shape: calls from several threads take turns
 
+    def init_slots(self, table, dtype: torch.dtype) -> None:
+        super().init_slots(table, dtype)
+        self._slot_ov = [to_ov(x) for x in self.slot_inputs]  # wrapped once per set, not per call
+
+    def set_lora_slots(self, tensors: list[torch.Tensor]) -> None:
+        super().set_lora_slots(tensors)
+        self._slot_ov = [to_ov(x) for x in self.slot_inputs]
+
     def request_for(self, shapes: tuple[tuple[int, ...], ...]):
         """The infer request serving input ``shapes`` (compiled on first need; caller holds the lock)."""
         req = self._requests.get(shapes)
@@ -125,8 +133,10 @@ class OpenVinoEngine(ExportedEngine):
         outs = {t.name: torch.empty(shapes[t.name], dtype=self.dtype) for t in self.spec.outputs}
         with self._lock:
             request = self.request_for(in_shapes)
-            for i, x in enumerate([*keep, *self.slot_inputs]):  # then the LoRA slots' factors, if any
+            for i, x in enumerate(keep):
                 request.set_input_tensor(i, to_ov(x))
+            for i, t in enumerate(self._slot_ov, len(keep)):  # then the LoRA slots' factors, if any
+                request.set_input_tensor(i, t)
             for i, t in enumerate(self.spec.outputs):
                 request.set_output_tensor(i, to_ov(outs[t.name]))
             request.infer()

@@ -39,14 +39,18 @@ Build = Callable[[str, Path], dict[str, Any]]
 def export_components(info: ModelInfo, out: Path | str, profile: ShapeProfile, fmt: str, precision: Precision,
                       build: Build, *, components: tuple[str, ...] | None = None, extra_flags: list[str] = (),
                       model_arg: str | None = None, manifest: dict[str, Any] | None = None,
-                      verb: str = "exported") -> Path:
+                      verb: str = "exported", lora_rank: int = 0) -> Path:
     """Export ``components`` (default: every component of the family) into ``out``, replaced
     atomically and sealed. ``extra_flags``: the CLI flags beyond the profile that rebuild it (kept
-    in the manifest's export command); ``manifest``: further Manifest fields (versions, device)."""
+    in the manifest's export command); ``manifest``: further Manifest fields (versions, device);
+    ``lora_rank``: the LoRA slots ``build`` gave the components (sdfast/lora_slots.py), for the
+    export command."""
     components = components or tuple(info.specs)
     profile.validate(info)
     out = check_export_out(out, protect=info.path)  # before any work: never replace what we did not write
     lora_flags = [arg for lo in info.loras for arg in ("--lora", f"{lo.file.path}:{lo.scale:g}")]
+    if lora_rank:
+        lora_flags += ["--lora-rank", str(lora_rank)]
     cmd = export_command(model_arg or str(info.path), out, fmt, precision.value, profile,
                          list(extra_flags) + lora_flags)
     with staging_dir(out) as tmp:

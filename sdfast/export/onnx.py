@@ -204,8 +204,6 @@ def export_onnx(info: ModelInfo, out: Path | str, profile: ShapeProfile,
     extra = ["--vae-precision", options.vae_precision.value] if options.vae_precision else []
     if options.external_data:
         extra.append("--external-data")
-    if options.lora_rank:
-        extra += ["--lora-rank", str(options.lora_rank)]
     dtypes = {name: options.component_precision(name).torch_dtype for name in components}
     if options.precision is not Precision.FP32:
         vae = options.vae_precision or Precision.FP32
@@ -218,7 +216,7 @@ def export_onnx(info: ModelInfo, out: Path | str, profile: ShapeProfile,
                 **({"lora_slots": slots.record()} if slots else {})}
 
     return export_components(info, out, profile, "onnx", options.precision, build, components=components,
-                             extra_flags=extra, model_arg=model_arg)
+                             extra_flags=extra, model_arg=model_arg, lora_rank=options.lora_rank)
 
 
 def export_job(job: ExportJob) -> Path:

@@ -150,8 +150,6 @@ def export_openvino(info: ModelInfo, out: Path | str, profile: ShapeProfile,
     """Convert every component into ``out`` (replaced atomically) and seal it with a manifest."""
     options.validate()
     extra = ["--vae-precision", options.vae_precision.value] if options.vae_precision else []
-    if options.lora_rank:
-        extra += ["--lora-rank", str(options.lora_rank)]
 
     def build(name: str, tmp: Path) -> dict:
         precision = options.component_precision(name)
@@ -160,7 +158,7 @@ def export_openvino(info: ModelInfo, out: Path | str, profile: ShapeProfile,
                 "inference_precision": OV_HINT[precision], **({"lora_slots": slots.record()} if slots else {})}
 
     return export_components(info, out, profile, FORMAT, options.precision, build, components=components,
-                             extra_flags=extra, model_arg=model_arg, verb="converted",
+                             extra_flags=extra, model_arg=model_arg, verb="converted", lora_rank=options.lora_rank,
                              manifest={"versions": {**versions(), "openvino": package_version("openvino")}})
 
 
