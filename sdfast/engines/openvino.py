@@ -89,6 +89,7 @@ class OpenVinoEngine(ExportedEngine):
         self.static_shapes = static_shapes
         self._requests: dict[tuple[tuple[int, ...], ...], Any] = {}
         self._dynamic = None
+        self._slot_ov: list = []  # the LoRA slots' factors as ov.Tensors (init_slots / set_lora_slots)
         self._lock = threading.Lock()  # one request per shape: calls from several threads take turns
 
     def init_slots(self, table, dtype: torch.dtype) -> None:
