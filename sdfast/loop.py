@@ -77,6 +77,10 @@ class LoopState:
     #: rows as the U-Net's; an ordinary U-Net's latent blending after each step
     unet_extra: torch.Tensor | None = None
     blend: Blend | None = None
+    #: keep the clean-sample estimate of each step in ``x0`` (streamed partial images); off, the
+    #: loop computes nothing extra
+    estimate: bool = False
+    x0: torch.Tensor | None = None
 
     @classmethod
     def create(cls, latents: torch.Tensor, cond: dict[str, torch.Tensor], guidance: list[float] | torch.Tensor,
@@ -111,6 +115,10 @@ def guided_step(unet, sched: Scheduler, s: LoopState, i: StepIndex, timer: Timer
     with timer("scheduler"):
         if s.guided:
             eps = guide(eps, s.guidance)  # (B, C, h, w)
+        if s.estimate:  # before the step: the estimate is from the sample the step starts at
+            s.x0 = sched.predicted_x0(eps, i, s.latents)
+            if s.blend is not None:  # the kept region is the init image's
+                s.x0 = (1 - s.blend.mask) * s.blend.image_latents + s.blend.mask * s.x0
         new = sched.step(eps, i, s.latents, None if s.noise is None else at(s.noise, i))
         if s.blend is not None:  # inpainting with an ordinary U-Net: the kept region from the init image
             new = s.blend.apply(new, sched, i)

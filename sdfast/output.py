@@ -80,3 +80,15 @@ class GenerationOutput:
         for k, (image, p) in enumerate(zip(self.images, paths, strict=True)):
             save_png(image, p, self.metadata(k))
         return paths
+
+
+@dataclass
+class PartialImage:
+    """A streamed partial image of one request (``Pipeline.run(..., partial_images=K)``): the
+    loop's current clean-sample estimate, decoded by the VAE, after ``step`` of its ``steps``."""
+
+    index: int  # 0-based partial_image_index (the OpenAI Images API's name)
+    step: int  # denoising steps done when it was made (1 .. steps - 1)
+    steps: int  # steps the request runs (img2img and inpainting run fewer than it asks)
+    images: list[Image.Image]  # one per image of the request
+    request: Request = field(repr=False)

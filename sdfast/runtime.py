@@ -28,10 +28,11 @@ from .loop import LoopState, StepCallback, denoise, guidance_embedding
 from .lora import GROUPS, FusedLoras, Lora, as_loras
 from .lora_slots import SlotLoras
 from .models import COMPONENT_MODULE, ModelInfo, load_tokenizer, resolve_model
-from .output import GenerationOutput  # noqa: F401  (re-exported: sdfast.runtime.GenerationOutput)
+from .output import GenerationOutput, PartialImage  # noqa: F401  (GenerationOutput: re-exported)
 from .request import DEFAULTS, Request
 from .safety import DecodeFallback, check_finite
 from .schedulers import Scheduler, make_scheduler
+from .stream import check_partial_images, partial_steps
 from .text import TEXT, token_chunks
 
 if TYPE_CHECKING:
@@ -39,7 +40,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GenerationOutput", "Pipeline", "StepCallback", "load", "resolve_device"]
+#: on_partial(PartialImage): a streamed partial image (sdfast/stream.py)
+PartialCallback = Callable[[PartialImage], None]
+
+__all__ = ["GenerationOutput", "PartialImage", "Pipeline", "StepCallback", "load", "resolve_device"]
 
 
 class StageTimer:
@@ -70,9 +74,8 @@ class _Stage:
         t[self.stage] = t.get(self.stage, 0.0) + time.perf_counter() - self.t0
 
 
-#: what requests must share to run in one loop (one U-Net call per step over all their rows).
-#: what requests batched into one loop must share; long_prompt too: the text batch is encoded under
-#: one policy, so a "truncate" request batched after a "chunk" one would get the other's encoding.
+#: what requests must share to run in one loop (one U-Net call per step over all their rows);
+#: long_prompt too: the text batch is encoded under one policy, so a "truncate" request batched after a "chunk" one would get the other's encoding.
 BATCH_KEYS = ("height", "width", "steps", "scheduler", "guided", "start_step", "long_prompt", "guidance_cut",
               "cache_interval", "cache_branch", "lora_key", "inpainting")
 
@@ -257,23 +260,29 @@ class Pipeline:
 
     # -- the loop ----------------------------------------------------------------------------
     def generate(self, prompt: str | list[str], *, callback: StepCallback | None = None, progress: bool = False,
-                 profile: bool = False, **options: Any) -> GenerationOutput:
+                 profile: bool = False, partial_images: int = 0, on_partial: PartialCallback | None = None,
+                 **options: Any) -> GenerationOutput:
         """Run the guided loop on ``prompt``. ``options`` are ``Request.build``'s keywords, with
         its defaults (``request.DEFAULTS``: negative_prompt, height, width, steps, guidance_scale,
         seed, scheduler, image, strength, num_images_per_prompt, long_prompt, and SDXL's prompt_2
         ... negative_target_size); an unknown one is refused naming it. ``profile`` synchronizes
-        CUDA around each stage for exact timings."""
+        CUDA around each stage for exact timings. ``partial_images`` / ``on_partial``: streamed
+        partial images (sdfast/stream.py)."""
         unknown = sorted(set(options) - set(DEFAULTS))
         if unknown:
             raise InvalidArgument(f"{unknown[0]}: not an option of generate; the options are "
                                   f"{', '.join(DEFAULTS)}")
         req = Request.build(self.info, prompt=prompt, **options)
-        return self.run(req, callback=callback, progress=progress, profile=profile)
+        return self.run(req, callback=callback, progress=progress, profile=profile, partial_images=partial_images,
+                        on_partial=on_partial)
 
     def run(self, req: Request, callback: StepCallback | None = None, progress: bool = False,
-            profile: bool = False) -> GenerationOutput:
-        """Run one checked request."""
-        return self.run_batch([req], callback=callback, progress=progress, profile=profile)[0]
+            profile: bool = False, partial_images: int = 0, on_partial: PartialCallback | None = None
+            ) -> GenerationOutput:
+        """Run one checked request; ``on_partial(PartialImage)`` up to ``partial_images`` (0-3)
+        times during the loop (sdfast/stream.py)."""
+        return self.run_batch([req], callback=callback, progress=progress, profile=profile,
+                              partial_images=partial_images, on_partial=on_partial)[0]
 
     @property
     def inpainting(self) -> str:
@@ -308,14 +317,20 @@ class Pipeline:
         return latents, step_noise.to(self.device), start
 
     def run_batch(self, requests: list[Request], callback: StepCallback | None = None, progress: bool = False,
-                  profile: bool = False) -> list[GenerationOutput]:
+                  profile: bool = False, partial_images: int = 0, on_partial: PartialCallback | None = None
+                  ) -> list[GenerationOutput]:
         """Run several checked requests in one loop, one U-Net call per step over all their rows.
 
         They must share ``BATCH_KEYS``; each keeps its own prompts, seed (its latents and noise
         come from its own generator, exactly what it draws alone) and guidance scale (per-row
         guidance). Whether a row is bit-identical to its lone run then depends only on whether
-        the engines compute a row independently of the batch size (see sdfast/serve)."""
+        the engines compute a row independently of the batch size (see sdfast/serve). Partial
+        images (``on_partial``) come once per request, each with that request's rows."""
         check_batchable(requests)
+        partial_images = check_partial_images(partial_images)
+        if partial_images and on_partial is None:
+            raise InvalidArgument("on_partial: partial_images asks for partial images but no on_partial callback "
+                                  "receives them; pass on_partial=fn (or use sdfast.stream.stream)")
         head = requests[0]
         unet = self.engines["unet"]
         if head.cache_interval is not None and head.cache_interval > 1:
@@ -361,9 +376,14 @@ class Pipeline:
                                  cut=head.guidance_cut, unet_extra=extra, blend=blending)
 
         first = head.start_step
+        if partial_images:
+            state.estimate = True
+            callback = self._partials(requests, state, first, partial_images, on_partial, timer, callback)
         # DeepCache's call schedule is host state: it runs the plain loop; inpainting's extra
-        # inputs are not in the captured graphs' state (CUDA graphs: not verified), so it does too
-        run = denoise if self.graphs is None or unet is not self.engines["unet"] or starts else self.graphs.denoise
+        # inputs and the partial images' estimate are not in the captured graphs' state (CUDA
+        # graphs: not verified), so they do too
+        plain = self.graphs is None or unet is not self.engines["unet"] or starts or partial_images
+        run = denoise if plain else self.graphs.denoise
         latents = run(unet, sched, state, first, timer, callback, progress)
         check_finite(state.finite, first, sched.timesteps, self._numerics_hint(head))
 
@@ -382,6 +402,26 @@ class Pipeline:
                                          inpainting=self.inpainting if r.inpainting else ""))
             row += r.batch
         return outs
+
+    def _partials(self, requests: list[Request], state: LoopState, first: int, k: int, on_partial: PartialCallback,
+                  timer: StageTimer, callback: StepCallback | None) -> StepCallback:
+        """The step callback that decodes the estimate into partial images at ``partial_steps``."""
+        at = partial_steps(first, len(state.finite), k)
+
+        def step_done(i: int, t: torch.Tensor, latents: torch.Tensor) -> None:
+            if callback is not None:
+                callback(i, t, latents)
+            if i not in at:
+                return
+            with timer("partial_images"):
+                images = self.to_pil(self.decode(state.x0))
+            row = 0
+            for r in requests:
+                on_partial(PartialImage(index=at.index(i), step=i - first + 1, steps=r.steps - first,
+                                        images=images[row : row + r.batch], request=r))
+                row += r.batch
+
+        return step_done
 
     def approximations(self, req: Request) -> list[str]:
         """Every approximation ``req`` runs with on this pipeline (see ``Request.approximations``)."""

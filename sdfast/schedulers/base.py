@@ -259,6 +259,26 @@ class Scheduler:
         """Noise clean latents to the level of step ``i`` (img2img start)."""
         raise NotImplementedError
 
+    def predicted_x0(self, model_output: torch.Tensor, i: StepIndex, sample: torch.Tensor) -> torch.Tensor:
+        """The clean-sample estimate at step ``i`` from the (guided) model output and the sample
+        the step starts from: what streamed partial images show (diffusers'
+        ``pred_original_sample``, unclipped). It reads the tables only; no state changes."""
+        a, b = self._vp(i)
+        return vp_x0(self.schedule.prediction_type, model_output, sample, a, b)
+
+    def _vp(self, i: StepIndex) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(alpha_bar), sqrt(1 - alpha_bar)) at step ``i``: the VP form x = a·x0 + b·eps."""
+        raise NotImplementedError
+
+
+def vp_x0(kind: str, model_output: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x0 from a model output in the VP form x = a·x0 + b·eps (``kind``: the prediction type)."""
+    if kind == "epsilon":
+        return (x - b * model_output) / a
+    if kind == "v_prediction":  # v = a·eps − b·x0 (Salimans & Ho 2022)
+        return a * x - b * model_output
+    return model_output  # "sample"
+
 
 class SigmaScheduler(Scheduler):
     """Shared tables of the samplers that work in sigma space (LMS, Euler, Euler ancestral).
@@ -315,3 +335,6 @@ class SigmaScheduler(Scheduler):
 
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, i: StepIndex) -> torch.Tensor:
         return original + noise * at(self.sigmas, i)  # x = x0 + sigma * eps
+
+    def predicted_x0(self, model_output: torch.Tensor, i: StepIndex, sample: torch.Tensor) -> torch.Tensor:
+        return self.denoised(model_output, sample, at(self.sigmas, i))

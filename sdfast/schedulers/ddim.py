@@ -82,6 +82,9 @@ class DDIMScheduler(Scheduler):
         direction = at(self._sqrt_one_minus_alpha_prev, i) * eps  # 2. "direction pointing to x_t"
         return at(self._sqrt_alpha_prev, i) * x0 + direction  # 3. x_{t-1}
 
+    def _vp(self, i: StepIndex) -> tuple[torch.Tensor, torch.Tensor]:
+        return at(self._sqrt_alpha, i), at(self._sqrt_one_minus_alpha, i)
+
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, i: StepIndex) -> torch.Tensor:
         # q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)   (Ho et al. 2020, eq. 4)
         return at(self._sqrt_alpha, i) * original + at(self._sqrt_one_minus_alpha, i) * noise

@@ -155,12 +155,10 @@ class DPMPP2MScheduler(Scheduler):
 
     def _data_prediction(self, model_output: torch.Tensor, sample: torch.Tensor, i: StepIndex) -> torch.Tensor:
         """x0 from the model output (diffusers' convert_model_output for dpmsolver++)."""
-        kind = self.schedule.prediction_type  # a config constant, not a tensor value
-        if kind == "epsilon":
-            return (sample - at(self._sigma, i) * model_output) / at(self._alpha, i)
-        if kind == "v_prediction":  # v = alpha·eps − sigma·x0 (Salimans & Ho 2022)
-            return at(self._alpha, i) * sample - at(self._sigma, i) * model_output
-        return model_output  # "sample"
+        return self.predicted_x0(model_output, i, sample)
+
+    def _vp(self, i: StepIndex) -> tuple[torch.Tensor, torch.Tensor]:
+        return at(self._alpha, i), at(self._sigma, i)
 
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, i: StepIndex) -> torch.Tensor:
         # q(x_t | x_0) in VP form: alpha_t x_0 + sigma_t eps

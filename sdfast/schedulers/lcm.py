@@ -112,6 +112,9 @@ class ConsistencyScheduler(Scheduler):
             )
         return noise
 
+    def _vp(self, i: StepIndex) -> tuple[torch.Tensor, torch.Tensor]:
+        return at(self._sqrt_alpha, i), at(self._sqrt_beta, i)
+
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, i: StepIndex) -> torch.Tensor:
         # q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)   (Ho et al. 2020, eq. 4)
         return at(self._sqrt_alpha, i) * original + at(self._sqrt_beta, i) * noise
