@@ -70,6 +70,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="serve the LoRAs in DIR (NAME.safetensors, each checked against the model at start); a "
                         "request names them in its loras field, 'NAME[:SCALE],...' (torch and inductor backends, and engines exported with LoRA slots)")
     p.add_argument("--max-loras", type=int, default=4, help="most LoRAs one request may name (default 4)")
+    p.add_argument("--max-upload-mb", type=float, default=16.0,
+                   help="largest /v1/images/edits upload, image + mask + fields, in MB (default 16)")
+    p.add_argument("--max-upload-pixels", type=int, default=4096 * 4096,
+                   help="largest uploaded image or mask in pixels, read from its header before decoding "
+                        "(default 16777216 = 4096x4096)")
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment")
     p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, one pipeline each (default 1)")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
@@ -107,7 +112,8 @@ def config_from_args(args: argparse.Namespace):
                        max_prompt_chars=args.max_prompt_chars, max_n=args.max_n, max_side=args.max_side,
                        max_steps=args.max_steps, warmup_sizes=_sizes(args.warmup_size),
                        batch_invariance=args.batch_invariance, attention=args.attention,
-                       kernels=args.kernels, lora_dir=args.lora_dir, max_loras=args.max_loras)
+                       kernels=args.kernels, lora_dir=args.lora_dir, max_loras=args.max_loras,
+                       max_upload_mb=args.max_upload_mb, max_upload_pixels=args.max_upload_pixels)
     check_config(config)
     return config
 
@@ -115,6 +121,7 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
+        import python_multipart  # noqa: F401  (/v1/images/edits' uploads)
         import uvicorn  # noqa: F401
     except ModuleNotFoundError as e:
         raise InvalidArgument(f"serve: needs {e.name}, which is not installed; pip install 'sdfast[serve]'") from None

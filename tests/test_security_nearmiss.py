@@ -59,6 +59,9 @@ class FakeService:
         self.parsed.append(body)
         return body
 
+    def partial_images(self, body) -> None:
+        return None  # never streamed
+
     def submit(self, req):
         f = concurrent.futures.Future()
         f.set_result(SimpleNamespace(output=None, batch_requests=1, batch_images=1))

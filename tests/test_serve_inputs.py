@@ -202,7 +202,8 @@ def test_the_accepted_neighbours_of_those_values_generate(server):
 
 
 @pytest.mark.parametrize("method,path,status,code", [
-    ("GET", "/nope", 404, "not_found"), ("POST", "/v1/images/edits", 404, "not_found"),
+    ("GET", "/nope", 404, "not_found"), ("POST", "/v1/images/variations", 404, "not_found"),
+    ("GET", "/v1/images/edits", 405, "method_not_allowed"),
     ("GET", "/v1/images/generations", 405, "method_not_allowed"), ("POST", "/health", 405, "method_not_allowed"),
     ("DELETE", "/v1/models", 405, "method_not_allowed"),
 ])

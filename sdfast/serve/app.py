@@ -2,7 +2,12 @@
 
     POST /v1/images/generations   {"prompt", "n", "size": "WxH", "response_format": "b64_json",
                                    + sdfast's "seed", "steps", "guidance_scale", "negative_prompt",
-                                   "scheduler"}  → {"created", "data": [{"b64_json"}]}
+                                   "scheduler", "loras"}  → {"created", "data": [{"b64_json"}]}
+    POST /v1/images/edits         multipart: "image" file, optional "mask" file (transparent =
+                                   repaint), the same text fields + "strength", "paste_unmasked"
+                                   (edits.py) → the same answer
+    either, with "stream": true   server-sent events: "partial_images" (0-3) partial images, then
+                                   the final ones (streaming.py)
     GET  /v1/models               {"object": "list", "data": [{"id": MODEL, "object": "model", ...}]}
     GET  /health                  200 once warmed up, 503 before and while draining
     GET  /metrics                 Prometheus text
@@ -31,7 +36,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InvalidArgument, MissingFile
 from .batching import Closed, Expired, QueueFull
+from .edits import form_fields
 from .service import ImageService
+from .streaming import start_stream
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +81,8 @@ def create_app(service: ImageService, drain_timeout_s: float | None = None) -> F
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # 404 / 405 from routing, in the same shape as every other refusal.
         if exc.status_code == 404:
-            message = (f"path: {request.url.path} is not served; the API is POST /v1/images/generations and "
-                       "GET /v1/models (plus GET /health and /metrics)")
+            message = (f"path: {request.url.path} is not served; the API is POST /v1/images/generations, "
+                       "POST /v1/images/edits and GET /v1/models (plus GET /health and /metrics)")
         elif exc.status_code == 405:
             message = f"method: {request.method} is not allowed on {request.url.path}; use {exc.headers.get('Allow', '')}" \
                 if exc.headers else f"method: {request.method} is not allowed on {request.url.path}"
@@ -106,9 +113,8 @@ def create_app(service: ImageService, drain_timeout_s: float | None = None) -> F
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type=service.metrics.content_type)
 
-    @app.post("/v1/images/generations")
-    async def generations(request: Request) -> JSONResponse:
-        t0 = time.perf_counter()
+    def gate(request: Request) -> JSONResponse | None:
+        """The refusal of a request the server will not take now (auth, warm-up, draining)."""
         if not authorized(request):
             return error_response(service, 401, "unauthorized",
                                   "api key: missing or wrong; send the header 'Authorization: Bearer KEY'",
@@ -119,19 +125,16 @@ def create_app(service: ImageService, drain_timeout_s: float | None = None) -> F
             kind = "shutting_down" if service.state == "draining" else "not_ready"
             return error_response(service, 503, kind, f"server: {service.state}; retry shortly",
                                   {"Retry-After": "1"})
-        raw = await _read_body(request)
-        if raw is None:
-            return error_response(service, 413, "payload_too_large",
-                                  f"body: at most {MAX_BODY_BYTES} bytes; send a prompt and a few numbers")
+        return None
+
+    async def answer(parse, event: str, t0: float) -> Response:
+        """Parse (in a thread: an edit decodes images), submit, and answer: JSON, or for
+        ``stream: true`` server-sent events (streaming.py). ``event``: the OpenAI event prefix."""
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            return error_response(service, 400, "invalid_argument", f"body: not valid JSON ({e})")
-        except RecursionError:  # nesting deeper than the parser goes: no generation request looks so
-            return error_response(service, 400, "invalid_argument",
-                                  "body: JSON nested too deeply; send a flat object of a prompt and a few numbers")
-        try:
-            req = service.parse(body)
+            body, req = await asyncio.to_thread(parse)
+            partial_images = service.partial_images(body)
+            if partial_images is not None:
+                return await start_stream(service, req, partial_images, event, t0)
             future = service.submit(req)
         except (InvalidArgument, MissingFile) as e:
             return error_response(service, 400, "invalid_argument", _one_line(e))
@@ -165,18 +168,70 @@ def create_app(service: ImageService, drain_timeout_s: float | None = None) -> F
             "sdfast": {"batch_requests": done.batch_requests, "batch_images": done.batch_images},
         })
 
+    @app.post("/v1/images/generations")
+    async def generations(request: Request) -> Response:
+        t0 = time.perf_counter()
+        refusal = gate(request)
+        if refusal is not None:
+            return refusal
+        raw = await _read_body(request, MAX_BODY_BYTES)
+        if raw is None:
+            return error_response(service, 413, "payload_too_large",
+                                  f"body: at most {MAX_BODY_BYTES} bytes; send a prompt and a few numbers")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            return error_response(service, 400, "invalid_argument", f"body: not valid JSON ({e})")
+        except RecursionError:  # nesting deeper than the parser goes: no generation request looks so
+            return error_response(service, 400, "invalid_argument",
+                                  "body: JSON nested too deeply; send a flat object of a prompt and a few numbers")
+        return await answer(lambda: (body, service.parse(body)), "image_generation", t0)
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request) -> Response:
+        t0 = time.perf_counter()
+        refusal = gate(request)
+        if refusal is not None:
+            return refusal
+        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            return error_response(service, 400, "invalid_argument",
+                                  "body: an edit is a multipart/form-data upload (the image file, an optional "
+                                  "mask file and text fields), as the openai client's images.edit sends it")
+        limit = int(service.config.max_upload_mb * (1 << 20))
+        raw = await _read_body(request, limit)
+        if raw is None:
+            return error_response(service, 413, "payload_too_large",
+                                  f"body: at most {service.config.max_upload_mb:g} MB (--max-upload-mb); "
+                                  "upload a smaller image")
+        request._body = raw  # what Request.form() parses (starlette reads a cached body first)
+        try:
+            form = await request.form(max_files=4, max_fields=64, max_part_size=MAX_BODY_BYTES)
+            items = form.multi_items()
+        except Exception as e:  # starlette's MultiPartException / HTTPException: a malformed form
+            return error_response(service, 400, "invalid_argument",
+                                  _one_line(f"body: not a readable multipart form ({getattr(e, 'detail', e)})"))
+
+        def parse():
+            fields, image, mask = form_fields(items)
+            return fields, service.parse(fields, image=image, mask=mask)
+
+        try:
+            return await answer(parse, "image_edit", t0)
+        finally:
+            await form.close()
+
     return app
 
 
-async def _read_body(request: Request) -> bytes | None:
-    """The body, or None as soon as it is known to exceed MAX_BODY_BYTES (never read whole)."""
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it is known to exceed ``limit`` bytes (never read whole)."""
     length = request.headers.get("content-length", "")
-    if length.isascii() and length.isdigit() and int(length) > MAX_BODY_BYTES:  # not "²": int() refuses it
+    if length.isascii() and length.isdigit() and int(length) > limit:  # not "²": int() refuses it
         return None
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
+        if size > limit:
             return None
         chunks.append(chunk)
     return b"".join(chunks)

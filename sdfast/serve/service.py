@@ -25,16 +25,21 @@ from .loras import load_lora_dir, parse_loras_field
 from .metrics import ServeMetrics
 
 if TYPE_CHECKING:
+    from ..output import PartialImage
     from ..runtime import GenerationOutput, Pipeline
 
 log = logging.getLogger(__name__)
 
 #: OpenAI Images API fields we accept; ``user``, ``model``, ``quality`` and ``style`` are ignored
 #: (but, as the OpenAI API does, they must be strings when sent).
-OPENAI_FIELDS = ("prompt", "n", "size", "response_format", "user", "model", "quality", "style")
+OPENAI_FIELDS = ("prompt", "n", "size", "response_format", "user", "model", "quality", "style", "stream",
+                 "partial_images")
 IGNORED_STRING_FIELDS = ("user", "model", "quality", "style")
 #: sdfast's own fields, sent by the openai client through ``extra_body``.
 SDFAST_FIELDS = ("seed", "steps", "guidance_scale", "negative_prompt", "scheduler", "loras")
+#: what an edit adds (its image and mask are files, see edits.py): the init image's share of
+#: the schedule, and copying the kept pixels back over the result
+EDIT_FIELDS = ("strength", "paste_unmasked")
 SIZE_RE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")  # whole string (fullmatch): no trailing newline
 
 
@@ -62,6 +67,8 @@ class ServeConfig:
     kernels: str = "fast"  # or "batch-invariant": see use_batch_invariant_kernels
     lora_dir: str | None = None  # the LoRAs requests may name (NAME.safetensors); None: none
     max_loras: int = 4  # most LoRAs one request may name
+    max_upload_mb: float = 16.0  # largest /v1/images/edits body (image + mask + fields)
+    max_upload_pixels: int = 4096 * 4096  # largest uploaded image or mask, from its header
 
 
 def use_batch_invariant_kernels() -> None:
@@ -116,7 +123,8 @@ def check_config(config: ServeConfig) -> None:
         raise InvalidArgument(f"batch-invariance: must be 'require' or 'allow', not {config.batch_invariance!r}")
     if config.kernels not in ("fast", "batch-invariant"):
         raise InvalidArgument(f"kernels: must be 'fast' or 'batch-invariant', not {config.kernels!r}")
-    for arg in ("max_batch", "max_queue", "max_n", "max_prompt_chars", "max_steps", "max_loras"):
+    for arg in ("max_batch", "max_queue", "max_n", "max_prompt_chars", "max_steps", "max_loras",
+                "max_upload_pixels"):
         v = getattr(config, arg)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise InvalidArgument(f"{arg.replace('_', '-')}: must be an integer >= 1 but is {v!r}")
@@ -124,7 +132,8 @@ def check_config(config: ServeConfig) -> None:
         raise InvalidArgument(f"max-side: must be an integer of at least {rules.MIN_SIDE} pixels but is "
                               f"{config.max_side!r}")
     # nan compares false with everything, so it would pass `< 0`; inf never ends a wait.
-    for arg, v, strict in (("max-wait-ms", config.max_wait_ms, False), ("timeout", config.timeout_s, True)):
+    for arg, v, strict in (("max-wait-ms", config.max_wait_ms, False), ("timeout", config.timeout_s, True),
+                           ("max-upload-mb", config.max_upload_mb, True)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (strict and v == 0):
             raise InvalidArgument(f"{arg}: must be a finite number {'> 0' if strict else '>= 0'} but is {v!r}")
     key = config.api_key
@@ -189,6 +198,7 @@ class ImageService:
                                max_queue=config.max_queue, on_batch=self.metrics.on_batch,
                                on_depth=self.metrics.queue_depth.set, key=self._batch_key)
         self.redecode = False
+        self._streams: dict[int, tuple[int, Any]] = {}  # id(request) -> (partial images, on_partial)
         self._started = False
         self._lock = threading.Lock()
         self._warm_thread: threading.Thread | None = None
@@ -263,12 +273,18 @@ class ImageService:
                         "here): batching is off; pass --batch-invariance allow to batch anyway")
 
     def _batch_key(self, req: Request) -> tuple:
+        if id(req) in self._streams:  # its partial images are its rows alone
+            return ("stream", id(req))
         # Long prompts: only requests with the same text-encoder chunk count share a loop.
         chunks = self.pipe.chunks(req) if hasattr(self.pipe, "chunks") else 1
         return (*batch_key(req), chunks)
 
     def _run_one(self, req: Request) -> GenerationOutput:
-        out = self.pipe.run(req)
+        stream = self._streams.get(id(req))
+        if stream is not None:
+            out = self.pipe.run(req, partial_images=stream[0], on_partial=stream[1])
+        else:
+            out = self.pipe.run(req)
         self._observe_swap(out)
         return out
 
@@ -294,14 +310,15 @@ class ImageService:
         return self.batcher.join(timeout)
 
     # -- requests ------------------------------------------------------------------------------
-    def parse(self, body: Any) -> Request:
-        """JSON body → checked Request, or InvalidArgument with the CLI's one-line message."""
+    def parse(self, body: Any, image: bytes | None = None, mask: bytes | None = None) -> Request:
+        """JSON body → checked Request, or InvalidArgument with the CLI's one-line message. An edit
+        (``image``: the uploaded file's bytes, ``mask`` optional) takes EDIT_FIELDS too."""
         if not isinstance(body, dict):
             raise InvalidArgument("body: must be a JSON object with at least a 'prompt' field")
-        unknown = sorted(set(body) - set(OPENAI_FIELDS) - set(SDFAST_FIELDS))
+        fields = OPENAI_FIELDS + SDFAST_FIELDS + (EDIT_FIELDS if image is not None else ())
+        unknown = sorted(set(body) - set(fields))
         if unknown:
-            raise InvalidArgument(f"{unknown[0]}: not a field of this API; the fields are "
-                                  f"{', '.join(OPENAI_FIELDS + SDFAST_FIELDS)}")
+            raise InvalidArgument(f"{unknown[0]}: not a field of this API; the fields are {', '.join(fields)}")
         for name, value in body.items():  # every field is one string or number (none nests)
             if isinstance(value, (list, dict)):
                 raise InvalidArgument(f"{name}: must be a single value, not an {_json_type(value)}")
@@ -327,7 +344,14 @@ class ImageService:
         if fmt != "b64_json":  # 0, false, [] are not a format, as the OpenAI API answers too
             what = repr(fmt) if isinstance(fmt, str) else f"a {_json_type(fmt)}"
             raise InvalidArgument(f"response_format: {what} is not served (no image storage); use 'b64_json'")
-        height, width = self._size(body.get("size"))
+        self.partial_images(body)  # checked with the rest, used by the endpoint
+        init = mask_image = None
+        if image is not None:
+            from .edits import upload_image, upload_mask
+
+            init = upload_image(image, c.max_upload_pixels)
+            mask_image = None if mask is None else upload_mask(mask, init.size, c.max_upload_pixels)
+        height, width = self._size(body.get("size"), None if init is None else init.size)
         negative = body.get("negative_prompt")
         if negative is not None and not isinstance(negative, str):
             raise InvalidArgument("negative_prompt: must be a string")
@@ -344,16 +368,43 @@ class ImageService:
         if isinstance(g, int) and not isinstance(g, bool):
             opts["guidance_scale"] = float(g)  # JSON 7 is the CLI's 7.0 (same value, same messages)
         loras = parse_loras_field(body.get("loras"), self.loras, self.config.max_loras)
+        if init is not None:
+            for k in EDIT_FIELDS:
+                if body.get(k) is not None:
+                    opts[k] = body[k]
+            if "paste_unmasked" in opts and not isinstance(opts["paste_unmasked"], bool):
+                raise InvalidArgument(f"paste_unmasked: must be true or false but is {opts['paste_unmasked']!r}")
         req = Request.build(self.info, prompt=prompt if n == 1 else [prompt] * n, negative_prompt=negative,
-                            height=height, width=width, steps=steps, loras=loras, **opts)
+                            height=height, width=width, steps=steps, loras=loras, image=init, mask=mask_image,
+                            **opts)
         from ..engines import check_request
 
         chunks = self.pipe.chunks(req) if hasattr(self.pipe, "chunks") else 1  # long prompts: a profile dim
         check_request(self.pipe.engines, req.batch, req.height, req.width, req.guided, chunks=chunks)
         return req
 
-    def _size(self, size: Any) -> tuple[int, int]:
+    def partial_images(self, body: dict[str, Any]) -> int | None:
+        """None for a plain answer; for ``stream: true`` the partial images asked for (0-3)."""
+        from ..stream import check_partial_images
+
+        stream, k = body.get("stream"), body.get("partial_images")
+        if stream is not None and not isinstance(stream, bool):
+            raise InvalidArgument(f"stream: must be true or false but is a {_json_type(stream)}")
+        if not stream:
+            if k not in (None, 0):
+                raise InvalidArgument("partial_images: only a streamed answer has partial images; send "
+                                      "stream: true, or drop partial_images")
+            return None
+        return check_partial_images(0 if k is None else k)
+
+    def _size(self, size: Any, image_size: tuple[int, int] | None = None) -> tuple[int, int]:
+        """(height, width) from ``size``; "auto" (or none) is the native size, or for an edit the
+        image's own size fitted to the limits (edits.auto_size)."""
         native = self.info.native_size
+        if (size is None or size == "auto") and image_size is not None:
+            from .edits import auto_size
+
+            return auto_size(image_size, self.max_side, self.info.vae_scale_factor, rules.MIN_SIDE)
         if size is None or size == "auto":
             return native, native
         m = SIZE_RE.fullmatch(size) if isinstance(size, str) else None
@@ -367,9 +418,20 @@ class ImageService:
                                       f"ask for at most {self.max_side}x{self.max_side}")
         return height, width
 
-    def submit(self, req: Request):
-        """→ concurrent Future of the GenerationOutput (QueueFull / Closed when refused)."""
-        return self.batcher.submit(req, self.config.timeout_s)
+    def submit(self, req: Request, partial_images: int = 0, on_partial: Any = None):
+        """→ concurrent Future of the GenerationOutput (QueueFull / Closed when refused). A
+        streamed request (``on_partial``, called on the worker thread) runs in a loop of its own."""
+        if on_partial is not None:
+            self._streams[id(req)] = (partial_images, on_partial)
+        try:
+            return self.batcher.submit(req, self.config.timeout_s)
+        except BaseException:
+            self._streams.pop(id(req), None)
+            raise
+
+    def forget(self, req: Request) -> None:
+        """Drop a streamed request's receiver (its answer ended, whether or not it ran)."""
+        self._streams.pop(id(req), None)
 
     def metadata(self, out: GenerationOutput, k: int) -> dict[str, Any]:
         """The same PNG text chunks as ``sdfast generate`` writes for image k of this request."""
@@ -392,15 +454,13 @@ class ImageService:
 
     def pngs(self, out: GenerationOutput) -> list[bytes]:
         """PNG bytes written by media.save_png, so they carry exactly the CLI's metadata."""
-        from ..media import save_png
+        return _encode(out.images, [self.metadata(out, k) for k in range(len(out.images))])
 
-        result = []
-        with tempfile.TemporaryDirectory(prefix="sdfast-serve-") as tmp:
-            for k, image in enumerate(out.images):
-                path = Path(tmp) / f"{k}.png"
-                save_png(image, path, self.metadata(out, k))
-                result.append(path.read_bytes())
-        return result
+    def partial_pngs(self, p: PartialImage) -> list[bytes]:
+        """A streamed partial image's PNGs: the prompt and where in the run it was made."""
+        meta = [{"prompt": p.request.prompts[k], "seed": p.request.seed, "partial_image_index": p.index,
+                 "step": p.step, "steps": p.steps, "model": self.info.name} for k in range(len(p.images))]
+        return _encode(p.images, meta)
 
     def health(self) -> dict[str, Any]:
         import torch
@@ -450,6 +510,18 @@ def probe_batch_invariance(pipe: Pipeline, size: tuple[int, int], k: int) -> Pro
                 result.images &= same(a.images, b.images)
                 result.own_decode &= same(a.images, pipe.to_pil(pipe.decode(b.latents)))
     log.info("batch-invariance probe (batches of 2..%d) took %.2f s: %s", k, time.perf_counter() - t0, result)
+    return result
+
+
+def _encode(images: list, metas: list[dict[str, Any]]) -> list[bytes]:
+    from ..media import save_png
+
+    result = []
+    with tempfile.TemporaryDirectory(prefix="sdfast-serve-") as tmp:
+        for k, (image, meta) in enumerate(zip(images, metas, strict=True)):
+            path = Path(tmp) / f"{k}.png"
+            save_png(image, path, meta)
+            result.append(path.read_bytes())
     return result
 
 
