@@ -12,11 +12,11 @@ it at tier 2):
   part is denoised toward the prompt (``Blend``).
 
 The mask: white repaints, black keeps. It is read like an init image (sdfast/images.py: any mode
-or size; an alpha channel is composited over white, so transparent pixels are repainted, as in
-the OpenAI Images API's masks), made grey, resized to the image size with Lanczos and binarized
-at 0.5, as diffusers' mask processor does; the masked image is the init image with the
-repainted pixels set to 0 (grey, in [-1, 1]). At latent size the mask is the nearest
-downsample. Random draws follow diffusers' order from the request's seed: the init image's
+or size), made grey, resized to the image size with Lanczos and binarized at 0.5, as diffusers'
+mask processor does; a mask with transparent pixels is read by its alpha alone, as the OpenAI
+Images API reads its masks: fully transparent repaints, every other pixel is kept whatever its
+colour (``load_mask``). The masked image is the init image with the repainted pixels set to 0
+(grey, in [-1, 1]). At latent size the mask is the nearest downsample. Random draws follow diffusers' order from the request's seed: the init image's
 posterior sample (skipped by a 9-channel U-Net at strength 1, as diffusers skips it), the
 initial noise, the masked image's posterior sample (drawn even by blending models, which do not
 use it, so the stream stays diffusers'), then one draw per step for ancestral samplers.
@@ -45,10 +45,45 @@ THRESHOLD = 0.5
 
 
 def load_mask(mask: Any, arg: str = "mask") -> Image.Image:
-    """``mask`` (whatever an init image may be: sdfast/images.py) as an 8-bit grey PIL image."""
+    """``mask`` (whatever an init image may be: sdfast/images.py) as an 8-bit grey PIL image,
+    white repaints. A mask with transparent pixels is read by its alpha alone, as the OpenAI
+    Images API reads it: fully transparent (alpha 0) repaints, any other pixel is kept whatever its
+    colour (an OpenAI mask is often the image itself with a hole cut out). A mask without
+    transparency (no alpha channel, or alpha 255 everywhere) is read by its grey values, as
+    diffusers' mask processor reads it."""
+    from PIL import Image
+
     from .images import load_init_image
 
-    return load_init_image(mask, arg).convert("L")
+    grey = load_init_image(mask, arg).convert("L")  # checks it (and refuses it in one line) first
+    alpha = _alpha(mask, arg)
+    if alpha is None or alpha.min() == 255:
+        return grey
+    return Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8), "L")
+
+
+def _alpha(mask: Any, arg: str) -> np.ndarray | None:
+    """The (H, W) uint8 alpha channel of a mask ``load_init_image`` has read, upright as it, or
+    None when it has none."""
+    from PIL import Image, ImageOps
+
+    from .images import load_init_image
+
+    if type(mask).__module__ == "numpy":  # (H, W, 4): its alpha scaled as the colour channels are
+        return np.asarray(load_init_image(mask[..., 3], arg))[..., 0] if mask.ndim == 3 and mask.shape[-1] == 4 else None
+    if isinstance(mask, Image.Image):
+        return _alpha_of(ImageOps.exif_transpose(mask))
+    import io
+
+    src = io.BytesIO(bytes(mask)) if isinstance(mask, bytes | bytearray | memoryview) else mask
+    with Image.open(src) as im:  # already decoded once by load_init_image: a good image of a safe size
+        return _alpha_of(ImageOps.exif_transpose(im))
+
+
+def _alpha_of(im: Image.Image) -> np.ndarray | None:
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        return np.asarray(im.convert("RGBA").getchannel("A"))
+    return None
 
 
 def mask_tensor(mask: Image.Image, height: int, width: int) -> torch.Tensor:
