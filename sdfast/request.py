@@ -124,9 +124,16 @@ class Request:
 
     def time_ids(self) -> tuple[list[float], list[float]]:
         """SDXL's (negative, positive) size conditioning: original (h, w) + crop (top, left) +
-        target (h, w); the negative equals the positive unless both negative sizes are given."""
+        target (h, w). Text to image (diffusers' StableDiffusionXLPipeline): the negative equals
+        the positive unless both negative sizes are given. With an init image (its img2img and
+        inpaint pipelines): each negative size defaults to its positive one, and the negative takes
+        the positive crop (diffusers does not read negative_crops_coords_top_left there)."""
         size = (self.height, self.width)
         pos = [*(self.original_size or size), *self.crops_coords_top_left, *(self.target_size or size)]
+        if self.image is not None:
+            neg = [*(self.negative_original_size or self.original_size or size), *self.crops_coords_top_left,
+                   *(self.negative_target_size or self.target_size or size)]
+            return [float(v) for v in neg], [float(v) for v in pos]
         if self.negative_original_size is None or self.negative_target_size is None:
             return [float(v) for v in pos], [float(v) for v in pos]
         neg = [*self.negative_original_size, *self.negative_crops_coords_top_left, *self.negative_target_size]
@@ -256,6 +263,10 @@ class Request:
                     f"strength: steps × strength must be at least 1 step but is {steps} × {strength}; "
                     "raise --steps or --strength"
                 )
+            if tuple(sdxl["negative_crops_coords_top_left"]) != (0, 0):
+                raise InvalidArgument("negative_crops_coords_top_left: has no effect with an init image (SDXL's "
+                                      "img2img and inpainting condition the negative on the positive crop, as "
+                                      "diffusers does); drop it, or set crops_coords_top_left")
             init = load_init_image(image)
             f = info.vae_scale_factor
             # Like diffusers: the init image's own size, rounded down to the VAE factor, unless asked.

@@ -19,6 +19,7 @@ from PIL import Image
 from test_pipeline_parity import assert_parity
 
 import sdfast
+from sdfast.errors import InvalidArgument
 
 PROMPT = "a yellow circle on a blue background"
 
@@ -114,21 +115,21 @@ def test_sdxl_conditioning_with_a_mask_matches_diffusers(request, which):
             original_size=(128, 96), crops_coords_top_left=(4, 8), target_size=(64, 80))
 
 
-NEGATIVE_IDS = ("diffusers' SDXL img2img and inpaint pipelines (requires_aesthetics_score False) build the negative "
-                "time ids as negative_original_size + crops_coords_top_left (the positive crop: "
-                "negative_crops_coords_top_left is not read) + negative_target_size, each negative size defaulting "
-                "to its positive one; sdfast's Request.time_ids follows the txt2img pipeline (the negative's own crop, "
-                "and the positive ids unless both negative sizes are given). The fix is in sdfast/request.py")
-
-
-@pytest.mark.xfail(strict=True, reason=NEGATIVE_IDS)
 @pytest.mark.parametrize("sizes", [
     dict(crops_coords_top_left=(4, 8), negative_original_size=(32, 32), negative_target_size=(48, 48)),
     dict(negative_original_size=(32, 32)),
-    dict(negative_crops_coords_top_left=(4, 4), negative_original_size=(32, 32), negative_target_size=(48, 48)),
-], ids=["crop-with-negative-sizes", "one-negative-size", "negative-crop"])
+], ids=["crop-with-negative-sizes", "one-negative-size"])
 def test_negative_size_ids_match_diffusers_inpaint(blend, sizes):
+    """diffusers' SDXL img2img and inpaint pipelines build the negative ids unlike its txt2img
+    one: each negative size defaults to its positive one, and the crop is the positive's."""
     compare(blend, "euler", 1.0, 5.0, 1, seed=8, steps=4, negative_prompt="blurry", **sizes)
+
+
+def test_a_negative_crop_with_an_init_image_is_refused_as_having_no_effect(blend):
+    pipe, _ = blend
+    with pytest.raises(InvalidArgument, match=r"^negative_crops_coords_top_left: has no effect with an init image"):
+        pipe.generate(PROMPT, image=init_image(), mask=box_mask(), steps=4, negative_crops_coords_top_left=(4, 4))
+    pipe.generate(PROMPT, image=init_image(), mask=box_mask(), steps=2, negative_crops_coords_top_left=(0, 0))
 
 
 @pytest.mark.parametrize("which,strength", [("nine", 1.0), ("blend", 0.6)])
