@@ -47,7 +47,7 @@ def percentile(values: list[float], q: float) -> float:
 def sequential(args, prompts: list[tuple[str, int]]) -> dict:
     """The baseline: the same requests one after another through Pipeline.generate, in this process."""
     if args.kernels == "batch-invariant":
-        from sdfast.serve.service import use_batch_invariant_kernels
+        from sdfast.serve.invariance import use_batch_invariant_kernels
 
         use_batch_invariant_kernels()
     import sdfast
