@@ -7,6 +7,7 @@ import base64
 import concurrent.futures
 import io
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ openai = pytest.importorskip("openai")
 from test_serve import client, serving  # noqa: E402
 
 from sdfast.request import Request  # noqa: E402
+from sdfast.stream import Cancelled  # noqa: E402
 
 STEPS = 4
 
@@ -127,6 +129,7 @@ def post_form(url: str, files=None, data=None, **kw):
     ("ok", {}, "prompt"),
     ("ok", {"prompt": "x", "size": "100x100"}, "height"),
     ("extra-file", {"prompt": "x"}, "seed"),
+    ("twice", {"prompt": "x"}, "seed"),
 ])
 def test_bad_parts_are_a_400_naming_the_part(tiny_pipe, source, files, data, param):
     image = ("image", ("in.png", png(source), "image/png"))
@@ -138,6 +141,7 @@ def test_bad_parts_are_a_400_naming_the_part(tiny_pipe, source, files, data, par
         "empty": [("image", ("in.png", b"", "image/png"))],
         "small-mask": [image, ("mask", ("m.png", png(hole_mask((32, 32), (8, 8, 16, 16))), "image/png"))],
         "extra-file": [image, ("seed", ("s.txt", b"1", "text/plain"))],
+        "twice": [image, ("seed", (None, "1")), ("seed", (None, "2"))],
     }.get(files, files)
     with serving(tiny_pipe) as (url, service):
         r = post_form(url, files=files, data=data)
@@ -271,15 +275,37 @@ def test_a_failure_after_the_stream_began_is_an_error_event_the_client_raises(ti
         assert service.ready and service._streams == {}
 
 
-def test_a_client_that_leaves_mid_stream_frees_the_server(tiny_pipe):
-    with serving(tiny_pipe) as (url, service):
-        body = {"prompt": "x", "size": "64x64", "stream": True, "partial_images": 3, "steps": 40}
+class WatchedPipe(FailingPipe):
+    """The real pipeline; records whether a run ended because its stream was cancelled."""
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self.ended = threading.Event()
+        self.cancelled = False
+
+    def run(self, req, **kw):
+        try:
+            return self._pipe.run(req, **kw)
+        except Cancelled:
+            self.cancelled = True
+            raise
+        finally:
+            self.ended.set()
+
+
+def test_a_client_that_leaves_mid_stream_stops_its_run_and_frees_the_server(tiny_pipe):
+    watched = WatchedPipe(tiny_pipe)
+    with serving(watched) as (url, service):
+        watched.ended.clear()  # (the warm-up ran through run_batch, not run)
+        body = {"prompt": "x", "size": "64x64", "stream": True, "partial_images": 3, "steps": 60}
         with httpx.stream("POST", f"{url}/v1/images/generations", json=body, timeout=60) as r:
             assert r.headers["content-type"].startswith("text/event-stream")
             for line in r.iter_lines():
                 if line.startswith("data:"):
                     assert json.loads(line[5:])["type"] == "image_generation.partial_image"
                     break  # and hang up
+        assert watched.ended.wait(120)
+        assert watched.cancelled  # stopped at its next partial image, not run to the end
         ok = client(url).images.generate(prompt="y", size="64x64", extra_body={"steps": 2})
         assert ok.data[0].b64_json
         assert service._streams == {}
