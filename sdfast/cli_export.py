@@ -16,6 +16,15 @@ import logging
 from .backends import BACKENDS, FORMATS, LORA_SLOT_FORMATS, ExportJob, for_format
 from .components import Precision, ShapeProfile, size_multiple
 from .errors import InvalidArgument
+from .export.int8 import (
+    DEFAULT_CALIBRATION_PROMPTS,
+    DEFAULT_CALIBRATION_STEPS,
+    DEFAULT_MODE,
+    DEFAULT_SQ_ALPHA,
+    MODES,
+    QUANTIZABLE,
+    Int8Options,
+)
 from .rules import MAX_SIDE, MIN_SIDE  # the side limits of every request bound every profile too
 
 log = logging.getLogger(__name__)
@@ -31,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="tiny", help="diffusers model folder, hub id or built-in name (default tiny)")
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="artifact folder to write: new, empty, or an earlier sdfast export (replaced atomically)")
     p.add_argument("--format", default="onnx", choices=FORMATS, help="artifact format (default onnx)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="text encoder and U-Net precision (default fp32; bf16: OpenVINO on CPUs with bf16 units)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"], help="text encoder and U-Net precision (default fp32; bf16: OpenVINO on CPUs with bf16 units; int8: OpenVINO through NNCF, the U-Net quantized, see --int8-mode)")
     p.add_argument("--vae-precision", default=None, choices=["fp32", "fp16", "bf16"],
                    help="VAE precision (default fp32, even with --precision fp16: the SD VAE overflows fp16)")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
@@ -57,6 +66,26 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "are encoded in chunks, see generate --long-prompt)")
     p.add_argument("--dynamic", action="store_true",
                    help=f"batch 1..{DYNAMIC_MAX_BATCH}, sides 1/{DYNAMIC_SIZE_FACTOR}x..{DYNAMIC_SIZE_FACTOR}x native")
+    g = p.add_argument_group("int8 (--format openvino --precision int8; needs pip install 'sdfast[int8]')")
+    g.add_argument("--int8-mode", default=None, metavar="MODE",
+                   help="how NNCF quantizes: " + "; ".join(f"{k}: {v}" for k, v in MODES.items())
+                        + f" (default {DEFAULT_MODE})")
+    g.add_argument("--int8-base", default=None, choices=["fp32", "bf16"],
+                   help="what int8 leaves in float computes in: the quantized component's other ops and the other "
+                        "components (default fp32)")
+    g.add_argument("--int8-components", default=None, metavar="C[,C...]",
+                   help=f"components to quantize, from {', '.join(QUANTIZABLE)} (default unet)")
+    g.add_argument("--int8-calibration", default=None, metavar="FILE",
+                   help="calibration captions, one per line (default: the toy captions for the toy model, else "
+                        "sdfast.export.int8.DEFAULT_PROMPTS)")
+    g.add_argument("--int8-calibration-prompts", type=int, default=None, metavar="N",
+                   help=f"captions generated for calibration (default {DEFAULT_CALIBRATION_PROMPTS})")
+    g.add_argument("--int8-calibration-steps", type=int, default=None, metavar="S",
+                   help=f"steps per calibration generation; every U-Net call is one sample (default "
+                        f"{DEFAULT_CALIBRATION_STEPS})")
+    g.add_argument("--int8-seed", type=int, default=None, help="seed of the first calibration generation (default 0)")
+    g.add_argument("--int8-sq-alpha", type=float, default=None, metavar="A",
+                   help=f"smoothquant mode: NNCF's SmoothQuant alpha for MatMuls (default {DEFAULT_SQ_ALPHA})")
     for record in BACKENDS.values():  # each exporter's own flags, from its backend record
         for flag in record.flags:
             flag.add_to(p)
@@ -111,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
         info = info.with_loras([parse_lora_arg(text) for text in args.lora])  # read and checked before any work
     profile = profile_from_args(args, info)
     record = for_format(args.format)
-    for flag, value in (("precision", args.precision), ("vae-precision", args.vae_precision)):
+    int8 = int8_options(args)
+    for flag, value in (("precision", None if int8 else args.precision), ("vae-precision", args.vae_precision)):
         if value is not None and value not in record.precisions:
             raise InvalidArgument(f"{flag}: --format {args.format} builds {' or '.join(record.precisions)}, not {value}; "
                                   f"pass --{flag} {record.precisions[0]}" + (", or --format openvino for bf16 on the CPU"
@@ -121,12 +151,50 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"--lora-rank: LoRA slots are built for --format {' or '.join(LORA_SLOT_FORMATS)}, not "
                               f"{args.format}; drop --lora-rank (fuse a set at export with --lora) or change --format")
     record.require()
+    if int8:
+        from .export.int8 import require_nncf
+
+        require_nncf()
     # Before any work: --out is replaced as a whole, so it must be new, empty or an earlier export.
     out_dir = check_export_out(args.out, protect=info.path)
     job = ExportJob(info=info, out=out_dir, profile=profile, precision=Precision(args.precision),
                     vae_precision=Precision(args.vae_precision) if args.vae_precision else None,
-                    model_arg=args.model, flags={f.dest: getattr(args, f.dest) for f in record.flags},
+                    model_arg=args.model, flags={**{f.dest: getattr(args, f.dest) for f in record.flags},
+                                                 **({"int8": int8} if int8 else {})},
                     lora_rank=args.lora_rank)
     out = record.export(job)
     print(f"wrote {out} ({profile.describe()})")
     return 0
+
+
+#: the formats whose exporters build int8 components (``--precision int8``).
+INT8_FORMATS = ("openvino",)
+_INT8_FLAGS = ("int8_mode", "int8_base", "int8_components", "int8_calibration", "int8_calibration_prompts",
+               "int8_calibration_steps", "int8_seed", "int8_sq_alpha")
+
+
+def int8_options(args: argparse.Namespace) -> Int8Options | None:
+    """The checked int8 options of ``--precision int8``; None otherwise (an --int8-* flag without
+    it, or int8 for a format that cannot take it, is refused in one line)."""
+    given = [f for f in _INT8_FLAGS if getattr(args, f, None) is not None]
+    if args.precision != "int8":
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise InvalidArgument(f"{flag[2:]}: {flag} only applies with --precision int8 (--format openvino); "
+                                  f"drop it, or pass --precision int8")
+        return None
+    if args.format not in INT8_FORMATS:
+        raise InvalidArgument(f"precision: --precision int8 is built for --format {' or '.join(INT8_FORMATS)} "
+                              f"(NNCF), not {args.format}; pass --format openvino, or --precision fp32")
+    comps = tuple(c.strip() for c in args.int8_components.split(",") if c.strip()) if args.int8_components else None
+    opts = Int8Options(mode=args.int8_mode or DEFAULT_MODE, base=Precision(args.int8_base or "fp32"),
+                       components=comps if comps is not None else Int8Options.components,
+                       calibration_file=args.int8_calibration,
+                       calibration_prompts=(args.int8_calibration_prompts if args.int8_calibration_prompts is not None
+                                            else DEFAULT_CALIBRATION_PROMPTS),
+                       calibration_steps=(args.int8_calibration_steps if args.int8_calibration_steps is not None
+                                          else DEFAULT_CALIBRATION_STEPS),
+                       seed=args.int8_seed or 0,
+                       sq_alpha=args.int8_sq_alpha if args.int8_sq_alpha is not None else DEFAULT_SQ_ALPHA)
+    opts.validate()
+    return opts

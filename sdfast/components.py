@@ -26,9 +26,18 @@ class Precision(str, enum.Enum):
     FP32 = "fp32"
     FP16 = "fp16"
     BF16 = "bf16"
+    #: an export precision only (``sdfast export --format openvino --precision int8``, export/int8.py):
+    #: the quantized components compute in int8 where NNCF put it and in fp32 / bf16 elsewhere, and
+    #: their manifest record keeps that float precision; never a runtime dtype (``parse`` refuses it).
+    INT8 = "int8"
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        if self is Precision.INT8:
+            from .errors import InvalidArgument
+
+            raise InvalidArgument("dtype: int8 is an export precision, not a tensor dtype; load an int8 export "
+                                  "with --dtype auto (its float precision)")
         return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.value]
 
     @classmethod
@@ -45,14 +54,19 @@ class Precision(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: str | Precision) -> Precision:
-        try:
-            return cls(value)
-        except ValueError:
-            from .errors import InvalidArgument
+        from .errors import InvalidArgument
 
+        try:
+            p = cls(value)
+        except ValueError:
             raise InvalidArgument(
-                f"dtype: {value!r} is not a precision; use one of {', '.join(p.value for p in cls)}, or auto"
+                f"dtype: {value!r} is not a precision; use one of "
+                f"{', '.join(p.value for p in cls if p is not cls.INT8)}, or auto"
             ) from None
+        if p is cls.INT8:
+            raise InvalidArgument("dtype: int8 is an export precision (sdfast export --format openvino --precision "
+                                  "int8), not a runtime dtype; load an int8 export with --dtype auto")
+        return p
 
 
 @dataclass(frozen=True)

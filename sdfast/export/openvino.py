@@ -24,6 +24,11 @@ Choices, and why (numbers in bench/README.md, "OpenVINO"):
   engine compiles with. The VAE follows ``precision`` for bf16 (bf16 has fp32's exponent
   range, so the fp16 overflow that keeps other backends' VAE in fp32 does not arise) unless
   ``vae_precision`` says otherwise.
+- **int8** (``precision`` int8, export/int8.py): the components ``Int8Options.components`` names
+  (the U-Net by default) are quantized by NNCF, calibrated on the eager loop's real inputs; every
+  component keeps a float ``precision`` (``--int8-base``, fp32 by default) for its I/O and the
+  math int8 leaves in float, and the quantized ones carry a ``quantization`` record (mode,
+  settings, calibration, nncf version). The OpenVINO engine loads them as it loads any export.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from ..errors import InvalidArgument
 from ..lora_slots import SlotTable, check_rank, slotted_component
 from ..models import COMPONENT_MODULE, ModelInfo, load_torch_modules
 from .base import export_components
+from .int8 import Int8Options
 
 if TYPE_CHECKING:
     from ..backends import ExportJob
@@ -56,6 +62,8 @@ FORMAT = "openvino"
 #: precisions the CPU plugin runs these graphs in (fp16 on CPU needs AVX512-FP16 / AMX-FP16:
 #: not measured here, so not offered).
 PRECISIONS = (Precision.FP32, Precision.BF16)
+#: ``precision`` may also be int8 (export/int8.py): the quantized components over a float base.
+EXPORT_PRECISIONS = (*PRECISIONS, Precision.INT8)
 #: OpenVINO's names for the inference precision hint.
 OV_HINT = {Precision.FP32: "f32", Precision.BF16: "bf16"}
 
@@ -67,18 +75,41 @@ class OpenVinoExportOptions:
     vae_precision: Precision | None = None
     #: LoRA slots of this rank in the U-Net and text encoders (0: none; sdfast/lora_slots.py)
     lora_rank: int = 0
+    #: precision int8: the mode, base and calibration (export/int8.py); None: Int8Options()
+    int8: Int8Options | None = None
+
+    @property
+    def int8_options(self) -> Int8Options | None:
+        if self.precision is not Precision.INT8:
+            return None
+        return self.int8 or Int8Options()
 
     def component_precision(self, name: str) -> Precision:
+        """The float precision a component's I/O and unquantized math run in."""
         if name in VAE_COMPONENTS and self.vae_precision is not None:
             return self.vae_precision
+        if self.precision is Precision.INT8:
+            return Precision(self.int8_options.base)
         return self.precision
+
+    def quantized(self, name: str) -> bool:
+        return self.int8_options is not None and name in self.int8_options.components
 
     def validate(self) -> None:
         check_rank(self.lora_rank)
-        for arg, p in (("precision", self.precision), ("vae_precision", self.vae_precision)):
-            if p is not None and p not in PRECISIONS:
-                raise InvalidArgument(f"{arg}: the OpenVINO export builds fp32 or bf16 models, not {p.value}; "
-                                      f"use --{arg.replace('_', '-')} fp32 or bf16")
+        for arg, p, allowed in (("precision", self.precision, EXPORT_PRECISIONS),
+                                ("vae_precision", self.vae_precision, PRECISIONS)):
+            if p is not None and p not in allowed:
+                raise InvalidArgument(f"{arg}: the OpenVINO export builds {' or '.join(a.value for a in allowed)} "
+                                      f"models, not {p.value}; use --{arg.replace('_', '-')} fp32 or bf16")
+        if self.int8 is not None and self.precision is not Precision.INT8:
+            raise InvalidArgument(f"int8-mode: int8 options were given with --precision {self.precision.value}; "
+                                  "pass --precision int8, or drop the --int8-* flags")
+        if self.int8_options is not None:
+            self.int8_options.validate()
+            if self.lora_rank:
+                raise InvalidArgument("lora-rank: LoRA slots are not built into int8 exports (their factors would "
+                                      "need calibrating too); drop --lora-rank, or fuse the LoRA with --lora")
 
 
 def partial_shape(dims: list[tuple[int, int]]):
@@ -93,7 +124,6 @@ def convert_component(module: torch.nn.Module, name: str, info: ModelInfo, profi
     """``ov.convert_model`` of one wrapper, with the spec's tensor names and the profile's shapes;
     ``slots``: its LoRA slots' factors follow the component's inputs (static, fp32 like the weights)."""
     import openvino as ov
-    from openvino.preprocess import PrePostProcessor
 
     spec = info.specs[name]
     inputs = sample_inputs(spec, info, profile, which=1)
@@ -112,6 +142,15 @@ def convert_component(module: torch.nn.Module, name: str, info: ModelInfo, profi
                       for t in spec.inputs},
                    **{n: ov.PartialShape(list(s)) for n, s in zip(slot_names, slots.input_shapes() if slots else [],
                                                                   strict=True)}})
+    return with_io_precision(model, spec, name, precision)
+
+
+def with_io_precision(model, spec, name: str, precision: Precision):
+    """``model`` with real I/O in ``precision`` (bf16: a pre/post-processing step; weights stay as
+    they are and the hint decides the compute) and sdfast's rt_info."""
+    import openvino as ov
+    from openvino.preprocess import PrePostProcessor
+
     if precision is not Precision.FP32:
         # Real I/O in the engine's precision; weights stay fp32 (the hint decides the compute).
         ppp = PrePostProcessor(model)
@@ -127,7 +166,7 @@ def convert_component(module: torch.nn.Module, name: str, info: ModelInfo, profi
 
 
 def export_component(info: ModelInfo, name: str, profile: ShapeProfile, precision: Precision, dest: Path,
-                     lora_rank: int = 0) -> SlotTable | None:
+                     lora_rank: int = 0, quantize=None) -> SlotTable | None:
     """Load one component's module (fp32: weights stay fp32), convert and save it at ``dest``;
     returns its LoRA slots, if any."""
     import openvino as ov
@@ -137,7 +176,11 @@ def export_component(info: ModelInfo, name: str, profile: ShapeProfile, precisio
     module, slots = slotted_component(mods, name, info.family, lora_rank)
     # The IR shares the module's weight memory (convert_model's share_weights), so one copy of
     # the weights is resident and the module must outlive the save.
-    model = convert_component(module, name, info, profile, precision, slots)
+    if quantize is None:
+        model = convert_component(module, name, info, profile, precision, slots)
+    else:  # int8: quantized with fp32 I/O (the calibration samples' dtype), then the I/O precision
+        model = quantize(convert_component(module, name, info, profile, Precision.FP32, slots))
+        model = with_io_precision(model, info.specs[name], name, precision)
     ov.save_model(model, str(dest), compress_to_fp16=False)
     del model, module, mods
     gc.collect()
@@ -150,20 +193,46 @@ def export_openvino(info: ModelInfo, out: Path | str, profile: ShapeProfile,
     """Convert every component into ``out`` (replaced atomically) and seal it with a manifest."""
     options.validate()
     extra = ["--vae-precision", options.vae_precision.value] if options.vae_precision else []
+    q8 = options.int8_options
+    cal = None
+    if q8 is not None:
+        from . import int8
+
+        int8.require_nncf()
+        extra += q8.flags()
+        note = int8.cpu_int8_note()
+        if note:
+            log.warning("int8: %s", note)
+        if q8.mode != "weights":  # weights-only needs no data
+            cal = int8.capture_calibration(info, profile, q8, tuple(c for c in q8.components if c in info.specs))
 
     def build(name: str, tmp: Path) -> dict:
         precision = options.component_precision(name)
-        slots = export_component(info, name, profile, precision, tmp / f"{name}.xml", options.lora_rank)
+        quant: dict = {}
+
+        def quantize(model):
+            from . import int8
+
+            out, settings = int8.quantize_model(model, cal.samples[name] if cal else [], q8)
+            quant.update(int8.record(settings, q8, cal))
+            return out
+
+        slots = export_component(info, name, profile, precision, tmp / f"{name}.xml", options.lora_rank,
+                                 quantize if options.quantized(name) else None)
+        if quant:
+            log.info("int8 %s: %s mode over %s (%s)", name, quant["mode"], quant["base"], quant["activations"])
         return {"file": f"{name}.xml", "weights": f"{name}.bin", "precision": precision.value,
-                "inference_precision": OV_HINT[precision], **({"lora_slots": slots.record()} if slots else {})}
+                "inference_precision": OV_HINT[precision], **({"lora_slots": slots.record()} if slots else {}),
+                **({"quantization": quant} if quant else {})}
 
     return export_components(info, out, profile, FORMAT, options.precision, build, components=components,
                              extra_flags=extra, model_arg=model_arg, verb="converted", lora_rank=options.lora_rank,
-                             manifest={"versions": {**versions(), "openvino": package_version("openvino")}})
+                             manifest={"versions": {**versions(), "openvino": package_version("openvino"),
+                                                    **({"nncf": package_version("nncf")} if q8 else {})}})
 
 
 def export_job(job: ExportJob) -> Path:
     """``sdfast export --format openvino`` (the backend record's entry point)."""
     options = OpenVinoExportOptions(precision=job.precision, vae_precision=job.vae_precision,
-                                    lora_rank=job.lora_rank)
+                                    lora_rank=job.lora_rank, int8=job.flags.get("int8"))
     return export_openvino(job.info, job.out, job.profile, options, model_arg=job.model_arg)
