@@ -72,6 +72,14 @@ def test_two_cpu_replicas_serve_concurrent_requests_and_stop_on_sigterm(tmp_path
         assert len(set(pngs)) == 8 and all(p.startswith(b"\x89PNG") for p in pngs)
         bad = httpx.post(f"{url}/v1/images/generations", json={"prompt": "x", "seed": -1}, timeout=30)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "seed"
+        # through Ray's proxy too: a streamed answer (server-sent events) and a multipart edit
+        events = list(c.images.generate(prompt="a red circle", size="64x64", stream=True, partial_images=1,
+                                        extra_body={"seed": 1, "steps": 3}))
+        assert [e.type for e in events] == ["image_generation.partial_image", "image_generation.completed"]
+        assert base64.b64decode(events[-1].b64_json).startswith(b"\x89PNG")
+        edited = c.images.edit(image=("in.png", pngs[0], "image/png"), prompt="a blue circle",
+                               extra_body={"seed": 2, "steps": 3})
+        assert base64.b64decode(edited.data[0].b64_json).startswith(b"\x89PNG")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(180) == 0, log.read_text()[-4000:]
     finally:
