@@ -13,8 +13,11 @@ from .errors import InvalidArgument
 log = logging.getLogger(__name__)
 
 DESCRIPTION = """Serve POST /v1/images/generations (the OpenAI Images API; sdfast's seed, steps,
-guidance_scale, negative_prompt and scheduler in the same JSON body), GET /health (200 once warmed
-up) and GET /metrics (Prometheus).
+guidance_scale, negative_prompt and scheduler in the same JSON body), POST /v1/images/edits
+(multipart: the image, an optional mask whose transparent pixels are repainted, the same fields
+plus strength; uploads bounded by --max-upload-mb and --max-upload-pixels), "stream": true on
+both (server-sent events with "partial_images" 0-3 partial images, then the final one),
+GET /health (200 once warmed up) and GET /metrics (Prometheus).
 
 Requests that can share a U-Net call (same size, steps, scheduler, guidance on/off) are batched up
 to --max-batch images within --max-wait-ms; each keeps its own seed and guidance scale. Batching is
