@@ -36,7 +36,7 @@ def test_generate_forwards_options_with_requests_defaults(tiny_pipe, tiny_info):
     assert out.request == Request.build(tiny_info, prompt="a red circle on a blue background", steps=2, seed=3)
     # no option restated on generate: its keywords are the run's own, the rest go to Request.build
     own = {n for n in inspect.signature(Pipeline.generate).parameters if n not in ("self", "options")}
-    assert own == {"prompt", "callback", "progress", "profile"}
+    assert own == {"prompt", "callback", "progress", "profile", "partial_images", "on_partial"}
 
 
 def test_generate_refuses_an_unknown_option_naming_it(tiny_pipe):
