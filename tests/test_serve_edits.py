@@ -309,3 +309,36 @@ def test_a_client_that_leaves_mid_stream_stops_its_run_and_frees_the_server(tiny
         ok = client(url).images.generate(prompt="y", size="64x64", extra_body={"steps": 2})
         assert ok.data[0].b64_json
         assert service._streams == {}
+
+
+class HeldPipe(FailingPipe):
+    """The real pipeline; the first run waits for ``gate``, so later requests queue up behind it."""
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self.gate, self.started = threading.Event(), threading.Event()
+
+    def run(self, req, **kw):
+        if not self.started.is_set():
+            self.started.set()
+            self.gate.wait(120)
+        return self._pipe.run(req, **kw)
+
+
+def test_a_streamed_request_never_shares_a_loop_even_where_batching_is_on(tiny_pipe):
+    """Batched, its rows would run without its partial images: it runs alone."""
+    held = HeldPipe(tiny_pipe)
+    with serving(held, batch_invariance="allow", max_batch=4, max_wait_ms=200) as (url, service):
+        c = client(url)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            blocker = pool.submit(c.images.generate, prompt="a", size="64x64", extra_body={"steps": 2})
+            assert held.started.wait(60)
+            streamed = pool.submit(lambda: list(c.images.generate(prompt="b", size="64x64", stream=True,
+                                                                  partial_images=2, extra_body={"steps": 6})))
+            plain = pool.submit(c.images.generate, prompt="c", size="64x64", extra_body={"steps": 6})
+            while service.batcher.depth < 2:  # both queued behind the held run
+                threading.Event().wait(0.01)
+            held.gate.set()
+            events, _, _ = streamed.result(), plain.result(), blocker.result()
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert events[-1].model_extra["sdfast"]["batch_requests"] == 1
