@@ -13,10 +13,26 @@ second stream only splits the cores), ``INFERENCE_NUM_THREADS`` = torch's thread
 two never run at once and share one budget), and the inference precision from the manifest
 (never the plugin's default, which is bf16 on AMX CPUs even for an fp32 export). CPU pinning
 follows ``SDFAST_OV_PINNING`` (default off: see ``PINNING_DEFAULT``).
+
+Cold start (bench/cold_start.py, numbers in bench/README.md): load compiles the tuned shape of
+the components every text-to-image request runs; a component whose rows are init images (the
+VAE encoder: img2img and inpainting only) is read and checked on load but compiled on its first
+call. Each compiled model is kept in a cache (``CompileCache``: ``$SDFAST_OV_CACHE``, default
+``$SDFAST_CACHE/openvino``, else ``$XDG_CACHE_HOME/sdfast/openvino`` or ``~/.cache/sdfast/openvino``;
+``SDFAST_OV_CACHE=off`` switches it off) written by sdfast itself through ``export_model`` and
+read back with ``import_model`` over a memory map, keyed by the component's sha256s in the
+verified manifest, the openvino build, the CPU and the compile config and shapes, so a stale
+entry is never used. Not OpenVINO's own ``CACHE_DIR``: for an ``ov.Model`` (sdfast reshapes the
+IR to each static shape, so it never compiles from a path) that hashes every weight on each
+load and reads the blob into memory (+3.3 GB RSS on the SD 1.5 U-Net), and on the CPU measured
+its warm load was no faster than compiling; ``compile_model(path)`` skips the hash but keys on
+the path and mtime and serves only the IR's interval shapes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -25,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ..artifacts import Manifest, check_precision, rebuild_hint
+from ..artifacts import Manifest, atomic_path, check_precision, rebuild_hint
 from ..components import ComponentSpec, Precision, ShapeProfile, output_shapes, size_multiple
 from ..errors import ArtifactMismatch, InvalidArgument
 from ..models import ModelInfo
@@ -44,6 +60,94 @@ STATIC_SHAPES = 3
 #: Pinning threads to cores did not pay on the shared 2-core machine measured (see the module
 #: doc); a dedicated machine may set SDFAST_OV_PINNING=1.
 PINNING_DEFAULT = False
+#: the compiled-model cache folder, or one of CACHE_OFF to run without one (see CompileCache).
+CACHE_ENV = "SDFAST_OV_CACHE"
+CACHE_OFF = ("", "0", "off", "false", "no", "none")
+#: bumped when what a cache entry holds or how it is keyed changes (older entries then never match).
+CACHE_FORMAT = 1
+
+
+def cache_root() -> Path | None:
+    """Where compiled models are cached: $SDFAST_OV_CACHE (None when it says off), else
+    $SDFAST_CACHE/openvino, else $XDG_CACHE_HOME/sdfast/openvino, else ~/.cache/sdfast/openvino."""
+    env = os.environ.get(CACHE_ENV)
+    if env is not None:
+        return None if env.strip().lower() in CACHE_OFF else Path(env).expanduser()
+    if os.environ.get("SDFAST_CACHE"):
+        return Path(os.environ["SDFAST_CACHE"]).expanduser() / "openvino"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "sdfast" / "openvino"
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class CompileCache:
+    """Compiled models of one export on disk, one file per component and input shapes.
+
+    An entry is ``COMPONENT-FOLDER-BUILD-KEY.blob``: FOLDER a digest of the export's path, BUILD
+    of the component's file sha256s (from the manifest load verified), the openvino build and
+    the CPU (name, ISA), KEY of all that plus the compile config and input shapes. Writing a
+    BUILD removes the same folder and component's entries of other BUILDs (a re-export or an
+    openvino upgrade), so one export keeps one set. Entries are written atomically (temp file,
+    rename) and read through a memory map the compiled model keeps; a folder that cannot be
+    made or written, or an entry that does not import, costs a log warning and a compile, never
+    the load."""
+
+    def __init__(self, root: Path | None, export: Path, core):
+        self.root = root
+        self.writable = root is not None
+        self.folder = _digest(str(Path(export).resolve()))[:16]
+        if root is not None:
+            import openvino as ov
+
+            self.device = {"openvino": ov.get_version(), "cpu": core.get_property("CPU", "FULL_DEVICE_NAME"),
+                           "isa": list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))}
+
+    def path(self, m: Manifest, name: str, config: dict[str, Any], shapes) -> Path | None:
+        if self.root is None:
+            return None
+        rec = m.components[name]
+        files = {rec[k]: m.files[rec[k]]["sha256"] for k in ("file", "weights") if rec.get(k) in m.files}
+        build = _digest([CACHE_FORMAT, name, files, rec.get("precision"), self.device])
+        key = _digest([build, config, shapes])
+        return self.root / f"{name}-{self.folder}-{build[:16]}-{key}.blob"
+
+    def load(self, path: Path | None, core, config: dict[str, Any]):
+        """(compiled model, its memory map) from ``path``, or None (absent, unreadable, broken)."""
+        if path is None or not path.is_file():
+            return None
+        import numpy as np
+        import openvino as ov
+
+        try:
+            blob = np.memmap(path, dtype=np.uint8, mode="c")  # private pages: the file is never written
+            return core.import_model(ov.Tensor(blob, shared_memory=True), "CPU", config), blob
+        except Exception as e:  # noqa: BLE001 -- openvino raises RuntimeError subclasses of many kinds
+            log.warning("openvino cache: %s does not import (%s); compiling instead", path, _first_line(e))
+            return None
+
+    def store(self, path: Path | None, compiled) -> None:
+        if path is None or not self.writable:
+            return
+        try:
+            data = compiled.export_model()
+            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                fh.write(data.getbuffer())
+            stem = path.name.rsplit("-", 2)[0] + "-"  # COMPONENT-FOLDER-: this export's component
+            build = path.name.rsplit("-", 2)[1]
+            for old in path.parent.glob(f"{stem}*.blob"):
+                if old.name.rsplit("-", 2)[1] != build:
+                    old.unlink(missing_ok=True)
+        except Exception as e:  # noqa: BLE001 -- an unwritable folder, a full disk, an export failure
+            self.writable = False
+            log.warning("openvino cache: cannot write %s (%s); running without a cache (set %s to a writable "
+                        "folder, or %s=off)", path.parent, _first_line(e), CACHE_ENV, CACHE_ENV)
+
+
+def _first_line(e: Exception) -> str:
+    return ((str(e).strip().splitlines() or [type(e).__name__])[0])[:200]
 
 
 def compile_config(inference_precision: str, threads: int | None = None,
@@ -77,18 +181,25 @@ class OpenVinoEngine(ExportedEngine):
     intervals to that shape), up to ``static_shapes`` shapes, then the interval model serves
     the rest: the CPU plugin plans memory and picks kernels once per static shape, which is its
     fast case, while a static-side profile meets only a few shapes (the guided and unguided
-    U-Net batch). The profile's tuned shape is compiled on load, so a broken IR fails there."""
+    U-Net batch). ``load`` compiles the profile's tuned shape of the components a text-to-image
+    request runs, so a broken IR fails there; each compile goes through ``cache`` (None: none)."""
 
     def __init__(self, spec: ComponentSpec, model, core, config: dict[str, Any], info: ModelInfo,
-                 device: torch.device, precision: Precision, profile: ShapeProfile, static_shapes: int):
+                 device: torch.device, precision: Precision, profile: ShapeProfile, static_shapes: int,
+                 cache: CompileCache | None = None, manifest: Manifest | None = None, hint: str = "",
+                 file: Path | None = None):
         super().__init__(spec, device, precision, profile, size_multiple(info))
         self.model = model
         self.core = core
         self.config = config
         self.info = info
         self.static_shapes = static_shapes
+        self.cache, self.manifest, self.hint, self.file = cache, manifest, hint, file
         self._requests: dict[tuple[tuple[int, ...], ...], Any] = {}
         self._dynamic = None
+        #: per compiled shape (None: the interval model), whether it came from the cache
+        self.from_cache: dict[tuple[tuple[int, ...], ...] | None, bool] = {}
+        self._blobs: list = []  # the cache entries' memory maps, which the imported models use
         self._slot_ov: list = []  # the LoRA slots' factors as ov.Tensors (init_slots / set_lora_slots)
         self._lock = threading.Lock()  # one request per shape: calls from several threads take turns
 
@@ -108,23 +219,49 @@ class OpenVinoEngine(ExportedEngine):
         import openvino as ov
 
         if self.model.is_dynamic() and len(self._requests) < self.static_shapes:
-            m = self.model.clone()
-            m.reshape({i: ov.PartialShape(list(s)) for i, s in enumerate(shapes)})
-            req = self._requests[shapes] = self.core.compile_model(m, "CPU", self.config).create_infer_request()
+            req = self._requests[shapes] = self._compile(
+                lambda: self._reshaped({i: ov.PartialShape(list(s)) for i, s in enumerate(shapes)}), shapes)
             log.info("%s: compiled for %s", self.spec.name, shapes)
             return req
         if not self.model.is_dynamic():
-            req = self._requests[shapes] = self.core.compile_model(self.model, "CPU", self.config).create_infer_request()
+            req = self._requests[shapes] = self._compile(lambda: self.model, shapes)
             return req
         if self._dynamic is None:
-            self._dynamic = self.core.compile_model(self.model, "CPU", self.config).create_infer_request()
+            self._dynamic = self._compile(lambda: self.model, None)
         return self._dynamic
+
+    def _reshaped(self, shapes):
+        m = self.model.clone()
+        m.reshape(shapes)
+        return m
+
+    def _compile(self, model, shapes):
+        """An infer request of ``model()`` compiled for ``shapes`` (None: its intervals), from the
+        cache when it holds one; a compile that fails is one ArtifactMismatch line."""
+        cache = self.cache if self.manifest is not None else None
+        path = cache.path(self.manifest, self.spec.name, self.config, shapes) if cache else None
+        hit = cache.load(path, self.core, self.config) if cache else None
+        if hit is not None:
+            compiled, blob = hit
+            self._blobs.append(blob)
+        else:
+            compiled = read_artifact(lambda: self.core.compile_model(model(), "CPU", self.config),
+                                     "OpenVINO's CPU plugin", self.file or Path(self.spec.name), self.hint)
+            if cache:
+                cache.store(path, compiled)
+        self.from_cache[shapes] = hit is not None
+        return compiled.create_infer_request()
+
+    def tuned_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The input shapes of the profile's tuned (opt) shape."""
+        return tuple(s[1] for s in self.profile.shapes(self.spec, self.info, "inputs").values())
 
     @property
     def compiled(self):
-        """The compiled model of the first shape served (for inspecting its properties)."""
+        """The compiled model of the first shape served, the tuned one compiled now if none was
+        (for inspecting its properties)."""
         with self._lock:
-            req = next(iter(self._requests.values()), None) or self._dynamic
+            req = next(iter(self._requests.values()), None) or self._dynamic or self.request_for(self.tuned_shapes())
         return req.get_compiled_model()
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -185,6 +322,7 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
     root, m, hint = open_export(info, engines, "openvino", FORMAT, "an exported folder", " --precision bf16")
     check_precision(m, root, precision, "models")
     core = ov.Core()
+    cache = CompileCache(cache_root(), root, core)
     out = {}
     for name in info.specs:
         path = m.file(root, name)
@@ -196,9 +334,10 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
         check_bounds(model, m, root, info, name)
         # The hint follows the checked precision (the manifest's own hint field is informative).
         engine = OpenVinoEngine(info.specs[name], model, core, compile_config(OV_HINT[m.precision(name)], threads),
-                                info, device, m.precision(name), m.profile, static_shapes)
+                                info, device, m.precision(name), m.profile, static_shapes, cache, m, hint, path)
         engine.init_slots(slots, torch.float32)  # weights stay fp32 in the IR (see export/openvino.py)
-        with engine._lock:  # the tuned shape now: a broken IR fails on load, not mid-generation
-            engine.request_for(tuple(s[1] for s in m.profile.shapes(info.specs[name], info, "inputs").values()))
+        if engine.spec.rows != "init":  # init-image rows: img2img / inpainting only, compiled on first call
+            with engine._lock:  # the tuned shape now: a broken IR fails on load, not mid-generation
+                engine.request_for(engine.tuned_shapes())
         out[name] = engine
     return out
