@@ -86,6 +86,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--int8-seed", type=int, default=None, help="seed of the first calibration generation (default 0)")
     g.add_argument("--int8-sq-alpha", type=float, default=None, metavar="A",
                    help=f"smoothquant mode: NNCF's SmoothQuant alpha for MatMuls (default {DEFAULT_SQ_ALPHA})")
+    g.add_argument("--int8-no-speed-check", dest="int8_speed_check", action="store_false", default=None,
+                   help="skip timing the int8 component against bf16 at export (the manifest then has no "
+                        "speed_check, and no note if int8 is slower here)")
     for record in BACKENDS.values():  # each exporter's own flags, from its backend record
         for flag in record.flags:
             flag.add_to(p)
@@ -170,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
 #: the formats whose exporters build int8 components (``--precision int8``).
 INT8_FORMATS = ("openvino",)
 _INT8_FLAGS = ("int8_mode", "int8_base", "int8_components", "int8_calibration", "int8_calibration_prompts",
-               "int8_calibration_steps", "int8_seed", "int8_sq_alpha")
+               "int8_calibration_steps", "int8_seed", "int8_sq_alpha", "int8_speed_check")
 
 
 def int8_options(args: argparse.Namespace) -> Int8Options | None:
@@ -195,6 +198,7 @@ def int8_options(args: argparse.Namespace) -> Int8Options | None:
                        calibration_steps=(args.int8_calibration_steps if args.int8_calibration_steps is not None
                                           else DEFAULT_CALIBRATION_STEPS),
                        seed=args.int8_seed or 0,
-                       sq_alpha=args.int8_sq_alpha if args.int8_sq_alpha is not None else DEFAULT_SQ_ALPHA)
+                       sq_alpha=args.int8_sq_alpha if args.int8_sq_alpha is not None else DEFAULT_SQ_ALPHA,
+                       speed_check=args.int8_speed_check is not False)
     opts.validate()
     return opts

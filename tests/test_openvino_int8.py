@@ -128,6 +128,9 @@ def test_manifest_records_the_mode_and_calibration(hybrid):
     assert q["nncf"] and m["versions"]["nncf"] == q["nncf"]
     assert q["weight_only_ops"] > 0
     assert all("quantization" not in rec for name, rec in m["components"].items() if name != "unet")
+    speed = q["speed_check"]  # measured at export against the unquantized U-Net
+    assert speed["int8_cpu_s"] > 0 and speed[f"{speed['against']}_cpu_s"] > 0 and speed["speedup"] > 0
+    assert ("note" in speed) == (speed["speedup"] < 1) and (speed.get("note", "") in q.get("note", ""))
     cmd = m["export_command"]
     assert "--precision int8" in cmd and "--int8-mode hybrid" in cmd and "--int8-calibration-steps 5" in cmd
 
@@ -180,6 +183,12 @@ def test_weights_only_int8_passes_tier_3(toy_info, tmp_path):
     assert "FakeQuantize" not in {op.get_type_name() for op in model.get_ops()}  # activations stay float
     report, _ = _tier3(out, ("lms", "euler_a"))
     assert report.passed, report.table()
+
+
+def test_a_slower_int8_mode_is_said_so():
+    assert int8.speed_note("hybrid", 1.3, "bf16") is None
+    note = int8.speed_note("smoothquant", 0.8, "bf16")
+    assert "1.25x slower than bf16" in note and "--precision bf16" in note
 
 
 def test_parity_holds_an_int8_export_to_30_db_not_35():

@@ -28,9 +28,11 @@ of tests/test_toy_model.py excluded, ``toy_calibration_prompts``), else ``DEFAUL
 one caption per line from ``--int8-calibration FILE``. The capture is seeded (generation ``i``
 uses ``seed + i``), so the same options record the same samples.
 
-Whether int8 pays is the CPU's business: on a CPU without int8 dot-product instructions (VNNI /
-AMX-INT8) the plugin emulates it. Export logs a warning and writes ``quantization.note`` when the
-CPU lacks them; measured speed per mode and machine is in bench/README.md ("int8").
+Whether int8 pays is the CPU's business, so export measures it: ``speed_check`` times a call of
+the quantized component against the unquantized one in bf16 (fp32 without bf16 units) on the
+tuned shape, and when int8 is not faster it logs a warning and writes ``quantization.note`` (also
+when the CPU lacks int8 dot-product instructions, VNNI / AMX-INT8). Measured speed per mode and
+machine is in bench/README.md ("int8").
 """
 
 from __future__ import annotations
@@ -102,6 +104,8 @@ class Int8Options:
     calibration_steps: int = DEFAULT_CALIBRATION_STEPS
     seed: int = 0
     sq_alpha: float = DEFAULT_SQ_ALPHA
+    #: time the quantized component against the unquantized one at export (``speed_check``)
+    speed_check: bool = True
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -129,6 +133,8 @@ class Int8Options:
             out += ["--int8-calibration", str(self.calibration_file)]
         if self.mode == "smoothquant":
             out += ["--int8-sq-alpha", f"{self.sq_alpha:g}"]
+        if not self.speed_check:
+            out += ["--int8-no-speed-check"]
         return out
 
 
@@ -327,14 +333,73 @@ def cpu_int8_note() -> str | None:
     return None
 
 
-def record(mode_settings: dict[str, Any], options: Int8Options, cal: Calibration | None) -> dict[str, Any]:
+#: calls per model of the export's speed check (interleaved; the median is kept)
+SPEED_CALLS = 3
+
+
+def speed_check(quantized, reference, options: Int8Options, threads: int | None = None) -> dict[str, Any]:
+    """Time one call of ``quantized`` (with ``options.base``'s hint) against the unquantized
+    ``reference`` in bf16 (fp32 on a CPU without bf16 units) on the tuned shape, interleaved,
+    median of SPEED_CALLS, process CPU time and wall; ``note`` says when int8 is not faster."""
+    import time
+
+    import openvino as ov
+    import torch
+
+    from ..engines.openvino import compile_config
+    from ..hardware import cpu_bf16_supported
+
+    ref_hint = "bf16" if cpu_bf16_supported() else "f32"
+    threads = threads or torch.get_num_threads()
+    core = ov.Core()
+    reqs = {}
+    for key, model, hint in (("int8", quantized, {"fp32": "f32", "bf16": "bf16"}[Precision(options.base).value]),
+                             (ref_hint, reference, ref_hint)):
+        req = core.compile_model(model, "CPU", compile_config(hint, threads)).create_infer_request()
+        rng = np.random.default_rng(0)
+        for i, port in enumerate(req.model_inputs):
+            shape = [d.get_length() if d.is_static else d.get_min_length() for d in port.get_partial_shape()]
+            req.set_input_tensor(i, ov.Tensor(rng.standard_normal(shape).astype(np.float32)))
+        req.infer()  # warm-up
+        reqs[key] = req
+    cpu: dict[str, list[float]] = {k: [] for k in reqs}
+    wall: dict[str, list[float]] = {k: [] for k in reqs}
+    for _ in range(SPEED_CALLS):
+        for k, req in reqs.items():
+            w, c = time.perf_counter(), time.process_time()
+            req.infer()
+            wall[k].append(time.perf_counter() - w)
+            cpu[k].append(time.process_time() - c)
+    med = {k: float(np.median(v)) for k, v in cpu.items()}
+    ratio = med[ref_hint] / med["int8"]
+    out = {"threads": threads, "calls": SPEED_CALLS, "against": ref_hint, "int8_cpu_s": med["int8"],
+           f"{ref_hint}_cpu_s": med[ref_hint], "int8_wall_s": float(np.median(wall["int8"])),
+           f"{ref_hint}_wall_s": float(np.median(wall[ref_hint])), "speedup": ratio}
+    note = speed_note(options.mode, ratio, ref_hint)
+    if note:
+        out["note"] = note
+    return out
+
+
+def speed_note(mode: str, speedup: float, against: str) -> str | None:
+    """What the export says when int8 is not faster than ``against`` on this machine."""
+    if speedup >= 1.0:
+        return None
+    return (f"int8 {mode} measured {1 / speedup:.2f}x slower than {against} per call on this CPU at export; "
+            f"--precision {'bf16' if against == 'bf16' else 'fp32'} is faster here")
+
+
+def record(mode_settings: dict[str, Any], options: Int8Options, cal: Calibration | None,
+           speed: dict[str, Any] | None = None) -> dict[str, Any]:
     from ..artifacts import package_version
 
     rec = {"mode": options.mode, "base": Precision(options.base).value, **mode_settings,
            "calibration": cal.record() if cal is not None else None, "nncf": package_version("nncf")}
-    note = cpu_int8_note()
-    if note:
-        rec["note"] = note
+    notes = [n for n in (cpu_int8_note(), (speed or {}).get("note")) if n]
+    if speed is not None:
+        rec["speed_check"] = speed
+    if notes:
+        rec["note"] = "; ".join(notes)
     return rec
 
 

@@ -213,8 +213,13 @@ def export_openvino(info: ModelInfo, out: Path | str, profile: ShapeProfile,
         def quantize(model):
             from . import int8
 
+            reference = model.clone() if q8.speed_check else None  # NNCF may rewrite its input in place
             out, settings = int8.quantize_model(model, cal.samples[name] if cal else [], q8)
-            quant.update(int8.record(settings, q8, cal))
+            speed = int8.speed_check(out, reference, q8) if reference is not None else None
+            del reference
+            quant.update(int8.record(settings, q8, cal, speed))
+            if quant.get("note"):
+                log.warning("int8 %s: %s", name, quant["note"])
             return out
 
         slots = export_component(info, name, profile, precision, tmp / f"{name}.xml", options.lora_rank,
