@@ -174,7 +174,7 @@ BAD_FILES = {
     # what the file holds -> what the one-line refusal must say
     "sdxl-on-sd": ({**_pair("lora_te2_text_model_encoder_layers_0_mlp_fc1", 37, 32)}, r"is for SDXL .*text_encoder_2"),
     "missing-module": (_pair("lora_unet_down_blocks_7_attentions_0_proj_in"), r"1 of 1 layers name modules .* lacks"),
-    "ldm-names": (_pair("lora_unet_input_blocks_1_1_proj_in"), r"original LDM U-Net"),
+    "ldm-names": (_pair("lora_unet_input_blocks_9_1_proj_in"), r"original LDM U-Net.s names: this model.s blocks"),
     "unpaired": ({f"lora_unet_{Q.replace('.', '_')}.lora_down.weight": torch.randn(4, 32)},
                  r"has a down weight and no up weight"),
     "loha": ({f"lora_unet_{Q.replace('.', '_')}.hada_w1_a": torch.randn(4, 32)}, r"LoHa adapter"),
@@ -450,3 +450,116 @@ def test_engines_that_swap_get_every_changed_weight_and_the_restore(tiny_info, t
     with pytest.raises(InvalidArgument, match=r"holds no weight 'down_blocks\.0\.resnets\.0\.conv1\.weight'"):
         other.set(as_loras([(path, 0.5)]))
     assert lacking.sent == [] and all(torch.equal(mods["unet"].get_parameter(n), base[n]) for n in names)
+
+
+# -- kohya files with the original LDM U-Net's names -------------------------------------------
+#: tiny-random's layers (1 resnet per block; down block 0 with attention and a downsampler, up
+#: block 1 with attentions) under the LDM names, written out by hand from its layout
+TINY_LDM = {
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks.1.1.transformer_blocks.0.attn1.to_q",
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": "input_blocks.1.1.transformer_blocks.0.attn2.to_k",
+    "up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_out.0":
+        "output_blocks.3.1.transformer_blocks.0.attn1.to_out.0",
+    "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2": "output_blocks.2.1.transformer_blocks.0.ff.net.2",
+    "down_blocks.0.attentions.0.proj_in": "input_blocks.1.1.proj_in",
+    "down_blocks.0.resnets.0.conv1": "input_blocks.1.0.in_layers.2",
+}
+
+
+def as_ldm(src: Path, dest: Path) -> Path:
+    """The kohya file ``src`` with its U-Net keys renamed to the LDM names (TINY_LDM)."""
+    from safetensors.torch import load_file, save_file
+
+    renames = {"lora_unet_" + d.replace(".", "_"): "lora_unet_" + ldm.replace(".", "_") for d, ldm in TINY_LDM.items()}
+    out = {}
+    for key, t in load_file(str(src)).items():
+        stem, dot, rest = key.partition(".")
+        out[renames.get(stem, stem) + dot + rest] = t
+    assert any("input_blocks" in k for k in out)
+    save_file(out, str(dest))
+    return dest
+
+
+def test_an_ldm_named_lora_changes_exactly_what_its_diffusers_named_twin_does(pipe, tmp_path):
+    src = lora_file(pipe, tmp_path)  # with a resnet conv, whose LDM inner name differs (in_layers.2)
+    pipe.set_loras([(src, 1.0)])
+    want = {g: {k: v.clone() for k, v in m.state_dict().items()} for g, m in pipe._lora_modules().items()}
+    pipe.set_loras([(as_ldm(src, tmp_path / "ldm.safetensors"), 1.0)])
+    assert_bit_equal(pipe, want)
+    pipe.set_loras([])
+
+
+def _unet_names(config: dict) -> list[str]:
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    return [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+
+
+@pytest.mark.parametrize("model, facts", [
+    ("random-sd15", {"input_blocks.0.0": "conv_in", "input_blocks.3.0.op": "down_blocks.0.downsamplers.0.conv",
+                     "input_blocks.4.0.skip_connection": "down_blocks.1.resnets.0.conv_shortcut",
+                     "input_blocks.8.1.proj_out": "down_blocks.2.attentions.1.proj_out",
+                     "input_blocks.11.0.out_layers.3": "down_blocks.3.resnets.1.conv2",
+                     "middle_block.1.transformer_blocks.0.attn2.to_v":
+                         "mid_block.attentions.0.transformer_blocks.0.attn2.to_v",
+                     "middle_block.2.emb_layers.1": "mid_block.resnets.1.time_emb_proj",
+                     "output_blocks.2.1.conv": "up_blocks.0.upsamplers.0.conv",
+                     "output_blocks.5.2.conv": "up_blocks.1.upsamplers.0.conv",
+                     "output_blocks.11.1.transformer_blocks.0.ff.net.0.proj":
+                         "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.0.proj",
+                     "time_embed.2": "time_embedding.linear_2", "out.2": "conv_out"}),
+    ("random-sdxl", {"input_blocks.3.0.op": "down_blocks.0.downsamplers.0.conv",
+                     "input_blocks.4.1.transformer_blocks.1.attn1.to_q":
+                         "down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q",
+                     "input_blocks.8.1.transformer_blocks.9.ff.net.2":
+                         "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2",
+                     "output_blocks.2.2.conv": "up_blocks.0.upsamplers.0.conv",
+                     "output_blocks.8.0.skip_connection": "up_blocks.2.resnets.2.conv_shortcut",
+                     "label_emb.0.0": "add_embedding.linear_1"}),
+])
+def test_ldm_names_follow_the_original_unet_layout(model, facts):
+    from sdfast.lora import ldm_names
+    from sdfast.models import resolve_model
+
+    names = _unet_names(resolve_model(model).unet_config)
+    got = ldm_names(names)
+    assert {k: got.get(k) for k in facts} == facts
+    assert sorted(got.values()) == sorted(names)  # every layer has exactly one LDM name
+
+
+def test_ldm_named_sdxl_kohya_loras_match_diffusers(sdxl_pair, tmp_path):
+    """diffusers maps SDXL's LDM (sgm) block names itself: the same weights change (attention
+    layers; diffusers keeps resnet inner names as they are, so none here)."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file, save_file
+
+    from sdfast.lora import ldm_names
+
+    folder, ref_base = sdxl_pair
+    pipe = sdfast.load(folder)
+    layers = [(g, n) for g, n in SDXL_LAYERS if "resnets" not in n] + \
+        [("unet", "up_blocks.0.attentions.2.proj_out"), ("unet", "down_blocks.1.attentions.1.transformer_blocks.1.attn1.to_k")]
+    src = make_lora(tmp_path / "xl.safetensors", pipe._lora_modules(), layers, "kohya", seed=22)
+    names = [n for n, m in pipe._lora_modules()["unet"].named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    to_ldm = {"lora_unet_" + d.replace(".", "_"): "lora_unet_" + ldm.replace(".", "_")
+              for ldm, d in ldm_names(names).items()}
+    tensors = {}
+    for key, t in load_file(str(src)).items():
+        stem, dot, rest = key.partition(".")
+        tensors[to_ldm.get(stem, stem) + dot + rest] = t
+    assert sum("input_blocks" in k or "output_blocks" in k for k in tensors) >= 6
+    path = tmp_path / "xl-ldm.safetensors"
+    save_file(tensors, str(path))
+    ref = StableDiffusionXLPipeline(**ref_base.components)
+    ref.unload_lora_weights()
+    ref.load_lora_weights(str(path))
+    ref.fuse_lora(lora_scale=0.8)
+    try:
+        pipe.set_loras([(path, 0.8)])
+        assert_same_weights(pipe._lora_modules(), {"unet": ref.unet, "text_encoder": ref.text_encoder,
+                                                   "text_encoder_2": ref.text_encoder_2})
+    finally:
+        ref.unfuse_lora()
+        ref.unload_lora_weights()
