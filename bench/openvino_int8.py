@@ -16,7 +16,7 @@ then the toy held-out measure of tests/test_toy_model.py (its 24 captions, seeds
 guidance 7.5) for toy accuracy, and PSNR of those 48 images against eager fp32.
 
     python bench/openvino_int8.py --model random-sd15 --threads 1 --json bench/results/openvino-int8-sd15-256-1t.json
-    python bench/openvino_int8.py --model tiny --json bench/results/openvino-int8-toy.json
+    python bench/openvino_int8.py --model tiny --json bench/results/openvino-int8-toy-modes.json
 """
 
 from __future__ import annotations
