@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from .models import builtin_models
     from .schedulers import SCHEDULERS
 
-    precisions = ", ".join(p.value for p in Precision)
+    precisions = ", ".join(p.value for p in Precision if p is not Precision.INT8)  # int8: an export precision
     p = sub.add_parser("bench", help="time backends against diffusers, stage by stage",
                        description=DESCRIPTION, epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
