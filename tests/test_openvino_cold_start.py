@@ -199,3 +199,14 @@ def test_the_default_folder_follows_sdfast_cache_then_xdg_then_home(tmp_path, mo
     assert ove.cache_root() == tmp_path / "h" / ".cache" / "sdfast" / "openvino"
     monkeypatch.setenv(ove.CACHE_ENV, str(tmp_path / "mine"))
     assert ove.cache_root() == tmp_path / "mine"
+
+
+def test_an_entry_others_could_have_written_is_never_imported(tiny_info, export, cache, caplog):
+    want = pixels(load(tiny_info, export))
+    cache.chmod(0o777)  # e.g. SDFAST_OV_CACHE=/tmp/shared: anyone could have put a blob there
+    with caplog.at_level(logging.WARNING, logger=ove.__name__):
+        pipe = load(tiny_info, export)
+    assert any("writable by anyone" in r.getMessage() for r in caplog.records)
+    assert hits(pipe) == {**{n: [False] for n in TXT2IMG}, "vae_encoder": []} and np.array_equal(pixels(pipe), want)
+    cache.chmod(0o755)
+    assert hits(load(tiny_info, export)) == {**{n: [True] for n in TXT2IMG}, "vae_encoder": []}

@@ -92,8 +92,8 @@ class CompileCache:
     BUILD removes the same folder and component's entries of other BUILDs (a re-export or an
     openvino upgrade), so one export keeps one set. Entries are written atomically (temp file,
     rename) and read through a memory map the compiled model keeps; a folder that cannot be
-    made or written, or an entry that does not import, costs a log warning and a compile, never
-    the load."""
+    made or written, an entry that does not import, or one in a folder others may write (or
+    another user's) costs a log warning and a compile, never the load."""
 
     def __init__(self, root: Path | None, export: Path, core):
         self.root = root
@@ -117,6 +117,10 @@ class CompileCache:
     def load(self, path: Path | None, core, config: dict[str, Any]):
         """(compiled model, its memory map) from ``path``, or None (absent, unreadable, broken)."""
         if path is None or not path.is_file():
+            return None
+        if not (_private(path.parent) and _private(path)):
+            log.warning("openvino cache: %s is another user's or writable by anyone, so anyone could have put "
+                        "that entry there; compiling instead (point %s at a folder of your own)", path, CACHE_ENV)
             return None
         import numpy as np
         import openvino as ov
@@ -144,6 +148,12 @@ class CompileCache:
             self.writable = False
             log.warning("openvino cache: cannot write %s (%s); running without a cache (set %s to a writable "
                         "folder, or %s=off)", path.parent, _first_line(e), CACHE_ENV, CACHE_ENV)
+
+
+def _private(p: Path) -> bool:
+    """Owned by this user and not writable by others (a shared folder would serve anyone's blob)."""
+    st = p.stat()
+    return (not hasattr(os, "getuid") or st.st_uid == os.getuid()) and not st.st_mode & 0o002
 
 
 def _first_line(e: Exception) -> str:
