@@ -210,3 +210,20 @@ def test_an_entry_others_could_have_written_is_never_imported(tiny_info, export,
     assert hits(pipe) == {**{n: [False] for n in TXT2IMG}, "vae_encoder": []} and np.array_equal(pixels(pipe), want)
     cache.chmod(0o755)
     assert hits(load(tiny_info, export)) == {**{n: [True] for n in TXT2IMG}, "vae_encoder": []}
+
+
+def test_past_the_size_limit_the_least_recently_used_entries_of_other_exports_go(tiny_info, export, cache,
+                                                                                 monkeypatch):
+    import os
+
+    cache.mkdir()
+    stale = cache / f"unet-{'a' * 16}-{'b' * 16}-{'c' * 64}.blob"  # a deleted temp export's entry
+    stale.write_bytes(b"x" * 1000)
+    os.utime(stale, (1, 1))
+    load(tiny_info, export)
+    assert stale.exists()  # under the default limit nothing goes
+    monkeypatch.setenv(ove.CACHE_MAX_ENV, "1e-9")  # 1 byte: everything but the set being written
+    ove.load(tiny_info, torch.device("cpu"), Precision.FP32, str(export), threads=3)
+    assert not stale.exists()
+    left = entries(cache, "*")
+    assert {n.split("-")[0] for n in left} >= set(TXT2IMG)  # this export's newest set stays

@@ -31,6 +31,7 @@ the path and mtime and serves only the IR's interval shapes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -65,6 +66,9 @@ CACHE_ENV = "SDFAST_OV_CACHE"
 CACHE_OFF = ("", "0", "off", "false", "no", "none")
 #: bumped when what a cache entry holds or how it is keyed changes (older entries then never match).
 CACHE_FORMAT = 1
+#: the cache folder's size limit in GB ($SDFAST_OV_CACHE_MAX_GB): past it, writing an entry removes
+#: the least recently used ones of other exports (an SD 1.5 set is 4.1 GB, fp32 weights inside).
+CACHE_MAX_ENV, CACHE_MAX_GB = "SDFAST_OV_CACHE_MAX_GB", 20.0
 
 
 def cache_root() -> Path | None:
@@ -90,7 +94,8 @@ class CompileCache:
     of the component's file sha256s (from the manifest load verified), the openvino build and
     the CPU (name, ISA), KEY of all that plus the compile config and input shapes. Writing a
     BUILD removes the same folder and component's entries of other BUILDs (a re-export or an
-    openvino upgrade), so one export keeps one set. Entries are written atomically (temp file,
+    openvino upgrade), so one export keeps one set; past $SDFAST_OV_CACHE_MAX_GB (CACHE_MAX_GB) the
+    least recently used entries of other exports go (temp exports leave theirs behind). Entries are written atomically (temp file,
     rename) and read through a memory map the compiled model keeps; a folder that cannot be
     made or written, an entry that does not import, or one in a folder others may write (or
     another user's) costs a log warning and a compile, never the load."""
@@ -127,7 +132,10 @@ class CompileCache:
 
         try:
             blob = np.memmap(path, dtype=np.uint8, mode="c")  # private pages: the file is never written
-            return core.import_model(ov.Tensor(blob, shared_memory=True), "CPU", config), blob
+            compiled = core.import_model(ov.Tensor(blob, shared_memory=True), "CPU", config)
+            with contextlib.suppress(OSError):
+                os.utime(path)  # recently used: the size limit removes others first
+            return compiled, blob
         except Exception as e:  # noqa: BLE001 -- openvino raises RuntimeError subclasses of many kinds
             log.warning("openvino cache: %s does not import (%s); compiling instead", path, _first_line(e))
             return None
@@ -144,10 +152,30 @@ class CompileCache:
             for old in path.parent.glob(f"{stem}*.blob"):
                 if old.name.rsplit("-", 2)[1] != build:
                     old.unlink(missing_ok=True)
+            _trim(path.parent, f"-{self.folder}-")
         except Exception as e:  # noqa: BLE001 -- an unwritable folder, a full disk, an export failure
             self.writable = False
             log.warning("openvino cache: cannot write %s (%s); running without a cache (set %s to a writable "
                         "folder, or %s=off)", path.parent, _first_line(e), CACHE_ENV, CACHE_ENV)
+
+
+def _trim(folder: Path, keep: str) -> None:
+    """Remove the least recently used entries past the size limit, never one whose name holds
+    ``keep`` (the export being loaded)."""
+    limit = float(os.environ.get(CACHE_MAX_ENV) or CACHE_MAX_GB) * 1e9
+    entries = []
+    for p in folder.glob("*.blob"):
+        with contextlib.suppress(OSError):  # another process may remove one meanwhile
+            st = p.stat()
+            entries.append((st.st_mtime, st.st_size, p))
+    entries.sort(key=lambda e: e[0])
+    total = sum(size for _, size, _ in entries)
+    for _, size, p in entries:
+        if total <= limit:
+            break
+        if keep not in p.name:
+            p.unlink(missing_ok=True)
+            total -= size
 
 
 def _private(p: Path) -> bool:
