@@ -428,7 +428,7 @@ MUTATIONS: tuple[Mutation, ...] = (
              "        if name in seen:\n", "        if False:\n",
              ("tests/test_serve_edits.py", "-k", "twice"),
              "a form field sent twice is taken silently (the last one wins)"),
-    Mutation("lora-ldm-output-blocks-from-1", "sdfast/lora.py",
+    Mutation("lora-ldm-output-blocks-from-1", "sdfast/lora_ldm.py",
              "        first = 1 if kind == \"down_blocks\" else 0\n", "        first = 1\n",
              ("tests/test_lora.py", "-k", "ldm"),
              "an LDM-named LoRA's output_blocks layers land one entry further on (another layer changes)"),

@@ -520,7 +520,7 @@ def _unet_names(config: dict) -> list[str]:
                      "label_emb.0.0": "add_embedding.linear_1"}),
 ])
 def test_ldm_names_follow_the_original_unet_layout(model, facts):
-    from sdfast.lora import ldm_names
+    from sdfast.lora_ldm import ldm_names
     from sdfast.models import resolve_model
 
     names = _unet_names(resolve_model(model).unet_config)
@@ -535,7 +535,7 @@ def test_ldm_named_sdxl_kohya_loras_match_diffusers(sdxl_pair, tmp_path):
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file, save_file
 
-    from sdfast.lora import ldm_names
+    from sdfast.lora_ldm import ldm_names
 
     folder, ref_base = sdxl_pair
     pipe = sdfast.load(folder)
