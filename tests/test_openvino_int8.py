@@ -195,3 +195,17 @@ def test_parity_holds_an_int8_export_to_30_db_not_35():
     from sdfast.parity import FP16_MIN_PSNR, INT8_MIN_PSNR
 
     assert INT8_MIN_PSNR == 30.0 < FP16_MIN_PSNR
+
+
+def test_loading_says_the_exports_speed_note_again(hybrid, toy_info, caplog):
+    """Whoever runs the engines later (generate, serve) hears what the export found, when it
+    found int8 slower than the float engine; and hears nothing when it did not."""
+    import logging
+
+    import sdfast
+
+    note = json.loads((hybrid / "manifest.json").read_text())["components"]["unet"]["quantization"].get("note")
+    with caplog.at_level(logging.WARNING, logger="sdfast.engines.openvino"):
+        sdfast.load(toy_info, backend="openvino", engines_dir=hybrid)
+    said = [r.getMessage() for r in caplog.records if "int8 speed check" in r.getMessage()]
+    assert said == ([f"unet: {note} (from the export's int8 speed check)"] if note else [])

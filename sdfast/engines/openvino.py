@@ -374,6 +374,10 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
         engine = OpenVinoEngine(info.specs[name], model, core, compile_config(OV_HINT[m.precision(name)], threads),
                                 info, device, m.precision(name), m.profile, static_shapes, cache, m, hint, path)
         engine.init_slots(slots, torch.float32)  # weights stay fp32 in the IR (see export/openvino.py)
+        record = m.components[name]
+        note = (record.get("quantization") or {}).get("note") if isinstance(record, dict) else None
+        if note:  # the export's int8 speed check found it slower than the float engine
+            log.warning("%s: %s (from the export's int8 speed check)", name, note)
         if engine.spec.rows != "init":  # init-image rows: img2img / inpainting only, compiled on first call
             with engine._lock:  # the tuned shape now: a broken IR fails on load, not mid-generation
                 engine.request_for(engine.tuned_shapes())
