@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import hash_memo
 from .components import Precision, ShapeProfile
 from .errors import ArtifactMismatch, InvalidArgument, MissingFile
 from .fsio import (
@@ -384,7 +385,7 @@ def verify(m: Manifest, root: Path, info: ModelInfo, fmt: str, check_hashes: boo
         if size != rec["size"]:
             raise ArtifactMismatch(f"engines: {root / rel} has {size} bytes but the manifest says {rec['size']} "
                                    f"(truncated or replaced); {hint}")
-        if check_hashes and file_record(p)["sha256"] != rec["sha256"]:
+        if check_hashes and hash_memo.sha256_of(p, lambda q: file_record(q)["sha256"]) != rec["sha256"]:
             raise ArtifactMismatch(f"engines: {root / rel} does not match its sha256 in the manifest (modified); {hint}")
 
 

@@ -62,3 +62,26 @@ def test_cli_refuses_tampered_weights_with_exit_2_and_no_output(tiny_info, copy,
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "unet.onnx.data" in err[0]
     assert not out.exists()
+
+
+def test_a_remembered_hash_never_lets_a_changed_weight_file_load(tiny_info, copy, tmp_path, monkeypatch):
+    """Loads remember each file's sha256 (sdfast/hash_memo.py): the second load hashes nothing,
+    and a byte flipped afterwards, even with the file's mtime put back, is still refused."""
+    import os
+
+    from sdfast import artifacts, hash_memo
+
+    monkeypatch.setenv("SDFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hash_memo, "RACY_S", 0.0)  # the copy's files were written just now
+    sdfast.load(tiny_info.path, backend="onnxruntime", engines=copy)
+    hashed = []
+    real = artifacts.file_record
+    monkeypatch.setattr(artifacts, "file_record", lambda p: hashed.append(p) or real(p))
+    sdfast.load(tiny_info.path, backend="onnxruntime", engines=copy)
+    assert hashed == []
+    target = copy / "unet.onnx.data"
+    st = target.stat()
+    flip_one_byte(target)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ArtifactMismatch, match=r"unet\.onnx\.data does not match its sha256"):
+        sdfast.load(tiny_info.path, backend="onnxruntime", engines=copy)
