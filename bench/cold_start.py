@@ -21,6 +21,8 @@ Rows:
 - ``sdfast warm``: ``SDFAST_OV_CACHE`` pointing at a cache that an untimed run filled;
 - ``sdfast cold``: a new empty cache folder per run (it compiles, then writes the cache);
 - ``sdfast no cache``: ``SDFAST_OV_CACHE=off``;
+- ``sdfast warm, hash memo off``: the warm row with ``SDFAST_HASH_MEMO=off``: every file's sha256
+  computed again, as every load did before sdfast/hash_memo.py;
 - ``sdfast warm, hashes not checked``: a what-if, never how sdfast runs: the warm row with the
   manifest's sha256 check of every file skipped (``verify(check_hashes=False)``), i.e. what a
   verified-hash memo in ``artifacts.py`` (outside the engine) would give;
@@ -381,6 +383,9 @@ def main() -> int:
         if row == "sdfast-warm-nohash":
             return ["--child", "sdfast", *common], {**base_env, "SDFAST_OV_CACHE": str(scratch / "sdfast-warm"),
                                                     "COLD_START_SKIP_HASHES": "1"}, sys.executable
+        if row == "sdfast-warm-memo-off":  # every file hashed again (sdfast/hash_memo.py switched off)
+            return ["--child", "sdfast", *common], {**base_env, "SDFAST_OV_CACHE": str(scratch / "sdfast-warm"),
+                                                    "SDFAST_HASH_MEMO": "off"}, sys.executable
         if row == "sdfast-nocache":
             return ["--child", "sdfast", *common], {**base_env, "SDFAST_OV_CACHE": "off"}, sys.executable
         if row == "before":
@@ -394,7 +399,7 @@ def main() -> int:
         raise SystemExit(f"--rows: unknown row {row!r}")
 
     for row in ("sdfast-warm", "genai-warm"):  # fill the warm caches, untimed
-        if row in rows or (row == "sdfast-warm" and "sdfast-warm-nohash" in rows):
+        if row in rows or (row == "sdfast-warm" and {"sdfast-warm-nohash", "sdfast-warm-memo-off"} & set(rows)):
             argv, env, py = spec(row, -1)
             run_child(argv, env, py)
     runs: dict[str, list[dict[str, Any]]] = {r: [] for r in rows}
