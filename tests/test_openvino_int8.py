@@ -118,6 +118,7 @@ def test_calibration_is_seeded(toy_info):
     assert not np.array_equal(a.samples["unet"][0][0], c.samples["unet"][0][0])
 
 
+@pytest.mark.slow  # the int8 export fixture (NNCF calibration) takes ~28 s on 2 cores
 def test_manifest_records_the_mode_and_calibration(hybrid):
     m = json.loads((hybrid / "manifest.json").read_text())
     unet = m["components"]["unet"]
@@ -135,6 +136,7 @@ def test_manifest_records_the_mode_and_calibration(hybrid):
     assert "--precision int8" in cmd and "--int8-mode hybrid" in cmd and "--int8-calibration-steps 5" in cmd
 
 
+@pytest.mark.slow  # the int8 export fixture (NNCF calibration) takes ~28 s on 2 cores
 def test_the_ir_really_holds_int8(hybrid):
     import openvino as ov
 
@@ -159,6 +161,7 @@ def _tier3(engines, schedulers):
     return report, e2e
 
 
+@pytest.mark.slow  # the int8 export fixture (NNCF calibration) takes ~28 s on 2 cores
 def test_int8_export_loads_generates_finite_images_graded_at_tier_3(hybrid):
     pipe = sdfast.load("tiny", backend="openvino", engines=hybrid, dtype="auto")
     out = pipe.generate("a red circle on a blue background", steps=4, seed=0)
@@ -197,6 +200,7 @@ def test_parity_holds_an_int8_export_to_30_db_not_35():
     assert INT8_MIN_PSNR == 30.0 < FP16_MIN_PSNR
 
 
+@pytest.mark.slow  # the int8 export fixture (NNCF calibration) takes ~28 s on 2 cores
 def test_loading_says_the_exports_speed_note_again(hybrid, toy_info, caplog):
     """Whoever runs the engines later (generate, serve) hears what the export found, when it
     found int8 slower than the float engine; and hears nothing when it did not."""
