@@ -41,6 +41,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     import sdfast
+    from sdfast.hardware import cpu_name
     from sdfast.request import Request
 
     pipe = sdfast.load(args.model)
@@ -83,21 +84,11 @@ def main() -> int:
           f"{per:.3f} s each by the run's timer; final latents identical: {same}")
     result = {"model": args.model, "size": args.size, "steps": args.steps, "partial_images": k,
               "threads": args.threads, "rounds": args.rounds, "rows": summary, "final_latents_identical": same,
-              "machine": {"cpu": _cpu(), "python": platform.python_version(), "torch": torch.__version__,
+              "machine": {"cpu": cpu_name(), "python": platform.python_version(), "torch": torch.__version__,
                           "sdfast": sdfast.__version__, "loadavg_during": loads}}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -114,16 +114,9 @@ def peak_memory_mb(device: torch.device) -> dict[str, float | None]:
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    from .hardware import cpu_bf16_supported
+    from .hardware import cpu_bf16_supported, cpu_name
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     from .artifacts import versions as artifact_versions
 
     versions = {"python": platform.python_version(), **artifact_versions()}  # the one version list

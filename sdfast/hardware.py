@@ -32,6 +32,20 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+@functools.cache
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform.processor()`` says."""
+    import platform
+
+    try:
+        for line in CPUINFO.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def cpu_bf16_supported() -> bool:
     """bf16 matrix units (AMX-BF16) or AVX512-BF16: where bf16 is faster than fp32 on the CPU."""
     return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
