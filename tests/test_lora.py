@@ -4,6 +4,7 @@ that does not fit refused in one line with nothing half-applied; the record in t
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -366,6 +367,23 @@ def sdxl_pair(tmp_path_factory):
     return folder, ref
 
 
+@contextlib.contextmanager
+def fused_sdxl_reference(ref_base, path: Path, scale: float):
+    """diffusers' SDXL pipeline (the module's shared components) with ``path`` fused at ``scale``;
+    unfused and unloaded after, so the next test starts from the base weights."""
+    from diffusers import StableDiffusionXLPipeline
+
+    ref = StableDiffusionXLPipeline(**ref_base.components)
+    ref.unload_lora_weights()
+    ref.load_lora_weights(str(path))
+    ref.fuse_lora(lora_scale=scale)
+    try:
+        yield ref
+    finally:
+        ref.unfuse_lora()
+        ref.unload_lora_weights()
+
+
 SDXL_LAYERS = [("unet", "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_v"),
                ("unet", "up_blocks.0.attentions.1.transformer_blocks.0.ff.net.0.proj"),
                ("unet", "up_blocks.0.resnets.0.conv1")] + \
@@ -380,13 +398,7 @@ def test_sdxl_lora_matches_diffusers(sdxl_pair, tmp_path, fmt, alpha_in):
     pipe = sdfast.load(folder)
     path = make_lora(tmp_path / f"xl-{fmt}.safetensors", pipe._lora_modules(), SDXL_LAYERS, fmt, seed=21,
                      alpha=None if alpha_in is None else 2.0, metadata_alpha=alpha_in == "metadata")
-    from diffusers import StableDiffusionXLPipeline
-
-    ref = StableDiffusionXLPipeline(**ref_base.components)
-    ref.unload_lora_weights()
-    ref.load_lora_weights(str(path))
-    ref.fuse_lora(lora_scale=0.8)
-    try:
+    with fused_sdxl_reference(ref_base, path, 0.8) as ref:
         pipe.set_loras([(path, 0.8)])
         assert_same_weights(pipe._lora_modules(), {"unet": ref.unet, "text_encoder": ref.text_encoder,
                                                    "text_encoder_2": ref.text_encoder_2})
@@ -394,9 +406,6 @@ def test_sdxl_lora_matches_diffusers(sdxl_pair, tmp_path, fmt, alpha_in):
         lat, img = run_ref(ref, pipe.info.scheduler_config, "euler", 2, prompt="a red cube", num_inference_steps=3,
                            guidance_scale=6.0)
         assert_parity(out, lat, img)
-    finally:
-        ref.unfuse_lora()
-        ref.unload_lora_weights()
 
 
 def test_an_sd_lora_on_sdxl_names_what_differs(sdxl_pair, tmp_path, tiny_info):
@@ -466,11 +475,12 @@ TINY_LDM = {
 }
 
 
-def as_ldm(src: Path, dest: Path) -> Path:
-    """The kohya file ``src`` with its U-Net keys renamed to the LDM names (TINY_LDM)."""
+def as_ldm(src: Path, dest: Path, names: dict[str, str] = TINY_LDM) -> Path:
+    """The kohya file ``src`` with its U-Net keys renamed to the LDM names (``names``: diffusers
+    name -> LDM name)."""
     from safetensors.torch import load_file, save_file
 
-    renames = {"lora_unet_" + d.replace(".", "_"): "lora_unet_" + ldm.replace(".", "_") for d, ldm in TINY_LDM.items()}
+    renames = {"lora_unet_" + d.replace(".", "_"): "lora_unet_" + ldm.replace(".", "_") for d, ldm in names.items()}
     out = {}
     for key, t in load_file(str(src)).items():
         stem, dot, rest = key.partition(".")
@@ -532,8 +542,7 @@ def test_ldm_names_follow_the_original_unet_layout(model, facts):
 def test_ldm_named_sdxl_kohya_loras_match_diffusers(sdxl_pair, tmp_path):
     """diffusers maps SDXL's LDM (sgm) block names itself: the same weights change (attention
     layers; diffusers keeps resnet inner names as they are, so none here)."""
-    from diffusers import StableDiffusionXLPipeline
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from sdfast.lora_ldm import ldm_names
 
@@ -543,23 +552,9 @@ def test_ldm_named_sdxl_kohya_loras_match_diffusers(sdxl_pair, tmp_path):
         [("unet", "up_blocks.0.attentions.2.proj_out"), ("unet", "down_blocks.1.attentions.1.transformer_blocks.1.attn1.to_k")]
     src = make_lora(tmp_path / "xl.safetensors", pipe._lora_modules(), layers, "kohya", seed=22)
     names = [n for n, m in pipe._lora_modules()["unet"].named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-    to_ldm = {"lora_unet_" + d.replace(".", "_"): "lora_unet_" + ldm.replace(".", "_")
-              for ldm, d in ldm_names(names).items()}
-    tensors = {}
-    for key, t in load_file(str(src)).items():
-        stem, dot, rest = key.partition(".")
-        tensors[to_ldm.get(stem, stem) + dot + rest] = t
-    assert sum("input_blocks" in k or "output_blocks" in k for k in tensors) >= 6
-    path = tmp_path / "xl-ldm.safetensors"
-    save_file(tensors, str(path))
-    ref = StableDiffusionXLPipeline(**ref_base.components)
-    ref.unload_lora_weights()
-    ref.load_lora_weights(str(path))
-    ref.fuse_lora(lora_scale=0.8)
-    try:
+    path = as_ldm(src, tmp_path / "xl-ldm.safetensors", {d: ldm for ldm, d in ldm_names(names).items()})
+    assert sum("input_blocks" in k or "output_blocks" in k for k in load_file(str(path))) >= 6
+    with fused_sdxl_reference(ref_base, path, 0.8) as ref:
         pipe.set_loras([(path, 0.8)])
         assert_same_weights(pipe._lora_modules(), {"unet": ref.unet, "text_encoder": ref.text_encoder,
                                                    "text_encoder_2": ref.text_encoder_2})
-    finally:
-        ref.unfuse_lora()
-        ref.unload_lora_weights()
