@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import InvalidArgument, MissingFile
 from .batching import Closed, Expired, QueueFull
 from .edits import form_fields
-from .service import ImageService
+from .service import ImageService, error_body
 from .streaming import start_stream
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,7 @@ MAX_BODY_BYTES = 1 << 20  # a prompt and a few numbers; anything larger is not a
 def error_response(service: ImageService, status: int, kind: str, message: str,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     service.metrics.error(kind, status)
-    param = message.split(":", 1)[0] if kind == "invalid_argument" else None
-    body = {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
-                      "param": param, "code": kind}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse({"error": error_body(status, kind, message)}, status_code=status, headers=headers)
 
 
 def create_app(service: ImageService, drain_timeout_s: float | None = None) -> FastAPI:

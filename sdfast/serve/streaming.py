@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -28,12 +29,14 @@ from fastapi.responses import StreamingResponse
 from ..errors import InvalidArgument, MissingFile
 from ..stream import Cancelled
 from .batching import Expired
+from .service import error_body
 
 if TYPE_CHECKING:
     from ..output import PartialImage
     from ..request import Request
     from .service import ImageService
 
+log = logging.getLogger(__name__)
 _DONE = object()
 
 
@@ -43,9 +46,7 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
 
 def error_event(service: ImageService, status: int, kind: str, message: str) -> bytes:
     service.metrics.error(kind, status)
-    return sse("error", {"type": "error", "error": {
-        "message": message, "type": "invalid_request_error" if status < 500 else "server_error",
-        "param": message.split(":", 1)[0] if kind == "invalid_argument" else None, "code": kind}})
+    return sse("error", {"type": "error", "error": error_body(status, kind, message)})
 
 
 async def start_stream(service: ImageService, req: Request, partial_images: int, prefix: str, t0: float
@@ -71,7 +72,7 @@ async def start_stream(service: ImageService, req: Request, partial_images: int,
     future.add_done_callback(lambda _: post(_DONE))
     size = f"{req.width}x{req.height}"
 
-    def common(k: int) -> dict[str, Any]:
+    def common() -> dict[str, Any]:
         return {"created_at": int(time.time()), "size": size, "quality": "auto", "background": "opaque",
                 "output_format": "png"}
 
@@ -92,7 +93,7 @@ async def start_stream(service: ImageService, req: Request, partial_images: int,
                 for k, png in enumerate(pngs):
                     yield sse(f"{prefix}.partial_image", {
                         "type": f"{prefix}.partial_image", "b64_json": base64.b64encode(png).decode("ascii"),
-                        "partial_image_index": item.index, **common(k),
+                        "partial_image_index": item.index, **common(),
                         "sdfast": {"image_index": k, "step": item.step, "steps": item.steps}})
             try:
                 done = future.result()
@@ -105,14 +106,12 @@ async def start_stream(service: ImageService, req: Request, partial_images: int,
                                   f"{service.config.timeout_s:g} s; retry later")
                 return
             except Exception as e:  # a bug or a numerical failure: logged in full, one line here
-                import logging
-
-                logging.getLogger(__name__).error("streamed generation failed", exc_info=e)
+                log.error("streamed generation failed", exc_info=e)
                 yield error_event(service, 500, "internal", " ".join(f"internal: {type(e).__name__}: {e}".split("\n")))
                 return
             for k, png in enumerate(pngs):
                 yield sse(f"{prefix}.completed", {
-                    "type": f"{prefix}.completed", "b64_json": base64.b64encode(png).decode("ascii"), **common(k),
+                    "type": f"{prefix}.completed", "b64_json": base64.b64encode(png).decode("ascii"), **common(),
                     "sdfast": {"image_index": k, "batch_requests": done.batch_requests}})
             service.metrics.requests.labels(status="200").inc()
             service.metrics.latency.observe(time.perf_counter() - t0)
