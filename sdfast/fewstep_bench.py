@@ -1,4 +1,4 @@
-"""Pieces of bench/fewstep.py (issue 26's time to a correct image): held-out toy accuracy of a
+"""Pieces of bench/fewstep.py: held-out toy accuracy of a
 generate function, rows timed round by round, and the Pareto front of (seconds, accuracy)."""
 
 from __future__ import annotations

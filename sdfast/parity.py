@@ -10,7 +10,7 @@ compare latents and images. Tolerances are docs/architecture.md's:
   reported but gated only on finiteness: DESIGN sets no per-component fp16 bound, and fp16
   error is only meaningful in what reaches the image.
 - int8 (tier 3, an export whose manifest gives a component a ``quantization`` record,
-  export/int8.py): PSNR ≥ 30 dB end to end (issue 27's bar) and finite; the quantized components
+  export/int8.py): PSNR ≥ 30 dB end to end and finite; the quantized components
   are gated on finiteness only, the others as their own precision.
 """
 

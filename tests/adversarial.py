@@ -1,4 +1,4 @@
-"""Helpers of the adversarial tests (issue 13): run the CLI in-process and prove it refused in
+"""Helpers of the adversarial tests: run the CLI in-process and prove it refused in
 one line, and snapshot folders to prove an attempt left every file as it was."""
 
 from __future__ import annotations

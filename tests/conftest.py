@@ -126,7 +126,7 @@ def diffusers_pipe(tiny_info):
     return pipe
 
 
-# -- exported artifacts (issue 3): each exported once per session ---------------------------
+# -- exported artifacts: each exported once per session ---------------------------
 
 @pytest.fixture(scope="session")
 def onnx_dynamic(tiny_info, tmp_path_factory):

@@ -1,4 +1,4 @@
-"""Issue 13, classes 3, 4 and 7: malformed and hostile artifact folders are refused in one line.
+"""Malformed and hostile artifact folders are refused in one line.
 
 The manifest is checked against its schema before anything in it is used, every path it lists
 must stay inside the folder after symlinks, and each engine's real I/O is checked against the

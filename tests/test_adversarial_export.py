@@ -1,4 +1,4 @@
-"""Issue 13, class 1: `sdfast export` never destroys what it did not write.
+"""`sdfast export` never destroys what it did not write.
 
 Every refused attempt exits 2 with one line, before any work, and leaves the user's files
 byte for byte as they were; replacing an earlier export is atomic; what a killed export left

@@ -1,4 +1,4 @@
-"""Issue 13, class 2 (and 18.5): every output path of `sdfast generate` is checked before any
+"""Every output path of `sdfast generate` is checked before any
 work, and a run that fails leaves none of its outputs (images, step frames, animation)."""
 
 from __future__ import annotations

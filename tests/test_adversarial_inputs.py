@@ -1,4 +1,4 @@
-"""Issue 13, classes 5 and 6: broken model folders and hostile or unusual images.
+"""Broken model folders and hostile or unusual images.
 
 Every model-folder failure is one line naming the file; images are decoded only after their
 header passed the size limit, converted to 8-bit RGB correctly whatever their mode, and the

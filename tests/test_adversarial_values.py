@@ -1,4 +1,4 @@
-"""Issue 30: what a Python caller naturally passes, and what a model folder can hold.
+"""What a Python caller naturally passes, and what a model folder can hold.
 
 - Numbers computed with numpy or torch (numpy scalars of every width, 0-d arrays and tensors, ints
   where a float is asked) are accepted wherever the value is valid, and give the same request as

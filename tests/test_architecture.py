@@ -1,4 +1,4 @@
-"""The seams the architecture promises (issue 12), checked on the source itself.
+"""The seams the architecture promises, checked on the source itself.
 
 - no import cycle between sdfast modules, counting function-local imports (``if TYPE_CHECKING``
   blocks are never executed and do not count);

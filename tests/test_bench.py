@@ -1,4 +1,4 @@
-"""`sdfast bench`, FLOP counting and the random-architecture models (issue 6).
+"""`sdfast bench`, FLOP counting and the random-architecture models.
 
 The bench tests prove plumbing and arithmetic (a full run writes a valid report with a diffusers row,
 speedups and percentiles are computed from the runs), not speed.

@@ -1,4 +1,4 @@
-"""Issue 3: ONNX export of the tiny model and the ONNX Runtime engines against eager fp32."""
+"""ONNX export of the tiny model and the ONNX Runtime engines against eager fp32."""
 
 from __future__ import annotations
 
@@ -199,7 +199,7 @@ def test_onnx_runtime_never_imports_diffusers(tiny_info, onnx_dynamic):
 
 
 def test_export_prints_no_torch_constant_folding_warnings(tiny_info, tmp_path, recwarn):
-    # The VAE encoder's strided slices made the tracer warn once per op (issue 18.5).
+    # The VAE encoder's strided slices made the tracer warn once per op.
     import warnings
 
     from sdfast.export.onnx import export_onnx

@@ -1,4 +1,4 @@
-"""`sdfast bench` and `sdfast.flops` on SDXL (issue 16): the diffusers row is diffusers' own
+"""`sdfast bench` and `sdfast.flops` on SDXL: the diffusers row is diffusers' own
 StableDiffusionXLPipeline on the same modules, with both text encoders timed as text_encoder,
 and every SDXL stage is counted (both CLIPs, the U-Net with text_embeds/time_ids)."""
 

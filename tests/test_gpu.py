@@ -106,7 +106,7 @@ def test_img2img_under_graphs_equals_the_plain_loop(cuda_pipes):
 
 
 def test_graphs_still_capture_after_the_diffusers_bench_row_on_the_same_modules(tiny_info):
-    """Issue 19 item 2: the diffusers row's timing hooks synchronize CUDA; left on the shared
+    """The diffusers row's timing hooks synchronize CUDA; left on the shared
     modules they made the sdfast row's capture fail and fall back."""
     from sdfast.bench import BenchConfig, diffusers_pipeline, diffusers_runner
     from sdfast.models import load_torch_modules

@@ -1,4 +1,4 @@
-"""The GPU-path bugs of issue 19, caught on the CPU with the tiny model and fake runtimes.
+"""Bugs of the GPU paths, caught on the CPU with the tiny model and fake runtimes.
 
 - the diffusers benchmark row's timing hooks (which synchronize CUDA) are removed after each
   run, so the sdfast row that captures the same modules in a CUDA graph never meets them;

@@ -1,4 +1,4 @@
-"""Inpainting (issue 29): tier 2 against diffusers' StableDiffusionInpaintPipeline for ordinary
+"""Inpainting: tier 2 against diffusers' StableDiffusionInpaintPipeline for ordinary
 U-Nets (latent blending) and 9-channel inpaint U-Nets, several schedulers and strengths; on the
 toy model the masked shape takes the new colour and the kept region stays; refusals in one line;
 rows of a batch with different masks each their own; tier 1 on ONNX Runtime."""

@@ -1,4 +1,4 @@
-"""Inpainting, more (issue 29): guidance_until with a 9-channel U-Net (held to diffusers with its
+"""Inpainting, more: guidance_until with a 9-channel U-Net (held to diffusers with its
 guidance dropped in a callback, and the uncond half of the mask channels dropped with the text
 rows), and masks near the edges: all black, all white, another size than the image, OpenAI's
 transparent-means-edit RGBA masks, and bad masks refused in one line naming ``mask``."""

@@ -1,4 +1,4 @@
-"""SDXL inpainting (issue 29): tier 2 against diffusers' StableDiffusionXLInpaintPipeline on tiny
+"""SDXL inpainting: tier 2 against diffusers' StableDiffusionXLInpaintPipeline on tiny
 SDXL folders, a 4-channel one (latent blending) and a 9-channel inpaint U-Net, several
 schedulers, strengths 1 and below, guided and unguided, two images per prompt.
 

@@ -1,4 +1,4 @@
-"""LoRA (issue 28) on the torch backend: tier 2 against diffusers' load_lora_weights + fuse_lora for
+"""LoRA on the torch backend: tier 2 against diffusers' load_lora_weights + fuse_lora for
 every format sdfast reads, SD and SDXL, several LoRAs with scales; exact restore; A → B → A; a set
 that does not fit refused in one line with nothing half-applied; the record in the PNG."""
 

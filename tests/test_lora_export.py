@@ -1,4 +1,4 @@
-"""LoRA on exported engines (issue 28): `sdfast export --lora` fuses the set into the exported
+"""LoRA on exported engines: `sdfast export --lora` fuses the set into the exported
 weights and the manifest records it (name, sha256, scale); the engines then equal the eager
 pipeline with the same set (tier 1) and load only with that set."""
 

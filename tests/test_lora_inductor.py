@@ -1,4 +1,4 @@
-"""LoRA swap on AOTInductor packages without re-export (issue 28): the packages' weights are
+"""LoRA swap on AOTInductor packages without re-export: the packages' weights are
 replaced in place (AOTInductor's load_constants); tier 1 against eager with the same set, A -> B
 -> A equal to a fresh A, [] back to the base package's output. Slow: one compile of the tiny model."""
 

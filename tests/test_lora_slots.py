@@ -1,4 +1,4 @@
-"""LoRA slots (issue 28): ONNX Runtime and OpenVINO engines exported with ``--lora-rank R`` take a
+"""LoRA slots: ONNX Runtime and OpenVINO engines exported with ``--lora-rank R`` take a
 LoRA set as inputs, so ``set_loras`` swaps without re-export. Held to the eager pipeline with the
 same set (tier 1), A -> B -> A and the return to the base exact on the engines, and every set that
 does not fit the slots refused in one line with the set before kept."""

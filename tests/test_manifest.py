@@ -1,4 +1,4 @@
-"""Issue 3: artifact manifests refuse anything that does not match, and exports are atomic."""
+"""Artifact manifests refuse anything that does not match, and exports are atomic."""
 
 from __future__ import annotations
 

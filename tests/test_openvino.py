@@ -1,4 +1,4 @@
-"""Issue 14: OpenVINO export of the tiny model and the OpenVINO engines against eager fp32.
+"""OpenVINO export of the tiny model and the OpenVINO engines against eager fp32.
 
 One fp32 export with a bounded profile serves the fast tests (export, load, tier 1, the
 pipeline, profile checks, refusal of tampered or foreign IR); the bf16 / toy-model tiers are in

@@ -1,4 +1,4 @@
-"""Issue 27 (cold start): the OpenVINO backend compiles only what a request needs, and keeps
+"""The OpenVINO backend compiles only what a request needs, and keeps
 each compiled model in a cache keyed so that a stale entry is never used.
 
 What a user sees: a second load imports every compiled model from the cache folder and draws

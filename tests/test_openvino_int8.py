@@ -1,4 +1,4 @@
-"""Issue 27: int8 OpenVINO exports through NNCF (sdfast/export/int8.py).
+"""Int8 OpenVINO exports through NNCF (sdfast/export/int8.py).
 
 One hybrid-mode export of the trained toy model (small calibration) serves the fast tests: the
 manifest records the mode and calibration, the IR really holds int8 (FakeQuantize and int8 weight

@@ -1,4 +1,4 @@
-"""Issue 14, tier 3 on the trained toy model (slow: exports and 20-step batches of 24 images).
+"""OpenVINO at tier 3 on the trained toy model (slow: exports and 20-step batches of 24 images).
 
 - bf16 OpenVINO engines (U-Net, text encoder and VAE all bf16) against eager fp32, end to end:
   PSNR >= 35 dB and finite, like the eager bf16 path (test_toy_model.py);

@@ -1,4 +1,4 @@
-"""Issue 3: `sdfast parity` passes a good export and fails (exit 1) a perturbed one."""
+"""`sdfast parity` passes a good export and fails (exit 1) a perturbed one."""
 
 from __future__ import annotations
 

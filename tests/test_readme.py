@@ -1,4 +1,4 @@
-"""README.md and the CLI agree (issue 18): every command a newcomer copies from the README parses
+"""README.md and the CLI agree: every command a newcomer copies from the README parses
 with today's CLI, every install step names an extra that exists, and nothing is left out of the
 walk (tests/test_readme_walk.py runs them all) without being listed with its reason."""
 
@@ -69,7 +69,7 @@ def test_readme_install_steps_name_existing_extras():
 
 
 def test_readme_sections_that_need_onnx_install_it_first():
-    # Issue 18.1: the export section failed with "No module named 'onnx'" after the quick start.
+    # The export section once failed with "No module named 'onnx'" after the quick start.
     # The install has to come in the quick start or in the section itself, not in "run the tests".
     first = next(s for s in STEPS if s.kind == "run" and ("onnxruntime" in s.text or "--format onnx" in s.text))
     installs = [s.text for s in STEPS[:STEPS.index(first)] if s.text.startswith("pip install")

@@ -1,4 +1,4 @@
-"""The help a newcomer reads matches the code (issue 18.3 and 18.5): `python -m sdfast`, help
+"""The help a newcomer reads matches the code: `python -m sdfast`, help
 without RST markup, every backend and format listed, `sdfast info` says per backend whether it
 runs here and why not."""
 

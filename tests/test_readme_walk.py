@@ -1,4 +1,4 @@
-"""Issue 18: every README command runs as written, in order, in a scratch folder, and writes the
+"""Every README command runs as written, in order, in a scratch folder, and writes the
 files it names. Slow (it exports the toy model and runs parity: ~2 min on 2 cores), so CI runs it
 with -m slow. The commands it does not run are pinned in tests/test_readme.py."""
 

@@ -1,4 +1,4 @@
-"""Per-request LoRAs in `sdfast serve` (issue 28): names from the server's --lora-dir only (never
+"""Per-request LoRAs in `sdfast serve`: names from the server's --lora-dir only (never
 a path), each request's PNG and pixels those of the library with the same set, requests with
 different sets never in one loop, the swap time in /metrics."""
 

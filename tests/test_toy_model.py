@@ -1,4 +1,4 @@
-"""The built-in trained toy model draws what the prompt says (issue 5).
+"""The built-in trained toy model draws what the prompt says.
 
 Each check generates "a {colour} {shape} on a {background} background" for a fixed sample of
 the toy world's 90 combinations and two seeds (48 images, one batched call per seed), and grades
@@ -69,7 +69,7 @@ def test_the_toy_grades_cover_every_multi_step_scheduler():
 def test_toy_model_draws_the_prompt_at_guidance_7_5(toy_accuracy, scheduler):
     acc = toy_accuracy(scheduler, 7.5)
     print(f"{scheduler}: {acc:.1%} at guidance 7.5")
-    assert acc >= 0.95  # issue 18's bar; measured 100 % for every scheduler here, 98.9-100 % held out
+    assert acc >= 0.95  # measured 100 % for every scheduler here, 98.9-100 % held out
 
 
 def test_toy_model_lms_at_moderate_guidance(toy_accuracy):
@@ -97,7 +97,7 @@ def test_guidance_pulls_towards_the_prompt(toy_pipe, toy_accuracy):
 
 
 def test_yellow_shapes_are_drawn_yellow_not_orange(toy_pipe):
-    # Issue 18: the model shipped before drew "a yellow X" orange (12 of its 54 held-out misses were
+    # The model shipped before drew "a yellow X" orange (12 of its 54 held-out misses were
     # yellow drawn red): its VAE put yellow between red and white in latent space. Every yellow
     # caption x both seeds: each shape is graded yellow, and its centre is near the palette's yellow
     # (that model: median 33-48 RGB units off with euler, lms and dpmpp_2m; the retrained one: 11 with euler).

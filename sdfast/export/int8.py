@@ -1,4 +1,4 @@
-"""int8 OpenVINO components through NNCF post-training quantization (issue 27).
+"""int8 OpenVINO components through NNCF post-training quantization.
 
 ``sdfast export --format openvino --precision int8 [--int8-mode MODE]`` converts every component
 as the fp32 / bf16 export does, then quantizes the U-Net (``--int8-components`` for more)
