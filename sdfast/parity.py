@@ -65,7 +65,7 @@ class ParityReport:
                           indent=2)
 
     def table(self) -> str:
-        cols = ("tier", "check", "prec", "max abs", "mean abs", "cosine", "PSNR dB", "max px", "limit", "")
+        cols = ("tier", "check", "prec", "max abs", "mean abs", "cosine", "PSNR dB", "max px", "limit", "result")
         lines = []
         for r in self.rows:
             m = r.metrics
