@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .errors import InvalidArgument
@@ -177,6 +178,21 @@ def check_outputs(args: argparse.Namespace, n: int) -> list[Path]:
     return outs
 
 
+def _toy_caption_hint(info, prompts: list[str]) -> None:
+    """On the built-in toy models, one stderr line when a prompt names no shape or colour they
+    know (they still draw something: a hint, not an error)."""
+    from .models import model_arg
+    from .toy import TOY_MODELS, caption_hint
+
+    if model_arg(info) not in TOY_MODELS:
+        return
+    for prompt in prompts:
+        hint = caption_hint(prompt)
+        if hint is not None:
+            print(hint, file=sys.stderr)
+            return
+
+
 def run(args: argparse.Namespace) -> int:
     from .artifacts import output_group
     from .lora import as_loras, parse_lora_arg
@@ -188,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = prompts_from_args(args)
     outs = check_outputs(args, len(prompts) * max(1, args.num_images))  # a bad N is refused by Request.build
     info = resolve_model(args.model, variant=args.variant)
+    _toy_caption_hint(info, prompts)
     # Every rule is checked here, before loading weights and before the run writes anything.
     req = Request.build(info, prompt=prompts if len(prompts) > 1 else prompts[0],
                         negative_prompt=args.negative_prompt, height=args.height, width=args.width,
@@ -210,9 +227,6 @@ def run(args: argparse.Namespace) -> int:
             # them to it (inductor packages and engines with LoRA slots, exported without a fused set, take
             # the set at load as torch does)
             info, loras = info.with_loras(loras), []
-    if req.cache_interval is not None and req.cache_interval > 1 and args.backend not in (None, "torch"):
-        raise InvalidArgument(f"cache_interval: DeepCache runs on the torch backend only, not {args.backend}; "
-                              "use --backend torch, or drop --cache-interval")
     # backend None: the one --engines DIR was exported for (load reads its manifest once)
     pipe = load(info, backend=args.backend, device=args.device, dtype=args.dtype, engines_dir=args.engines,
                 attention=args.attention, cuda_graphs=args.cuda_graphs, loras=loras)

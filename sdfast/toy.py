@@ -10,6 +10,7 @@ matches its prompt. Only numpy, Pillow and the standard library are needed.
 from __future__ import annotations
 
 import itertools
+import re
 from collections import Counter
 
 import numpy as np
@@ -124,6 +125,23 @@ def all_captions() -> list[str]:
     return [
         t.format(shape=s, colour=c, background=b) for s, c, b in combos() for t in TEMPLATES
     ]
+
+
+#: the built-in models trained on this world; ``sdfast generate`` hints at its vocabulary for them.
+TOY_MODELS = ("tiny", "tiny-lcm")
+
+
+def caption_hint(prompt: str) -> str | None:
+    """One line saying what the toy models know, when ``prompt`` names no shape or no colour of
+    this world (None when it names both). Words are matched whole and lower-cased: "circel" or
+    "circles" are not "circle", and the model never saw them either."""
+    words = set(re.findall(r"[a-z]+", prompt.lower()))
+    missing = [what for what, known in (("shape", SHAPES), ("colour", COLOURS)) if not words & set(known)]
+    if not missing:
+        return None
+    return (f"hint: the built-in toy model knows only a {', '.join(SHAPES[:-1])} or {SHAPES[-1]} in "
+            f"{', '.join(COLOURS[:-1])} or {COLOURS[-1]} on a background of another colour, e.g. "
+            f"\"{caption('circle', 'red', 'blue')}\"; {prompt!r} names no {' and no '.join(missing)} it knows")
 
 
 def nearest_colour(rgb) -> str:
