@@ -2,13 +2,26 @@
 and the same app as a Ray Serve deployment (extra ``sdfast[ray]``, see ray.py).
 
     from sdfast.serve import ServeConfig, ImageService, create_app
+
+The names load lazily: Ray's HTTP proxies import sdfast.serve.ray_proxy, and must not load torch.
 """
 
 from __future__ import annotations
 
-from .service import ImageService, ServeConfig
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .service import ImageService, ServeConfig
 
 __all__ = ["ImageService", "ServeConfig", "create_app"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("ImageService", "ServeConfig"):
+        from . import service
+
+        return getattr(service, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def create_app(service: ImageService, drain_timeout_s: float | None = None):

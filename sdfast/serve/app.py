@@ -37,7 +37,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import InvalidArgument, MissingFile
 from .batching import Closed, Expired, QueueFull
 from .edits import form_fields
-from .service import ImageService, error_body
+from .service import ImageService
+from .shape import error_body
 from .streaming import start_stream
 
 log = logging.getLogger(__name__)

@@ -29,6 +29,7 @@ routes to it only when it is ready. GPU replicas (num_gpus > 0) are unverified: 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from dataclasses import fields, replace
@@ -110,11 +111,13 @@ def run_ray(config: ServeConfig, replicas: int, num_cpus: float, num_gpus: float
         from ray import serve
     except ModuleNotFoundError:
         raise InvalidArgument("ray: Ray Serve is not installed; pip install 'sdfast[ray]'") from None
+    from .ray_proxy import PROXY_ENV
+
     app = deployment(config, replicas, num_cpus, num_gpus)
-    if address:
-        ray.init(address=address, include_dashboard=False)
-    else:
-        ray.init(include_dashboard=False)
+    # Ray's proxies answer in OpenAI's error shape when a replica cannot (ray_proxy.py); a callback
+    # the user set in the environment wins. Passed as the job's env: the proxies Serve starts get it.
+    env = {k: os.environ.get(k, v) for k, v in PROXY_ENV.items()}
+    ray.init(address=address or None, include_dashboard=False, runtime_env={"env_vars": env})
     stop = threading.Event()
     received: list[int] = []
 

@@ -441,13 +441,6 @@ class ImageService:
                 "loras": sorted(self.loras)}
 
 
-def error_body(status: int, kind: str, message: str) -> dict[str, Any]:
-    """OpenAI's error shape for a refusal: ``param`` is the argument a bad-input message names first."""
-    param = message.split(":", 1)[0] if kind == "invalid_argument" else None
-    return {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
-            "param": param, "code": kind}
-
-
 def _encode(images: list, metas: list[dict[str, Any]]) -> list[bytes]:
     from ..media import save_png
 

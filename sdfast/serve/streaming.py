@@ -29,7 +29,7 @@ from fastapi.responses import StreamingResponse
 from ..errors import InvalidArgument, MissingFile
 from ..stream import Cancelled
 from .batching import Expired
-from .service import error_body
+from .shape import error_body
 
 if TYPE_CHECKING:
     from ..output import PartialImage
