@@ -11,10 +11,11 @@ with `sdfast parity --engines DIR`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 
 from .backends import BACKENDS, FORMATS, LORA_SLOT_FORMATS, ExportJob, for_format
-from .components import Precision, ShapeProfile, size_multiple
+from .components import CACHE_FORMATS, Precision, ShapeProfile, size_multiple
 from .errors import InvalidArgument
 from .export.int8 import (
     DEFAULT_CALIBRATION_PROMPTS,
@@ -66,6 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "are encoded in chunks, see generate --long-prompt)")
     p.add_argument("--dynamic", action="store_true",
                    help=f"batch 1..{DYNAMIC_MAX_BATCH}, sides 1/{DYNAMIC_SIZE_FACTOR}x..{DYNAMIC_SIZE_FACTOR}x native")
+    p.add_argument("--cache-branch", type=int, default=None, metavar="B",
+                   help="also export DeepCache's two U-Net graphs cut at branch B (unet_deep, unet_shallow; "
+                        "--format onnx or openvino): generate then takes --cache-interval N --cache-branch B")
     g = p.add_argument_group("int8 (--format openvino --precision int8; needs pip install 'sdfast[int8]')")
     g.add_argument("--int8-mode", default=None, metavar="MODE",
                    help="how NNCF quantizes: " + "; ".join(f"{k}: {v}" for k, v in MODES.items())
@@ -141,6 +145,12 @@ def run(args: argparse.Namespace) -> int:
         from .lora import parse_lora_arg
 
         info = info.with_loras([parse_lora_arg(text) for text in args.lora])  # read and checked before any work
+    if args.cache_branch is not None:
+        if args.format not in CACHE_FORMATS:
+            raise InvalidArgument(f"cache-branch: DeepCache's graphs are exported for --format "
+                                  f"{' or '.join(CACHE_FORMATS)}, not {args.format}; drop --cache-branch, or change --format")
+        info = dataclasses.replace(info, cache_branch=args.cache_branch)
+        info.specs  # noqa: B018  (refuses a branch outside the U-Net's, before any work)
     profile = profile_from_args(args, info)
     record = for_format(args.format)
     int8 = int8_options(args)

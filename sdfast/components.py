@@ -102,6 +102,8 @@ class ComponentSpec:
     #: run through the CUDA-graph runner's static buffers when CUDA graphs are on (the U-Net is
     #: captured inside the whole guided step instead, graphs.py).
     graphed: bool = False
+    #: one of the two DeepCache graphs of a U-Net (``deepcache_specs``): the branch it was cut at
+    cache_branch: int | None = None
 
     def __post_init__(self):
         assert self.rows in ROWS, self.rows
@@ -189,6 +191,54 @@ TIMESTEP_COND = TensorSpec("timestep_cond", ("B", "E"))
 def with_timestep_cond(spec: ComponentSpec) -> ComponentSpec:
     """``spec`` (a U-Net's) with the guidance-embedding input appended."""
     return replace(spec, inputs=(*spec.inputs, TIMESTEP_COND))
+
+
+#: DeepCache's two exported graphs of a U-Net (sdfast/deepcache.py): the full one also emits the
+#: feature entering the up layer of the cut branch, the shallow one takes it as its last input.
+CACHE_DEEP, CACHE_SHALLOW = "unet_deep", "unet_shallow"
+#: the export formats that build them (``sdfast export --cache-branch``)
+CACHE_FORMATS = ("onnx", "openvino")
+
+
+def cache_feature(unet_config: dict, branch: int) -> TensorSpec:
+    """The cached feature of ``branch`` (sdfast/deepcache.py's numbering), from the U-Net config:
+    the hidden state entering the up layer that consumes down residual ``branch``, so it has that
+    residual's resolution and the channels of the layer before it (the mid block's for the deepest)."""
+    from .errors import InvalidArgument
+
+    blocks = list(unet_config["block_out_channels"])
+    per = unet_config.get("layers_per_block", 2)
+    per = [per] * len(blocks) if isinstance(per, int) else list(per)
+    levels = [0]  # residual k's downsampling level: conv_in, then each block's layers and downsampler
+    for i, n in enumerate(per):
+        levels += [i] * n + ([i + 1] if i < len(blocks) - 1 else [])
+    if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < len(levels):
+        raise InvalidArgument(f"cache_branch: this U-Net has branches 0 .. {len(levels) - 1} (0 is the shallowest, "
+                              f"fastest one) but {branch!r} was asked for")
+    entry = len(levels) - 1 - branch  # up layers consume residuals last-first, one each
+    up = [c for c, n in zip(reversed(blocks), reversed(per), strict=True) for _ in range(n + 1)]
+    channels = blocks[-1] if entry == 0 else up[entry - 1]
+    s = 2 ** levels[branch]
+    side = ("h", "w") if s == 1 else (f"h/{s}", f"w/{s}")
+    return TensorSpec("feature", ("B", str(channels), *side))
+
+
+def deepcache_specs(unet: ComponentSpec, unet_config: dict, branch: int) -> dict[str, ComponentSpec]:
+    """The two DeepCache graphs of the U-Net ``unet`` cut at ``branch``, as components."""
+    feature = cache_feature(unet_config, branch)
+    deep = replace(unet, name=CACHE_DEEP, outputs=(*unet.outputs, feature), cache_branch=branch)
+    shallow = replace(unet, name=CACHE_SHALLOW, inputs=(*unet.inputs, feature), cache_branch=branch)
+    return {CACHE_DEEP: deep, CACHE_SHALLOW: shallow}
+
+
+def _dim(d: str, known: dict[str, int]) -> int | None:
+    """A dim's size from ``known``: a name, ``name/N`` (a downsampled side) or a number."""
+    if d in known:
+        return known[d]
+    if "/" in d:
+        base, n = d.split("/")
+        return known[base] // int(n) if base in known else None
+    return int(d)
 
 
 #: the components of each model family, in load and export order.
@@ -329,7 +379,15 @@ class ShapeProfile:
             "h": tuple(v // f for v in self.height),
             "w": tuple(v // f for v in self.width),
         }
-        return {d: dims.get(d) or (int(d),) * 3 for t in spec.inputs + spec.outputs for d in t.dims}
+        out = {}
+        for d in (d for t in spec.inputs + spec.outputs for d in t.dims):
+            if d in dims:
+                out[d] = dims[d]
+            elif "/" in d:  # a downsampled side (a DeepCache feature): h/4
+                out[d] = tuple(_dim(d, {d.split("/")[0]: v}) for v in dims[d.split("/")[0]])
+            else:
+                out[d] = (int(d),) * 3
+        return out
 
     def shapes(self, spec: ComponentSpec, info: ModelInfo, which: str = "inputs") -> dict[str, tuple[tuple[int, ...], ...]]:
         """tensor name -> (min shape, opt shape, max shape): TensorRT's profile triples and buffer sizes."""
@@ -396,4 +454,4 @@ def output_shapes(spec: ComponentSpec, info: ModelInfo, inputs: dict[str, tuple[
     if "H" in known:
         known.setdefault("h", known["H"] // f)
         known.setdefault("w", known["W"] // f)
-    return {t.name: tuple(known[d] if d in known else int(d) for d in t.dims) for t in spec.outputs}
+    return {t.name: tuple(_dim(d, known) for d in t.dims) for t in spec.outputs}

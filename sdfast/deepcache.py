@@ -34,9 +34,15 @@ a row with another row's features. Every row's features are its own: the cache i
 its first step). Without it, the first call of the next generation would reuse the previous
 generation's deep features whenever the shapes agree.
 
+The cut is two torch modules, :class:`DeepUNet` (the whole network, returning the noise
+prediction and the feature) and :class:`ShallowUNet` (the shallow path, taking the feature as its
+last input), with the U-Net's positional inputs in its spec's order. The torch backend runs them
+as they are; ``sdfast export --cache-branch B`` (onnx, openvino) exports them as two more
+components, ``unet_deep`` and ``unet_shallow`` (``components.deepcache_specs``: the feature's
+shape comes from the U-Net config), hashed and checked like every component, and
+:func:`for_pipeline` runs the same schedule over those engines (:class:`ExportedDeepCacheUNet`).
+
 The object is not CUDA-graph safe (the schedule is Python state); it runs on the plain loop.
-Only the torch backend is covered: exported graphs are one fixed function each (issue 26 asks for
-separate full and shallow exports, not done here).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .components import CACHE_DEEP, CACHE_FORMATS, CACHE_SHALLOW
 from .engines.base import engine_inputs
 from .errors import InvalidArgument
 
@@ -118,70 +125,29 @@ def branch_count(engine) -> int:
     return len(down) + 1  # residuals 0 .. len(down); the deepest branch skips only the mid block
 
 
-class DeepCacheUNet:
-    """A U-Net engine that runs the full network every ``interval``-th call and the shallow path
-    (reusing the cached deep feature at ``branch``) in between. Same call and output as the
-    engine it wraps: ``__call__(sample=, timestep=, encoder_hidden_states=, **cond) -> {"noise_pred": ...}``.
+class _Cut(torch.nn.Module):
+    """What both halves of the cut share: the U-Net, the branch, and the layers, embedding, down
+    and up paths as diffusers' forward runs them (the same module calls, in the same order)."""
 
-    ``history`` lists "full" / "shallow" for each call since the last :meth:`reset`."""
-
-    graph_safe = False  # the call schedule is host state
-
-    def __init__(self, engine, interval: int, branch: int = 0):
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise InvalidArgument(f"cache_interval: must be a whole number >= 1 (1 = no caching) but is {interval!r}")
-        self.engine = engine
-        self.unet = find_unet(engine)
-        self.spec = engine.spec
-        self.device = engine.device
-        self.precision = engine.precision
-        self.profile, self.size_multiple = engine.profile, engine.size_multiple
-        self.dtype = getattr(engine, "dtype", next(self.unet.parameters()).dtype)
-        unknown = [n for n in self.spec.input_names if n not in _KNOWN_INPUTS]
+    def __init__(self, unet: torch.nn.Module, branch: int, input_names: list[str]):
+        super().__init__()
+        unknown = [n for n in input_names if n not in _KNOWN_INPUTS]
         if unknown:
             raise InvalidArgument(f"cache_interval: DeepCache does not know the U-Net input(s) {unknown}; "
                                   "drop --cache-interval for this model")
-        self._down, self._up = _structure(self.unet)
+        self.unet = unet
+        self.input_names = tuple(input_names)
+        self._down, self._up = _structure(unet)
         count = len(self._down) + 1
         if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < count:
             raise InvalidArgument(f"cache_branch: this U-Net has branches 0 .. {count - 1} (0 is the shallowest, "
                                   f"fastest one) but {branch!r} was asked for")
-        self.interval = interval
         self.branch = branch
         # the up layer that consumes residual `branch`: where the shallow call starts
         self._entry = next(k for k, layer in enumerate(self._up) if layer.residual == branch)
-        self.reset()
 
-    def __repr__(self) -> str:
-        return f"DeepCacheUNet(interval={self.interval}, branch={self.branch})"
-
-    def describe(self) -> str:
-        """One line for the approximations list of an output."""
-        return f"DeepCache: full U-Net every {self.interval} calls, branch {self.branch} otherwise"
-
-    def reset(self) -> None:
-        """Forget the cached feature and restart the schedule: call at the start of every generation."""
-        self._cache: torch.Tensor | None = None
-        self._key: tuple | None = None
-        self._since_full = 0
-        self.history: list[str] = []
-
-    @torch.inference_mode()
-    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        args = dict(zip(self.spec.input_names, engine_inputs(self.spec, inputs, self.device, self.dtype),
-                        strict=True))
-        key = tuple((n, tuple(t.shape)) for n, t in args.items())
-        full = self._cache is None or key != self._key or self._since_full >= self.interval
-        out = self._forward(args, full)
-        if full:
-            self._key, self._since_full = key, 1
-        else:
-            self._since_full += 1
-        self.history.append("full" if full else "shallow")
-        return {self.spec.outputs[0].name: out.float()}
-
-    # -- the network, layer by layer (the same module calls, in the same order, as diffusers' forward)
-    def _forward(self, args: dict[str, torch.Tensor], full: bool) -> torch.Tensor:
+    def _embed(self, args: dict[str, torch.Tensor]):
+        """(sample, time embedding, text states, whether upsamplers take explicit sizes)."""
         unet = self.unet
         sample, ehs = args["sample"], args["encoder_hidden_states"]
         added = {k: args[k] for k in _ADDED_COND if k in args} or None
@@ -200,10 +166,14 @@ class DeepCacheUNet:
         if unet.time_embed_act is not None:
             emb = unet.time_embed_act(emb)
         ehs = unet.process_encoder_hidden_states(encoder_hidden_states=ehs, added_cond_kwargs=added)
+        return sample, emb, ehs, forward_upsample_size
 
+    def _down_path(self, sample, emb, ehs, layers) -> list[torch.Tensor]:
+        """``conv_in`` and ``layers`` of the down path: the residuals they emit."""
+        unet = self.unet
         h = unet.conv_in(sample)
         residuals = [h]
-        for layer in self._down if full else self._down[: self.branch]:
+        for layer in layers:
             block = unet.down_blocks[layer.block]
             if layer.index < 0:
                 for downsampler in block.downsamplers:
@@ -211,41 +181,216 @@ class DeepCacheUNet:
             else:
                 h = block.resnets[layer.index](h, emb)
                 if hasattr(block, "attentions"):
-                    h = self._attn(block.attentions[layer.index], h, ehs)
+                    h = _attn(block.attentions[layer.index], h, ehs)
             residuals.append(h)
+        return residuals
 
-        if full:
-            mid = unet.mid_block
-            if mid is not None:
-                h = mid(h, emb, encoder_hidden_states=ehs, attention_mask=None, cross_attention_kwargs=None,
-                        encoder_attention_mask=None) if getattr(mid, "has_cross_attention", False) else mid(h, emb)
-            layers = self._up
-        else:
-            h = self._cache
-            layers = self._up[self._entry :]
+    def _up_path(self, h, residuals, emb, ehs, layers, forward_upsample_size, keep: int | None = None):
+        """``layers`` of the up path from ``h``, then ``conv_out``; (output, the hidden state
+        entering layer ``keep``, or None)."""
+        unet = self.unet
+        kept = None
         for k, layer in enumerate(layers):
-            if full and k == self._entry:
-                self._cache = h
+            if k == keep:
+                kept = h
             block = unet.up_blocks[layer.block]
             h = torch.cat([h, residuals[layer.residual]], dim=1)
             h = block.resnets[layer.index](h, emb)
             if hasattr(block, "attentions"):
-                h = self._attn(block.attentions[layer.index], h, ehs)
+                h = _attn(block.attentions[layer.index], h, ehs)
             if layer.upsample:
                 size = residuals[layer.residual - 1].shape[2:] if forward_upsample_size else None
                 for upsampler in block.upsamplers:
                     h = upsampler(h, size)
         if unet.conv_norm_out:
             h = unet.conv_act(unet.conv_norm_out(h))
-        return unet.conv_out(h)
+        return unet.conv_out(h), kept
 
-    @staticmethod
-    def _attn(attn: torch.nn.Module, h: torch.Tensor, ehs: torch.Tensor) -> torch.Tensor:
-        return attn(h, encoder_hidden_states=ehs, cross_attention_kwargs=None, attention_mask=None,
-                    encoder_attention_mask=None, return_dict=False)[0]
+
+class DeepUNet(_Cut):
+    """The whole U-Net: ``forward(*inputs)`` (the U-Net spec's order) -> (noise_pred, feature),
+    the feature being the hidden state entering the up layer of the cut branch."""
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sample, emb, ehs, sized = self._embed(dict(zip(self.input_names, inputs, strict=True)))
+        residuals = self._down_path(sample, emb, ehs, self._down)
+        h, mid = residuals[-1], self.unet.mid_block
+        if mid is not None:
+            h = mid(h, emb, encoder_hidden_states=ehs, attention_mask=None, cross_attention_kwargs=None,
+                    encoder_attention_mask=None) if getattr(mid, "has_cross_attention", False) else mid(h, emb)
+        return self._up_path(h, residuals, emb, ehs, self._up, sized, keep=self._entry)
+
+
+class ShallowUNet(_Cut):
+    """The shallow path: ``forward(*inputs, feature)`` -> noise_pred, ``feature`` from a
+    :class:`DeepUNet` call (same rows, same shapes)."""
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        *args, feature = inputs
+        sample, emb, ehs, sized = self._embed(dict(zip(self.input_names, args, strict=True)))
+        residuals = self._down_path(sample, emb, ehs, self._down[: self.branch])
+        return self._up_path(feature, residuals, emb, ehs, self._up[self._entry :], sized)[0]
+
+
+def _attn(attn: torch.nn.Module, h: torch.Tensor, ehs: torch.Tensor) -> torch.Tensor:
+    return attn(h, encoder_hidden_states=ehs, cross_attention_kwargs=None, attention_mask=None,
+                encoder_attention_mask=None, return_dict=False)[0]
+
+
+def _check_interval(interval) -> None:
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise InvalidArgument(f"cache_interval: must be a whole number >= 1 (1 = no caching) but is {interval!r}")
+
+
+class _Schedule:
+    """The call schedule (module docstring) over a full call ``_full(inputs) -> (noise_pred,
+    feature)`` and a shallow one ``_shallow(inputs, feature) -> noise_pred``. Same call and
+    output as the U-Net engine ``engine``: ``__call__(sample=, timestep=, encoder_hidden_states=,
+    **cond) -> {"noise_pred": ...}``. ``history`` lists "full" / "shallow" for each call since
+    the last :meth:`reset`."""
+
+    graph_safe = False  # the call schedule is host state
+
+    def __init__(self, engine, interval: int, branch: int):
+        _check_interval(interval)
+        self.spec, self.device, self.precision = engine.spec, engine.device, engine.precision
+        self.profile, self.size_multiple = engine.profile, engine.size_multiple
+        self.interval, self.branch = interval, branch
+        self.reset()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(interval={self.interval}, branch={self.branch})"
+
+    def describe(self) -> str:
+        """One line for the approximations list of an output."""
+        return f"DeepCache: full U-Net every {self.interval} calls, branch {self.branch} otherwise"
+
+    def reset(self) -> None:
+        """Forget the cached feature and restart the schedule: call at the start of every generation."""
+        self._cache: torch.Tensor | None = None
+        self._key: tuple | None = None
+        self._since_full = 0
+        self.history: list[str] = []
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        key = tuple((n, tuple(inputs[n].shape)) for n in self.spec.input_names)
+        full = self._cache is None or key != self._key or self._since_full >= self.interval
+        if full:
+            out, self._cache = self._full(inputs)
+            self._key, self._since_full = key, 1
+        else:
+            out = self._shallow(inputs, self._cache)
+            self._since_full += 1
+        self.history.append("full" if full else "shallow")
+        return {self.spec.outputs[0].name: out}
+
+
+class DeepCacheUNet(_Schedule):
+    """DeepCache over a torch-backend U-Net engine: :class:`DeepUNet` every ``interval``-th call,
+    :class:`ShallowUNet` (reusing the cached feature at ``branch``) in between."""
+
+    def __init__(self, engine, interval: int, branch: int = 0):
+        _check_interval(interval)
+        self.engine = engine
+        self.unet = find_unet(engine)
+        self.dtype = getattr(engine, "dtype", next(self.unet.parameters()).dtype)
+        self.deep = DeepUNet(self.unet, branch, engine.spec.input_names)
+        self.shallow = ShallowUNet(self.unet, branch, engine.spec.input_names)
+        super().__init__(engine, interval, branch)
+
+    def _args(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return engine_inputs(self.spec, inputs, self.device, self.dtype)
+
+    @torch.inference_mode()
+    def _full(self, inputs):
+        out, feature = self.deep(*self._args(inputs))
+        return out.float(), feature
+
+    @torch.inference_mode()
+    def _shallow(self, inputs, feature):
+        return self.shallow(*self._args(inputs), feature).float()
 
 
 def wrap_unet(unet_engine, interval: int, branch: int = 0) -> DeepCacheUNet:
     """DeepCache around a torch-backend U-Net engine (see the module docstring). Call ``.reset()``
     on the result at the start of every generation."""
     return DeepCacheUNet(unet_engine, interval, branch)
+
+
+# -- the exported backends: the two graphs as components --------------------------------------
+
+def component_module(mods: dict[str, torch.nn.Module], name: str, info, lora_rank: int = 0):
+    """What an exporter traces for component ``name`` over ``mods`` (load_torch_modules' parts):
+    (module, LoRA slot table or None). DeepCache's ``unet_deep`` / ``unet_shallow`` are the cut's
+    two modules; every other component is its fixed-I/O wrapper (with LoRA slots of ``lora_rank``)."""
+    from .lora_slots import slotted_component
+
+    spec = info.specs[name]
+    if spec.cache_branch is None:
+        return slotted_component(mods, name, info.family, lora_rank)
+    if lora_rank:
+        raise InvalidArgument("lora-rank: DeepCache's graphs (--cache-branch) are not built with LoRA slots; drop "
+                              "--lora-rank (fuse a set with --lora), or drop --cache-branch")
+    cls = DeepUNet if name == CACHE_DEEP else ShallowUNet
+    return cls(mods[spec.module], spec.cache_branch, info.specs["unet"].input_names).eval(), None
+
+
+class ExportedDeepCacheUNet(_Schedule):
+    """The schedule over an export's ``unet_deep`` (full calls) and ``unet_shallow`` engines."""
+
+    def __init__(self, engine, deep, shallow, interval: int, branch: int):
+        self.engine, self.deep, self.shallow = engine, deep, shallow
+        self._noise, self._feature = deep.spec.output_names
+        self._feature_in = shallow.spec.inputs[-1].name
+        super().__init__(engine, interval, branch)
+
+    def _full(self, inputs):
+        out = self.deep(**inputs)
+        return out[self._noise], out[self._feature]
+
+    def _shallow(self, inputs, feature):
+        return self.shallow(**inputs, **{self._feature_in: feature})[self._noise]
+
+
+def exported_branch(manifest) -> int | None:
+    """The branch an export's DeepCache graphs were cut at; None when it carries none."""
+    comps = manifest.components if manifest is not None else {}
+    if CACHE_DEEP not in comps or CACHE_SHALLOW not in comps:
+        return None
+    return comps[CACHE_DEEP].get("cache_branch")
+
+
+def for_pipeline(pipe, interval: int, branch: int = 0):
+    """DeepCache over ``pipe``'s U-Net for one run (a fresh schedule): the torch backend's own
+    U-Net, or an export's two graphs (loaded on the first DeepCache run, then kept)."""
+    from dataclasses import replace
+
+    from . import backends
+    from .models import model_arg
+
+    unet = pipe.engines["unet"]
+    if pipe.backend == "torch":
+        return wrap_unet(unet, interval, branch)
+    fmt = backends.get(pipe.backend).format
+    if fmt not in CACHE_FORMATS:
+        raise InvalidArgument(f"cache_interval: DeepCache runs on the torch backend and on {' and '.join(CACHE_FORMATS)} "
+                              f"exports, not on {pipe.backend}; load with --backend torch, or drop --cache-interval")
+    root = pipe.engines_dir
+    have = exported_branch(pipe.manifest)
+    if have is None:
+        raise InvalidArgument(f"cache_interval: the engines in {root} were exported without DeepCache's two U-Net "
+                              f"graphs; export them with `sdfast export --model {model_arg(pipe.info)} --out DIR "
+                              f"--format {fmt} --cache-branch {branch}` (plus the profile flags), or drop "
+                              "--cache-interval")
+    if have != branch:
+        raise InvalidArgument(f"cache_branch: the engines in {root} carry DeepCache graphs cut at branch {have}, but "
+                              f"this run asks for branch {branch}; pass --cache-branch {have}, or export again with "
+                              f"--cache-branch {branch}")
+    engines = pipe.cache_engines.get(branch)
+    if engines is None:
+        info = replace(pipe.info, cache_branch=branch)
+        info.__dict__["fingerprint"] = pipe.info.fingerprint  # the same folder: not hashed again
+        module = backends.get(pipe.backend).load_module()
+        engines = pipe.cache_engines[branch] = module.load(info, device=pipe.device, precision=pipe.precision,
+                                                           engines=str(root), components=(CACHE_DEEP, CACHE_SHALLOW))
+    return ExportedDeepCacheUNet(unet, engines[CACHE_DEEP], engines[CACHE_SHALLOW], interval, branch)

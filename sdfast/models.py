@@ -74,6 +74,9 @@ class ModelInfo:
     #: LoRAs (lora.Lora) fused into the torch modules as they load (``with_loras``): the model an
     #: export with ``--lora`` is made from; the fingerprint stays the folder's, the manifest records these
     loras: tuple = field(default=(), repr=False)
+    #: DeepCache's branch when its two U-Net graphs are components too (``sdfast export --cache-branch``;
+    #: ``dataclasses.replace(info, cache_branch=B)``, sdfast/deepcache.py)
+    cache_branch: int | None = None
 
     def with_loras(self, loras) -> ModelInfo:
         """This model with ``loras`` (files, (file, scale) pairs or lora.Lora) fused at load."""
@@ -124,11 +127,13 @@ class ModelInfo:
     def specs(self):
         """The family's component specs (``components.FAMILY_SPECS``), by component name; a U-Net
         distilled with guidance as an input (LCM) takes ``timestep_cond`` too."""
-        from .components import FAMILY_SPECS, with_timestep_cond
+        from .components import FAMILY_SPECS, deepcache_specs, with_timestep_cond
 
         specs = FAMILY_SPECS[self.family]
         if self.timestep_cond_dim:
             specs = {**specs, "unet": with_timestep_cond(specs["unet"])}
+        if self.cache_branch is not None:
+            specs = {**specs, **deepcache_specs(specs["unet"], self.unet_config, self.cache_branch)}
         return specs
 
     @property

@@ -110,6 +110,8 @@ class Pipeline:
         self.backend = backend
         #: the export's manifest as ``load`` read it (None for eager engines)
         self.manifest = None
+        self.engines_dir: Path | None = None  # its folder; DeepCache's two graphs load from it on first use
+        self.cache_engines: dict[int, dict[str, Engine]] = {}  # branch -> unet_deep, unet_shallow (deepcache.py)
         text = TEXT[info.family]
         tokenizers = [tokenizer if tokenizer is not None and k == 0 else load_tokenizer(info, folder)
                       for k, folder in enumerate(text.tokenizer_folders)]
@@ -333,14 +335,10 @@ class Pipeline:
                                   "receives them; pass on_partial=fn (or use sdfast.stream.stream)")
         head = requests[0]
         unet = self.engines["unet"]
-        if head.cache_interval is not None and head.cache_interval > 1:
-            if self.backend != "torch":
-                raise InvalidArgument(f"cache_interval: DeepCache runs on the torch backend only, and this pipeline "
-                                      f"runs {self.backend}; load it with backend='torch' (--backend torch), or "
-                                      "drop cache_interval")
-            from .deepcache import wrap_unet
+        if head.cache_interval is not None and head.cache_interval > 1:  # DeepCache: torch, onnx, openvino
+            from .deepcache import for_pipeline
 
-            unet = wrap_unet(unet, head.cache_interval, head.cache_branch)  # a fresh cache for this run
+            unet = for_pipeline(self, head.cache_interval, head.cache_branch)  # a fresh cache for this run
         batch = sum(r.batch for r in requests)
         timer = StageTimer(self.device, sync=profile)
         t_start = time.perf_counter()
@@ -494,6 +492,6 @@ def load(model: str | Path | ModelInfo = "tiny", backend: str | None = "torch", 
             return load_component(info, "vae_decoder", dev, Precision.FP32)
 
     pipe = Pipeline(info, engine_set, dev, precision, backend, cuda_graphs=cuda_graphs, fp32_vae_decoder=fallback)
-    pipe.manifest = manifest
+    pipe.manifest, pipe.engines_dir = manifest, None if engines_dir is None else Path(engines_dir)
     pipe.set_loras(loras)
     return pipe

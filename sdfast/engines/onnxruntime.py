@@ -184,13 +184,16 @@ def open_session(path: Path, device: torch.device, precision: Precision, stream:
     return session
 
 
-def load(info: ModelInfo, device: torch.device, precision: Precision, engines: str | None = None) -> dict[str, OrtEngine]:
+def load(info: ModelInfo, device: torch.device, precision: Precision, engines: str | None = None,
+         components: tuple[str, ...] | None = None) -> dict[str, OrtEngine]:
+    """The engines of an export: every component of ``info.specs``, or ``components`` of them
+    (DeepCache's two graphs load on first use, sdfast/deepcache.py)."""
     root, manifest, hint = open_export(info, engines, "onnxruntime", "onnx", "an exported folder")
     check_precision(manifest, root, precision, "graphs")  # the graphs fix their own precision
     if device.type == "cpu" and any(manifest.precision(c) is Precision.FP16 for c in info.specs):
         log.info("fp16 graphs on the CPU provider: ORT inserts fp32 casts where it has no fp16 kernel")
     out = {}
-    for name in info.specs:
+    for name in components or info.specs:
         path = manifest.file(root, name)
         session = read_artifact(lambda path=path, name=name: open_session(path, device, manifest.precision(name)),
                                 "ONNX Runtime", path, hint)

@@ -348,9 +348,11 @@ def check_bounds(model, m: Manifest, root: Path, info: ModelInfo, name: str) -> 
 
 
 def load(info: ModelInfo, device: torch.device, precision: Precision, engines: str | None = None,
-         threads: int | None = None, static_shapes: int | None = None) -> dict[str, OpenVinoEngine]:
-    """The engines of an export; ``static_shapes`` per engine (default ``SDFAST_OV_STATIC_SHAPES``
-    or STATIC_SHAPES; 0 runs the IR's interval shapes as they are)."""
+         threads: int | None = None, static_shapes: int | None = None,
+         components: tuple[str, ...] | None = None) -> dict[str, OpenVinoEngine]:
+    """The engines of an export: every component of ``info.specs``, or ``components`` of them
+    (DeepCache's two graphs load on first use, sdfast/deepcache.py); ``static_shapes`` per engine
+    (default ``SDFAST_OV_STATIC_SHAPES`` or STATIC_SHAPES; 0 runs the IR's interval shapes as they are)."""
     if device.type != "cpu":
         raise InvalidArgument(f"device: the openvino backend runs on the CPU, not {device.type}; use --device cpu")
     import openvino as ov
@@ -362,7 +364,7 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
     core = ov.Core()
     cache = CompileCache(cache_root(), root, core)
     out = {}
-    for name in info.specs:
+    for name in components or info.specs:
         path = m.file(root, name)
         if m.precision(name) not in OV_HINT:
             raise ArtifactMismatch(f"engines: {root} lists {name} in {m.precision(name).value}, which the openvino "

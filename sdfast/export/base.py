@@ -25,7 +25,7 @@ from ..artifacts import (
     staging_dir,
     tensor_records,
 )
-from ..components import Precision, ShapeProfile
+from ..components import CACHE_FORMATS, Precision, ShapeProfile
 from ..errors import InvalidArgument
 from ..models import ModelInfo
 
@@ -46,6 +46,15 @@ def export_components(info: ModelInfo, out: Path | str, profile: ShapeProfile, f
     ``lora_rank``: the LoRA slots ``build`` gave the components (sdfast/lora_slots.py), for the
     export command."""
     components = components or tuple(info.specs)
+    cached = [c for c in components if info.specs[c].cache_branch is not None]  # DeepCache's graphs
+    if cached and fmt not in CACHE_FORMATS:
+        raise InvalidArgument(f"cache-branch: DeepCache's graphs are exported for --format {' or '.join(CACHE_FORMATS)}, "
+                              f"not {fmt}; drop --cache-branch, or change --format")
+    if cached and lora_rank:
+        raise InvalidArgument("lora-rank: DeepCache's graphs (--cache-branch) are not built with LoRA slots; drop "
+                              "--lora-rank (fuse a set with --lora), or drop --cache-branch")
+    if cached:
+        extra_flags = [*extra_flags, "--cache-branch", str(info.cache_branch)]
     profile.validate(info)
     out = check_export_out(out, protect=info.path)  # before any work: never replace what we did not write
     lora_flags = [arg for lo in info.loras for arg in ("--lora", f"{lo.file.path}:{lo.scale:g}")]
@@ -61,7 +70,9 @@ def export_components(info: ModelInfo, out: Path | str, profile: ShapeProfile, f
             t0 = time.perf_counter()
             record = build(name, tmp)
             log.info("%s %s in %.1f s", verb, name, time.perf_counter() - t0)
-            comps[name] = {**record, **tensor_records(name, profile, info)}
+            branch = info.specs[name].cache_branch
+            comps[name] = {**record, **tensor_records(name, profile, info),
+                           **({"cache_branch": branch} if branch is not None else {})}
         Manifest(format=fmt, model=model_record(info), profile=profile, components=comps, export_command=cmd,
                  **(manifest or {})).seal(tmp)
     log.info("wrote %s (%s)", out, profile.describe())

@@ -42,8 +42,8 @@ import torch
 
 from ..components import VAE_COMPONENTS, Precision, ShapeProfile, sample_inputs
 from ..errors import InvalidArgument
-from ..lora_slots import SlotTable, check_rank, slotted_component
-from ..models import COMPONENT_MODULE, ModelInfo, load_torch_modules
+from ..lora_slots import SlotTable, check_rank
+from ..models import ModelInfo, load_torch_modules
 from .base import export_components
 
 if TYPE_CHECKING:
@@ -109,13 +109,15 @@ def prepare_module(info: ModelInfo, name: str, dtype: torch.dtype,
     holds the text encoder or the VAE (or a second precision's copy) beside it."""
     from diffusers.models.attention_processor import AttnProcessor
 
-    part = COMPONENT_MODULE[name]
+    from ..deepcache import component_module
+
+    part = info.specs[name].module
     mod = load_torch_modules(info, dtype=dtype, device="cpu", parts=(part,))[part]
     if info.specs[name].is_text:
         mod.set_attn_implementation("eager")
     else:
         mod.set_attn_processor(AttnProcessor())
-    return slotted_component({part: mod}, name, info.family, lora_rank)
+    return component_module({part: mod}, name, info, lora_rank)  # DeepCache's graphs: the cut's halves
 
 
 def trace_component(module: torch.nn.Module, name: str, info: ModelInfo, profile: ShapeProfile,

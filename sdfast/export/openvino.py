@@ -48,8 +48,8 @@ from ..artifacts import (
 )
 from ..components import VAE_COMPONENTS, Precision, ShapeProfile, sample_inputs
 from ..errors import InvalidArgument
-from ..lora_slots import SlotTable, check_rank, slotted_component
-from ..models import COMPONENT_MODULE, ModelInfo, load_torch_modules
+from ..lora_slots import SlotTable, check_rank
+from ..models import ModelInfo, load_torch_modules
 from .base import export_components
 from .int8 import Int8Options
 
@@ -171,9 +171,11 @@ def export_component(info: ModelInfo, name: str, profile: ShapeProfile, precisio
     returns its LoRA slots, if any."""
     import openvino as ov
 
-    part = COMPONENT_MODULE[name]
+    from ..deepcache import component_module
+
+    part = info.specs[name].module
     mods = load_torch_modules(info, dtype=torch.float32, device="cpu", parts=(part,))
-    module, slots = slotted_component(mods, name, info.family, lora_rank)
+    module, slots = component_module(mods, name, info, lora_rank)  # DeepCache's graphs: the cut's halves
     # The IR shares the module's weight memory (convert_model's share_weights), so one copy of
     # the weights is resident and the module must outlive the save.
     if quantize is None:
@@ -195,6 +197,9 @@ def export_openvino(info: ModelInfo, out: Path | str, profile: ShapeProfile,
     extra = ["--vae-precision", options.vae_precision.value] if options.vae_precision else []
     q8 = options.int8_options
     cal = None
+    if q8 is not None and info.cache_branch is not None:
+        raise InvalidArgument("cache-branch: DeepCache's graphs are not built into int8 exports (they would need "
+                              "calibrating too); drop --cache-branch, or export --precision fp32 or bf16")
     if q8 is not None:
         from . import int8
 
