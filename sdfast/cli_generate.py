@@ -70,7 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="classifier-free guidance for the first fraction F in [0, 1] of the steps only, then "
                              "one U-Net row per image (default: every step; 1 is the exact run)")
     approx.add_argument("--cache-interval", type=int, default=D["cache_interval"], metavar="N",
-                        help="DeepCache (torch backend): the full U-Net every N steps, a shallow pass reusing its "
+                        help="DeepCache (torch; onnx / openvino exports made with --cache-branch): the full U-Net every "
+                             "N steps, a shallow pass reusing its "
                              "deep features between (default: off; 1 = every step full)")
     approx.add_argument("--cache-branch", type=int, default=D["cache_branch"], metavar="B",
                         help="DeepCache's skip branch: 0 the shallowest and fastest (default), deeper ones rerun "

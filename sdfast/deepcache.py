@@ -376,14 +376,15 @@ def for_pipeline(pipe, interval: int, branch: int = 0):
         raise InvalidArgument(f"cache_interval: DeepCache runs on the torch backend and on {' and '.join(CACHE_FORMATS)} "
                               f"exports, not on {pipe.backend}; load with --backend torch, or drop --cache-interval")
     root = pipe.engines_dir
+    where = f"the engines in {root}" if root is not None else f"this pipeline's {pipe.backend} engines"
     have = exported_branch(pipe.manifest)
     if have is None:
-        raise InvalidArgument(f"cache_interval: the engines in {root} were exported without DeepCache's two U-Net "
+        raise InvalidArgument(f"cache_interval: {where} were exported without DeepCache's two U-Net "
                               f"graphs; export them with `sdfast export --model {model_arg(pipe.info)} --out DIR "
                               f"--format {fmt} --cache-branch {branch}` (plus the profile flags), or drop "
                               "--cache-interval")
     if have != branch:
-        raise InvalidArgument(f"cache_branch: the engines in {root} carry DeepCache graphs cut at branch {have}, but "
+        raise InvalidArgument(f"cache_branch: {where} carry DeepCache graphs cut at branch {have}, but "
                               f"this run asks for branch {branch}; pass --cache-branch {have}, or export again with "
                               f"--cache-branch {branch}")
     engines = pipe.cache_engines.get(branch)

@@ -99,7 +99,8 @@ def test_a_batch_row_alone_equals_its_row_in_the_batch(tiny_info, onnx_dir):
     from sdfast.request import Request
 
     pipe = sdfast.load(tiny_info, backend="onnxruntime", engines_dir=onnx_dir)
-    reqs = [Request.build(tiny_info, prompt=p, steps=6, seed=s, cache_interval=2) for p, s in zip(PROMPTS, (3, 4))]
+    reqs = [Request.build(tiny_info, prompt=p, steps=6, seed=s, cache_interval=2)
+            for p, s in zip(PROMPTS, (3, 4), strict=True)]
     both = torch.cat([o.latents for o in pipe.run_batch(reqs)])
     alone = [pipe.run_batch([r])[0].latents for r in reqs]
     # a row's cached features are its own: each image is the one it is alone, and they differ
@@ -249,3 +250,15 @@ def branch_count_of_unet(unet) -> int:
     from sdfast.deepcache import _structure
 
     return len(_structure(unet)[0]) + 1
+
+
+def test_generate_cli_runs_deepcache_on_the_export(tiny_info, onnx_dir, tmp_path):
+    from sdfast.cli import main
+    from sdfast.media import read_png_metadata
+
+    out = tmp_path / "dc.png"
+    assert main(["generate", "a red circle", "--model", str(tiny_info.path), "--backend", "onnxruntime",
+                 "--engines", str(onnx_dir), "--steps", "4", "--cache-interval", "2", "--out", str(out),
+                 "--quiet"]) == 0
+    meta = read_png_metadata(out)
+    assert meta["cache_interval"] == 2 and meta["cache_branch"] == 0

@@ -51,13 +51,20 @@ def test_every_approximation_in_effect_is_listed(tiny_pipe):
 def test_cache_interval_on_another_backend_is_refused_by_name(tiny_pipe, tiny_info, tmp_path, capsys):
     other = Pipeline(tiny_info, tiny_pipe.engines, tiny_pipe.device, tiny_pipe.precision, "onnxruntime",
                      tokenizer=tiny_pipe.tokenizer)
-    with pytest.raises(InvalidArgument, match="cache_interval: DeepCache runs on the torch backend only"):
+    # an export without DeepCache's two graphs (tests/test_deepcache_export.py runs one with them)
+    with pytest.raises(InvalidArgument, match="cache_interval: this pipeline's onnxruntime engines were exported "
+                                              "without DeepCache's two U-Net graphs"):
         other.generate(PROMPT, steps=2, cache_interval=2)
     other.generate(PROMPT, steps=2, cache_interval=1)  # 1 caches nothing: allowed anywhere
+    inductor = Pipeline(tiny_info, tiny_pipe.engines, tiny_pipe.device, tiny_pipe.precision, "inductor",
+                        tokenizer=tiny_pipe.tokenizer)
+    with pytest.raises(InvalidArgument, match="cache_interval: DeepCache runs on the torch backend and on onnx and "
+                                              "openvino exports, not on inductor"):
+        inductor.generate(PROMPT, steps=2, cache_interval=2)
     out = tmp_path / "o.png"
     assert main(["generate", "x", "--model", str(tiny_info.path), "--backend", "onnxruntime", "--cache-interval", "2",
                  "--out", str(out), "--quiet"]) == 2
-    assert "cache_interval" in capsys.readouterr().err and not out.exists()
+    assert "--engines" in capsys.readouterr().err and not out.exists()
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
