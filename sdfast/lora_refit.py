@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .errors import ArtifactMismatch
+from .errors import ArtifactMismatch, InvalidArgument
 from .lora import GROUPS, Lora, layer_index, match
 
 NOT_REFITTABLE = ("loras: these TensorRT plans were built without --refit, so their weights are fixed; export them "
@@ -144,6 +144,13 @@ class RefitLoras:
         self.active: tuple[Lora, ...] = ()
         #: group -> weight name -> the value the engine holds now, for the weights that differ from the base
         self._now: dict[str, dict[str, torch.Tensor]] = {g: {} for g in engines}
+
+    @classmethod
+    def of(cls, engines: dict[str, Any], family: str) -> RefitLoras:
+        """The set of ``engines`` (group -> TensorRT engine); refuses, one line, plans built without ``--refit``."""
+        if any(getattr(e, "refit", None) is None for e in engines.values()):
+            raise InvalidArgument(NOT_REFITTABLE)
+        return cls(engines, family)
 
     def targets(self, loras: list[Lora]) -> dict[str, dict[str, torch.Tensor]]:
         """group -> weight name -> its value under ``loras`` (stored layout and type), for every weight
