@@ -229,6 +229,11 @@ def test_loras_that_do_not_fit_are_refused_before_any_refit(tiny_info, engines, 
 def test_plans_built_without_refit_have_no_table_and_refuse_a_refit(tiny_info, plans, trt, monkeypatch):
     frozen = _open(tiny_info, plans["frozen"], trt, monkeypatch)
     assert all(e.refit is None and e.refit_base is None for e in frozen.values())
+    with pytest.raises(InvalidArgument) as err:  # what set_loras says on these plans
+        RefitLoras.of(frozen, tiny_info.family)
+    assert "\n" not in str(err.value) and "built without --refit" in str(err.value)
+    assert "sdfast export --format tensorrt --refit" in str(err.value)
+    assert isinstance(RefitLoras.of(_open(tiny_info, plans["refit"], trt, monkeypatch), tiny_info.family), RefitLoras)
     e = frozen["unet"]
     name = next(iter(e.cuda_engine.weights))
     with pytest.raises(RuntimeError, match=f"refused weight {name!r}"):
