@@ -150,6 +150,9 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
                      choices=tuple(range(6)), help="tensorrt: builder optimization level 0-5 (default 3)"),
                 Flag("--timing-cache", "timing_cache", metavar="FILE",
                      help="tensorrt: timing cache, read and updated (default: in the sdfast cache)"),
+                Flag("--refit", "refit", action="store_true", default=False,
+                     help="tensorrt: build the text encoder and U-Net plans refittable, so generate --lora / "
+                          "set_loras swap LoRAs by refitting their weights (unverified on a GPU)"),
             )),
     Backend("inductor", "AOTInductor packages compiled by torch.export (CPU and CUDA)", engines="inductor",
             format="inductor", exporter="inductor", pinned=(("torch", "torch"),),

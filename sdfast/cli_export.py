@@ -163,6 +163,9 @@ def run(args: argparse.Namespace) -> int:
     if args.lora_rank and args.format not in LORA_SLOT_FORMATS:
         raise InvalidArgument(f"--lora-rank: LoRA slots are built for --format {' or '.join(LORA_SLOT_FORMATS)}, not "
                               f"{args.format}; drop --lora-rank (fuse a set at export with --lora) or change --format")
+    if getattr(args, "refit", False) and args.format != "tensorrt":
+        raise InvalidArgument(f"--refit: refittable plans are built for --format tensorrt, not {args.format}; drop "
+                              "--refit (--lora-rank gives onnx and openvino engines LoRA slots)")
     record.require()
     if int8:
         from .export.int8 import require_nncf

@@ -26,6 +26,7 @@ from .hardware import resolve_device
 from .inpaint import Start, is_inpaint_unet
 from .loop import LoopState, StepCallback, denoise, guidance_embedding
 from .lora import GROUPS, FusedLoras, Lora, as_loras
+from .lora_refit import RefitLoras
 from .lora_slots import SlotLoras
 from .models import COMPONENT_MODULE, ModelInfo, load_tokenizer, resolve_model
 from .output import GenerationOutput, PartialImage  # noqa: F401  (GenerationOutput: re-exported)
@@ -144,9 +145,8 @@ class Pipeline:
         the weights in place of the set before; ``[]`` or None returns bit-exactly to the base
         weights. All files are read and checked against the model before any weight changes: a
         refused set leaves the pipeline as it was. Torch: the modules that run change in place;
-        inductor: the packages' weights are replaced (no re-export); ONNX Runtime / OpenVINO engines
-        exported with ``--lora-rank`` take the set as their slots' inputs; other exported engines
-        refuse (export with ``--lora``)."""
+        inductor: the packages' weights are replaced; ONNX Runtime / OpenVINO engines exported with
+        ``--lora-rank`` take the set as slot inputs; TensorRT plans built with ``--refit`` refit."""
         items = as_loras(loras)
         if self._fused is None and not items:
             return
@@ -158,7 +158,7 @@ class Pipeline:
         if items:
             self._lora_target().check(items)
 
-    def _lora_target(self) -> FusedLoras | SlotLoras:
+    def _lora_target(self) -> FusedLoras | SlotLoras | RefitLoras:
         """The modules a LoRA changes (unet, text encoders): the eager engines' own, or for engines
         that can replace their weights (``load_weights``), a base copy whose changes they follow;
         for engines exported with LoRA slots, the slots' inputs (sdfast/lora_slots.py)."""
@@ -173,6 +173,8 @@ class Pipeline:
             self._fused = FusedLoras(mods, self.info.family)
         elif all(getattr(e, "lora_slots", None) is not None for e in engines.values()):
             self._fused = SlotLoras(engines, self.info.family)
+        elif self.backend == "tensorrt":  # plans built with --refit; others refuse (sdfast/lora_refit.py)
+            self._fused = RefitLoras.of(engines, self.info.family)
         elif all(hasattr(e, "load_weights") for e in engines.values()):
             if self.graphs is not None and self.graphs.mode == "captured":
                 raise InvalidArgument("loras: replacing a compiled package's weights under captured CUDA graphs is "

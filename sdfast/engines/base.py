@@ -57,6 +57,9 @@ class ExportedEngine:
     #: sdfast/lora_slots.py), None without; ``slot_inputs`` the factors it runs with now
     lora_slots: SlotTable | None = None
     slot_dtype: torch.dtype = torch.float32
+    #: a plan built with ``--refit`` (TensorRT): its lora_refit.RefitTable, with ``refit_base`` and
+    #: ``refit_weights(values, supply)`` (sdfast/lora_refit.py); None: its weights are fixed
+    refit = None
 
     def __init__(self, spec: ComponentSpec, device: torch.device, precision: Precision,
                  profile: ShapeProfile, size_multiple: int):
