@@ -44,12 +44,7 @@ class GenerationOutput:
         }
         if r.prompts_2 != r.prompts or r.negative_prompts_2 != r.negative_prompts:  # SDXL's second encoder
             meta.update(prompt_2=r.prompts_2[k], negative_prompt_2=r.negative_prompts_2[k])
-        for key in ("original_size", "target_size", "negative_original_size", "negative_target_size"):
-            if getattr(r, key) is not None:
-                meta[key] = list(getattr(r, key))
-        for key in ("crops_coords_top_left", "negative_crops_coords_top_left"):
-            if getattr(r, key) != (0, 0):
-                meta[key] = list(getattr(r, key))
+        meta.update(r.size_cond.metadata())
         if r.batch > 1:
             meta["batch_index"] = k
         if r.image is not None:

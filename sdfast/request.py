@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,40 @@ IMG2IMG_STRENGTH = 0.8
 
 
 @dataclass(frozen=True)
+class SizeConditioning:
+    """SDXL's size conditioning, in diffusers' argument names: original (h, w), crop (top, left) and
+    target (h, w) of the image and of the negative rows. None sizes default to the request's size."""
+
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] = (0, 0)
+    negative_target_size: tuple[int, int] | None = None
+
+    def time_ids(self, size: tuple[int, int], img2img: bool) -> tuple[list[float], list[float]]:
+        """(negative, positive) time ids: original + crop + target. Text to image (diffusers'
+        StableDiffusionXLPipeline): the negative equals the positive unless both negative sizes are
+        given. With an init image (its img2img and inpaint pipelines): each negative size defaults to
+        its positive one, and the negative takes the positive crop (diffusers does not read
+        negative_crops_coords_top_left there)."""
+        pos = [*(self.original_size or size), *self.crops_coords_top_left, *(self.target_size or size)]
+        if img2img:
+            neg = [*(self.negative_original_size or self.original_size or size), *self.crops_coords_top_left,
+                   *(self.negative_target_size or self.target_size or size)]
+        elif self.negative_original_size is None or self.negative_target_size is None:
+            neg = pos
+        else:
+            neg = [*self.negative_original_size, *self.negative_crops_coords_top_left, *self.negative_target_size]
+        return [float(v) for v in neg], [float(v) for v in pos]
+
+    def metadata(self) -> dict[str, list[int]]:
+        """The fields set away from their defaults, as PNG metadata records them."""
+        return {f.name: list(v) for f in fields(self)
+                if (v := getattr(self, f.name)) is not None and v != (0, 0)}
+
+
+@dataclass(frozen=True)
 class Request:
     prompts: list[str]
     negative_prompts: list[str]
@@ -59,12 +93,7 @@ class Request:
     prompts_2: list[str] = field(default_factory=list)
     negative_prompts_2: list[str] = field(default_factory=list)
     negative_given: bool = True
-    original_size: tuple[int, int] | None = None  # default (height, width)
-    crops_coords_top_left: tuple[int, int] = (0, 0)
-    target_size: tuple[int, int] | None = None  # default (height, width)
-    negative_original_size: tuple[int, int] | None = None
-    negative_crops_coords_top_left: tuple[int, int] = (0, 0)
-    negative_target_size: tuple[int, int] | None = None
+    size_cond: SizeConditioning = field(default_factory=SizeConditioning)
     #: approximations, all off by default (see ``approximations``): classifier-free guidance only
     #: for the first fraction of the steps that run, then conditional-only steps (None: every step)
     guidance_until: float | None = None
@@ -123,21 +152,8 @@ class Request:
         return out
 
     def time_ids(self) -> tuple[list[float], list[float]]:
-        """SDXL's (negative, positive) size conditioning: original (h, w) + crop (top, left) +
-        target (h, w). Text to image (diffusers' StableDiffusionXLPipeline): the negative equals
-        the positive unless both negative sizes are given. With an init image (its img2img and
-        inpaint pipelines): each negative size defaults to its positive one, and the negative takes
-        the positive crop (diffusers does not read negative_crops_coords_top_left there)."""
-        size = (self.height, self.width)
-        pos = [*(self.original_size or size), *self.crops_coords_top_left, *(self.target_size or size)]
-        if self.image is not None:
-            neg = [*(self.negative_original_size or self.original_size or size), *self.crops_coords_top_left,
-                   *(self.negative_target_size or self.target_size or size)]
-            return [float(v) for v in neg], [float(v) for v in pos]
-        if self.negative_original_size is None or self.negative_target_size is None:
-            return [float(v) for v in pos], [float(v) for v in pos]
-        neg = [*self.negative_original_size, *self.negative_crops_coords_top_left, *self.negative_target_size]
-        return [float(v) for v in neg], [float(v) for v in pos]
+        """SDXL's (negative, positive) size conditioning (see ``SizeConditioning.time_ids``)."""
+        return self.size_cond.time_ids((self.height, self.width), self.image is not None)
 
     @property
     def batch(self) -> int:
@@ -278,9 +294,8 @@ class Request:
             rules.check_side(arg, v, info.vae_scale_factor, "the VAE scale factor")
         return cls(prompts, negatives, height, width, steps, guidance_scale, seed, scheduler, init, float(strength),
                    n, long_prompt, prompts_2, negatives_2, negative_prompt is not None,
-                   sdxl["original_size"], sdxl["crops_coords_top_left"], sdxl["target_size"],
-                   sdxl["negative_original_size"], sdxl["negative_crops_coords_top_left"],
-                   sdxl["negative_target_size"], guidance_until=guidance_until, cache_interval=cache_interval,
+                   SizeConditioning(**{f.name: sdxl[f.name] for f in fields(SizeConditioning)}),
+                   guidance_until=guidance_until, cache_interval=cache_interval,
                    cache_branch=cache_branch,
                    guidance_embedded=embedded, loras=None if loras is None else tuple(as_loras(loras)),
                    mask=mask_image, paste_unmasked=paste_unmasked)
