@@ -22,6 +22,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 from sdfast.cli import main  # noqa: E402
+from sdfast.request import Request  # noqa: E402
 from sdfast.serve import ImageService, ServeConfig, create_app  # noqa: E402
 from sdfast.serve.app import BackgroundServer  # noqa: E402
 
@@ -276,3 +277,21 @@ def test_limits_follow_the_exported_engines_profile(tiny_info, onnx_dynamic):
         service.parse({"prompt": "x", "size": "128x64"})  # 128 wide: within max-side, not the profile
     with pytest.raises(InvalidArgument, match=r"^size: width 256 is above this server's limit of 128"):
         service.parse({"prompt": "x", "size": "256x64"})
+
+
+def test_a_served_request_is_tokenized_by_its_check_and_its_run_only(tiny_pipe, monkeypatch):
+    """parse tokenizes (the profile check needs the chunk count); the batch key reuses that count
+    instead of tokenizing again; the run tokenizes to encode. A long prompt's key still differs."""
+    service = ImageService(tiny_pipe, ServeConfig())
+    calls = []
+    prepare = tiny_pipe.text.prepare
+    monkeypatch.setattr(tiny_pipe.text, "prepare", lambda *a, **k: calls.append(1) or prepare(*a, **k))
+    long = service.parse({"prompt": " ".join(["a red circle on a blue square"] * 30), "steps": STEPS})
+    short = service.parse({"prompt": "a red circle", "steps": STEPS})
+    assert len(calls) == 2
+    assert service._batch_key(long) != service._batch_key(short)
+    assert len(calls) == 2
+    service._run_one(short)
+    assert len(calls) == 3
+    own = Request.build(tiny_pipe.info, prompt="a red circle", steps=STEPS, loras=())  # one parse never saw
+    assert service._batch_key(own) == service._batch_key(short) and len(calls) == 4

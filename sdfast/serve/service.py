@@ -12,6 +12,7 @@ import os
 import re
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -167,6 +168,9 @@ class ImageService:
                                on_depth=self.metrics.queue_depth.set, key=self._batch_key)
         self.redecode = False
         self._streams: dict[int, tuple[int, Any]] = {}  # id(request) -> (partial images, on_partial)
+        # id(request) -> its text-encoder chunk count, found when parse tokenized it: the batch key
+        # reads it instead of tokenizing again (dropped when the request is garbage-collected)
+        self._chunks: dict[int, int] = {}
         self._started = False
         self._lock = threading.Lock()
         self._warm_thread: threading.Thread | None = None
@@ -244,7 +248,9 @@ class ImageService:
         if id(req) in self._streams:  # its partial images are its rows alone
             return ("stream", id(req))
         # Long prompts: only requests with the same text-encoder chunk count share a loop.
-        chunks = self.pipe.chunks(req) if hasattr(self.pipe, "chunks") else 1
+        chunks = self._chunks.get(id(req))
+        if chunks is None:  # a request parse did not see (the library's or a test's own)
+            chunks = self.pipe.chunks(req) if hasattr(self.pipe, "chunks") else 1
         return (*batch_key(req), chunks)
 
     def _run_one(self, req: Request) -> GenerationOutput:
@@ -349,6 +355,8 @@ class ImageService:
 
         chunks = self.pipe.chunks(req) if hasattr(self.pipe, "chunks") else 1  # long prompts: a profile dim
         check_request(self.pipe.engines, req.batch, req.height, req.width, req.guided, chunks=chunks)
+        self._chunks[id(req)] = chunks
+        weakref.finalize(req, self._chunks.pop, id(req), None)
         return req
 
     def partial_images(self, body: dict[str, Any]) -> int | None:
