@@ -179,6 +179,15 @@ def check_outputs(args: argparse.Namespace, n: int) -> list[Path]:
     return outs
 
 
+def lite_run(args: argparse.Namespace, req, loras) -> bool:
+    """Whether this run may load sdfast's own modules (sdfast/lite.py): eager torch on the CPU,
+    text to image, SDPA, no LoRA, no DeepCache (their code paths need the libraries' modules;
+    CUDA is not verified on them)."""
+    return (args.backend in (None, "torch") and args.engines is None and args.device == "cpu" and not loras
+            and args.attention == "sdpa" and req.image is None and getattr(req, "mask", None) is None
+            and (req.cache_interval is None or req.cache_interval <= 1))
+
+
 def _toy_caption_hint(info, prompts: list[str]) -> None:
     """On the built-in toy models, one stderr line when a prompt names no shape or colour they
     know (they still draw something: a hint, not an error)."""
@@ -228,6 +237,10 @@ def run(args: argparse.Namespace) -> int:
             # them to it (inductor packages and engines with LoRA slots, exported without a fused set, take
             # the set at load as torch does)
             info, loras = info.with_loras(loras), []
+    if lite_run(args, req, loras):
+        from .lite import lite_info
+
+        info = lite_info(info)  # the same bits without importing diffusers and transformers (sdfast/lite.py)
     # backend None: the one --engines DIR was exported for (load reads its manifest once)
     pipe = load(info, backend=args.backend, device=args.device, dtype=args.dtype, engines_dir=args.engines,
                 attention=args.attention, cuda_graphs=args.cuda_graphs, loras=loras)

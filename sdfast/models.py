@@ -2,8 +2,8 @@
 
 ``resolve_model`` turns what a user typed (a folder, a hub id, a built-in name) into a checked
 diffusers-layout folder, and ``ModelInfo`` reads the sizes every other module needs from its
-configs (never from literals). Loading the torch modules imports diffusers, so it lives behind
-``load_torch_modules``: running exported engines never pays for that import.
+configs (never from literals). Loading the torch modules imports diffusers (but see
+sdfast/lite.py), so it lives behind ``load_torch_modules``: exported engines never pay for it.
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ class ModelInfo:
     #: DeepCache's branch when its two U-Net graphs are components too (``sdfast export --cache-branch``;
     #: ``dataclasses.replace(info, cache_branch=B)``, sdfast/deepcache.py)
     cache_branch: int | None = None
+    lite: bool = field(default=False, repr=False, compare=False)  # sdfast/lite.py's modules (lite_info)
 
     def with_loras(self, loras) -> ModelInfo:
         """This model with ``loras`` (files, (file, scale) pairs or lora.Lora) fused at load."""
@@ -377,8 +378,7 @@ def _download(repo_id: str) -> Path:
         return Path(snapshot_download(
             repo_id,
             allow_patterns=["model_index.json", "*.json", "*.txt", "text_encoder/*.safetensors",
-                            "unet/diffusion_pytorch_model.safetensors",
-                            "vae/diffusion_pytorch_model.safetensors"],
+                            "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"],
         ))
     except Exception as e:  # the hub client raises many types: all mean "could not get it"
         raise MissingFile(
@@ -390,7 +390,10 @@ def _download(repo_id: str) -> Path:
 # -- torch modules ---------------------------------------------------------------------------
 
 def load_tokenizer(info: ModelInfo, folder: str = "tokenizer"):
-    """The CLIP tokenizer in ``folder`` (tokenizer.json, or vocab.json + merges.txt)."""
+    """The CLIP tokenizer in ``folder`` (tokenizer.json, or vocab.json + merges.txt); ``info.lite``: sdfast's."""
+    if info.lite and folder == "tokenizer":
+        from .lite_text import LiteTokenizer
+        return LiteTokenizer(info.path / folder, info.max_tokens)
     from transformers import CLIPTokenizer
 
     try:
@@ -402,12 +405,9 @@ def load_tokenizer(info: ModelInfo, folder: str = "tokenizer"):
 
 
 #: torch module name -> (library, class name, folder); the component wrappers draw on these.
-MODULE_CLASSES = {
-    "text_encoder": ("transformers", "CLIPTextModel"),
-    "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),  # SDXL
-    "unet": ("diffusers", "UNet2DConditionModel"),
-    "vae": ("diffusers", "AutoencoderKL"),
-}
+MODULE_CLASSES = {"text_encoder": ("transformers", "CLIPTextModel"),
+                  "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),  # SDXL
+                  "unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL")}
 #: fixed seeds of the config-only (random weight) models, one per module so any subset is reproducible.
 RANDOM_SEEDS = {"text_encoder": 0, "unet": 1, "vae": 2, "text_encoder_2": 3}
 
@@ -419,6 +419,10 @@ def load_torch_modules(info: ModelInfo, dtype: torch.dtype = torch.float32, devi
     memory stays near one module."""
     import importlib
 
+    from .lite import load_lite_modules
+
+    if info.lite and (mods := load_lite_modules(info, dtype, device, parts or family_modules(info.family))):
+        return mods  # sdfast/lite.py: the libraries' bits without importing them
     from transformers.utils import logging as hf_logging
 
     # transformers draws a per-tensor "Loading weights" bar; ours is quiet unless asked.
@@ -433,8 +437,7 @@ def load_torch_modules(info: ModelInfo, dtype: torch.dtype = torch.float32, devi
                 mods[part] = _random_module(cls, getattr(info, f"{part}_config"), RANDOM_SEEDS[part], dtype)
             else:
                 mods[part] = _from_pretrained(cls, info.path / part, dtype, info.variant)
-            # Cast each module as it is built: a random-weight model's peak is then one module's
-            # fp32 build (random-sdxl's U-Net: 10 GB), not every module's fp32 at once (14 GB).
+            # Cast as built: a random model's peak is one module's fp32 (random-sdxl U-Net 10 GB), not all (14 GB).
             mods[part].eval().requires_grad_(False).to(device)
             if mods[part].dtype != dtype:
                 mods[part].to(dtype)
@@ -477,11 +480,10 @@ def _random_module(cls, config: dict[str, Any], seed: int, dtype: torch.dtype = 
 @contextlib.contextmanager
 def _cast_as_built(dtype: torch.dtype):
     """Cast each child module to ``dtype`` as it is attached to its parent, while a diffusers
-    model is built. diffusers modules take their final values in each child's ``__init__`` (no
-    init pass afterwards, unlike transformers' ``post_init``), so the weights equal those of
-    casting the finished fp32 model, with one child's fp32 in memory instead of the whole
-    model's: random-sdxl's U-Net builds in ~6 GB at bf16, not 10 GB. A global torch hook: any
-    module built on another thread meanwhile is cast too (sdfast loads on one thread)."""
+    model is built (its children take their final values in ``__init__``, no init pass after),
+    so the weights equal the cast finished fp32 model's with one child's fp32 in memory:
+    random-sdxl's U-Net builds in ~6 GB at bf16, not 10 GB. A global torch hook (sdfast loads on
+    one thread)."""
     if dtype == torch.float32:
         yield
         return
