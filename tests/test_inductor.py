@@ -132,3 +132,75 @@ def test_dynamic_profile_unet_serves_several_shapes(tiny_info, tmp_path):
         err = (eager(**inputs)["noise_pred"] - compiled(**inputs)["noise_pred"]).abs().max().item()
         print(f"unet at {(b, h, w)}: max abs diff {err:.3g}")
         assert err <= TIER1_ATOL["unet"]
+
+
+def _torch_package_logger():
+    import logging
+
+    return logging.getLogger("torch._inductor.package.package")
+
+
+def test_a_package_torch_cannot_open_shows_no_torch_lines_and_one_that_opens_keeps_them():
+    # torch's loader logs "Loading outdated pt2 file" and then fails on a package another torch
+    # built (its .so links symbols this libtorch lacks): sdfast's one-line refusal is all there is.
+    import logging
+    import warnings
+
+    from sdfast.engines.inductor import _quietly
+
+    shown: list[str] = []  # what reaches the handlers above torch's logger (torch's own: stderr in the CLI)
+    handler = logging.Handler()
+    handler.emit = lambda record: shown.append(record.getMessage())
+    logger, parent = _torch_package_logger(), logging.getLogger("torch._inductor.package")
+    parent.addHandler(handler)
+
+    def loading(ok: bool):
+        logger.warning("Loading outdated pt2 file. Please regenerate your package.")
+        warnings.warn("a warning torch raised while loading", UserWarning, stacklevel=1)
+        if not ok:
+            raise RuntimeError("Error in dlopen: wrapper.so: undefined symbol: aoti_torch_clone")
+        return "runner"
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(RuntimeError, match="undefined symbol"):
+                _quietly(lambda: loading(False))
+        assert shown == [] and caught == []
+        with pytest.warns(UserWarning, match="a warning torch raised"):
+            assert _quietly(lambda: loading(True)) == "runner"
+        assert shown == ["Loading outdated pt2 file. Please regenerate your package."]  # it loaded: shown
+    finally:
+        parent.removeHandler(handler)
+    assert logger.propagate and all(type(h).__name__ != "_Held" for h in logger.handlers)
+
+
+@pytest.mark.slow
+def test_a_package_of_another_libtorch_is_refused_in_one_line_and_nothing_else(tiny_info, aoti_dir, tmp_path,
+                                                                               capfd):
+    # The manifest's torch pin says this torch (edited, or copied from another export), but the
+    # package's compiled .so wants another libtorch's symbols: what torch prints on the way is dropped.
+    import json
+    import shutil
+    import zipfile
+
+    from sdfast.artifacts import file_record
+    from sdfast.cli import main
+
+    eng = tmp_path / "eng"
+    shutil.copytree(aoti_dir, eng)
+    src, tmp = eng / "text_encoder.pt2", eng / "x.pt2"
+    with zipfile.ZipFile(src) as zi, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zo:
+        for item in zi.infolist():
+            data = zi.read(item.filename)
+            zo.writestr(item, data.replace(b"aoti_torch_", b"aoti_torcX_") if item.filename.endswith(".so") else data)
+    tmp.replace(src)
+    m = json.loads((eng / "manifest.json").read_text())
+    m["files"]["text_encoder.pt2"] = file_record(src)  # resealed: the hash check passes
+    (eng / "manifest.json").write_text(json.dumps(m))
+    capfd.readouterr()
+    assert main(["generate", "x", "--model", str(tiny_info.path), "--backend", "inductor", "--engines", str(eng),
+                 "--steps", "1", "--out", str(tmp_path / "o.png")]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sdfast generate: error: engines: torch cannot open"), err
+    assert "text_encoder.pt2" in err and "Loading outdated" not in err and not (tmp_path / "o.png").exists()

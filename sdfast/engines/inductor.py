@@ -7,7 +7,10 @@ manifest before anything is loaded, with the command that rebuilds.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -108,9 +111,42 @@ def load(info: ModelInfo, device: torch.device, precision: Precision, engines: s
     out = {}
     for name in info.specs:
         path = m.file(root, name)
-        runner = read_artifact(lambda path=path: torch._inductor.aoti_load_package(
+        runner = read_artifact(lambda path=path: _quietly(lambda: torch._inductor.aoti_load_package(
             str(path), run_single_threaded=device.type == "cuda",
-            device_index=device.index if device.index is not None else -1), "torch", path, hint)
+            device_index=device.index if device.index is not None else -1)), "torch", path, hint)
         check_package(runner, m, root, info, name)
         out[name] = InductorEngine(info.specs[name], runner, device, m.precision(name), m.profile, multiple)
     return out
+
+
+class _Held(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _quietly(load):
+    """``load()`` with torch's log lines and warnings held back: a package another torch built
+    fails to load after torch logs "Loading outdated pt2 file" (its first loader failed, its legacy
+    one then fails too), and sdfast's one-line refusal must be all the user sees. What was held is
+    dropped when the load fails, and shown as it would have been when it succeeds."""
+    logger = logging.getLogger("torch._inductor.package.package")
+    held, propagate = _Held(), logger.propagate
+    logger.addHandler(held)
+    logger.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runner = load()
+    finally:
+        logger.removeHandler(held)
+        logger.propagate = propagate
+    for record in held.records:
+        logger.handle(record)
+    for w in caught:
+        with contextlib.suppress(Exception):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return runner
