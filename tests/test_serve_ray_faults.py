@@ -198,7 +198,7 @@ def test_a_replica_killed_mid_burst_costs_only_its_requests_which_get_a_retryabl
                         "after Retry-After (at most 5 tries)",
                 "command": "SDFAST_RAY_FAULTS_JSON=bench/results/ray-faults-tiny-2nodes.json python -m pytest "
                            "-m slow tests/test_serve_ray_faults.py",
-                "sent": BURST, "in_flight_at_kill": still_running,
+                "sent": BURST, "unanswered_at_kill": still_running,
                 "succeeded_first_try": BURST - len(lost), "failed_then_retried": len(lost),
                 "succeeded_after_retry": len(lost), "failed_finally": 0,
                 "retry_status": 503, "recovery_s": round(recovery_s, 1),
