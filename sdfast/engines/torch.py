@@ -56,6 +56,8 @@ def set_attention(mods: dict[str, torch.nn.Module], attention: str) -> None:
     if attention not in ATTENTION:
         raise InvalidArgument(f"attention: {attention!r} is not an attention implementation; "
                               f"use one of {', '.join(ATTENTION)}")
+    if attention == "sdpa" and all(getattr(mods.get(n), "lite", False) for n in ("unet", "vae") if n in mods):
+        return  # sdfast's own modules (sdfast/lite.py) run SDPA already; importing diffusers costs seconds
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     for name in ("unet", "vae"):
