@@ -88,6 +88,8 @@ CONFIGS = [
     Config("lcm-4", scheduler="lcm", steps=4, guidance=LCM_GUIDANCE, lcm=True),
     Config("lcm-2", scheduler="lcm", steps=2, guidance=LCM_GUIDANCE, lcm=True),
     Config("lcm-1", scheduler="lcm", steps=1, guidance=LCM_GUIDANCE, lcm=True),
+    Config("tcd-4", scheduler="tcd", steps=4, guidance=LCM_GUIDANCE, lcm=True),
+    Config("tcd-2", scheduler="tcd", steps=2, guidance=LCM_GUIDANCE, lcm=True),
 ]
 BY_NAME = {c.name: c for c in CONFIGS}
 
@@ -183,20 +185,24 @@ def sdfast_generate(pipe, cfg: Config, **request):
 
 # -- the sdfast pipeline of a row --------------------------------------------------------------
 
-def engines_folder(args, model: str, size: int, given: str | None, batch: int = 1) -> Path:
+def engines_folder(args, model: str, size: int, given: str | None, batch: int = 1,
+                   cache_branch: int | None = None) -> Path:
     """The `sdfast export` folder for ``model`` on ``args.backend``: ``given``, else one exported
-    once (static ``batch`` images per call, ``size``^2, ``args.dtype``) into sdfast's cache and reused."""
+    once (static ``batch`` images per call, ``size``^2, ``args.dtype``; with DeepCache's two graphs
+    when ``cache_branch`` is not None) into sdfast's cache and reused."""
     from sdfast import backends
     from sdfast.model_folder import cache_dir
 
     if given is not None:
         return Path(given)
     fmt = backends.get(args.backend).format
-    dest = cache_dir() / "bench-engines" / f"{model.replace('/', '--')}-{fmt}-{args.dtype}-{size}-b{batch}"
+    dc = [] if cache_branch is None else ["--cache-branch", str(cache_branch)]
+    dest = cache_dir() / "bench-engines" / (f"{model.replace('/', '--')}-{fmt}-{args.dtype}-{size}-b{batch}"
+                                            + (f"-dc{cache_branch}" if dc else ""))
     if not (dest / "manifest.json").is_file():
         cmd = [sys.executable, "-m", "sdfast.cli", "export", "--model", model, "--out", str(dest), "--format", fmt,
                "--precision", args.dtype, "--height", str(size), "--width", str(size), "--batch", str(batch),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), *dc]
         print("exporting:", " ".join(cmd), flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -205,13 +211,25 @@ def engines_folder(args, model: str, size: int, given: str | None, batch: int = 
     return dest
 
 
-def load_pipe(args, model: str, size: int, given: str | None = None, modules=None, batch: int = 1):
+def load_pipe(args, model: str, size: int, given: str | None = None, modules=None, batch: int = 1,
+              cache: bool = False):
     """sdfast's pipeline for a row: the torch backend (on ``modules`` when given), or the exported
-    engines of ``args.backend``."""
+    engines of ``args.backend`` (``cache``: with DeepCache's graphs at ``args.cache_branch``)."""
     if args.backend == "torch":
         return sdfast.load(model, dtype=args.dtype, modules=modules)
-    return sdfast.load(model, backend=args.backend, engines_dir=engines_folder(args, model, size, given, batch),
+    branch = args.cache_branch if cache else None
+    return sdfast.load(model, backend=args.backend, engines_dir=engines_folder(args, model, size, given, batch, branch),
                        dtype=args.dtype)
+
+
+def cache_refusal(args, cfg: Config) -> str | None:
+    """Why ``cfg``'s DeepCache cannot run on ``args.backend``, or None."""
+    from sdfast import backends
+    from sdfast.components import CACHE_FORMATS
+
+    if not cfg.cache_interval or args.backend == "torch" or backends.get(args.backend).format in CACHE_FORMATS:
+        return None
+    return f"DeepCache runs on torch, onnxruntime and openvino, not {args.backend}"
 
 
 # -- quality ----------------------------------------------------------------------------------
@@ -230,14 +248,15 @@ def run_accuracy(args, configs: list[Config]) -> dict[str, Any]:
     for cfg in configs:
         model = args.toy_lcm if cfg.lcm else args.toy
         try:
-            pipe = pipes.get(model) or pipes.setdefault(model, load_pipe(args, model, 64, batch=len(combos or toy.combos())))
+            pipe = pipes.get(model) or pipes.setdefault(model, load_pipe(args, model, 64, batch=len(combos or toy.combos()),
+                                                                         cache=args.cache_branch is not None
+                                                                         and not cfg.lcm))
         except (InvalidArgument, FileNotFoundError) as e:
             out["skipped"][cfg.name] = f"model {model!r}: {e}"
             print(f"skip {cfg.name}: {out['skipped'][cfg.name]}", flush=True)
             continue
         reason = unsupported(pipe, cfg)
-        if reason is None and cfg.cache_interval and args.backend != "torch":
-            reason = f"DeepCache runs on the torch backend only, not {args.backend}"
+        reason = reason or cache_refusal(args, cfg)
         if reason:
             out["skipped"][cfg.name] = reason
             print(f"skip {cfg.name}: {reason}", flush=True)
@@ -270,7 +289,13 @@ def diffusers_runner(cfg: Config, info, modules, size: int, steps: int):
     import diffusers
 
     sched_cfg = info.scheduler_config
-    if cfg.lcm:
+    kwargs: dict[str, Any] = {}
+    if cfg.scheduler == "tcd":  # diffusers' generic pipeline with its TCDScheduler, eta = TCD's gamma
+        from sdfast.schedulers.tcd import read_gamma
+
+        pipe = bench.diffusers_pipeline(info, modules, "tcd")
+        kwargs["eta"] = read_gamma(sched_cfg)
+    elif cfg.lcm:
         pipe = diffusers.LatentConsistencyModelPipeline(
             vae=modules["vae"], text_encoder=modules["text_encoder"], tokenizer=sdfast.models.load_tokenizer(info),
             unet=modules["unet"], scheduler=diffusers.LCMScheduler.from_config(sched_cfg), safety_checker=None,
@@ -288,7 +313,6 @@ def diffusers_runner(cfg: Config, info, modules, size: int, steps: int):
             return "diffusers row needs the DeepCache package (pip install DeepCache), not installed"
         helper = DeepCacheSDHelper(pipe=pipe)
         helper.set_params(cache_interval=cfg.cache_interval, cache_branch_id=cfg.cache_branch)
-    kwargs: dict[str, Any] = {}
     if cfg.guidance_until is not None:
         cutoff = cfg.guidance_until * steps
 
@@ -332,15 +356,15 @@ def run_speed(args, configs: list[Config]) -> dict[str, Any]:
                 info = resolve_model(model)
                 modules = load_torch_modules(info, dtype=theirs.torch_dtype, device=torch.device("cpu"))
                 pipe = load_pipe(args, model, args.size, args.engines_lcm if cfg.lcm else args.engines,
-                                 modules=modules if theirs == precision else None)
+                                 modules=modules if theirs == precision else None,
+                                 cache=args.cache_branch is not None and not cfg.lcm)
             except (InvalidArgument, FileNotFoundError) as e:
                 skipped[cfg.name] = f"model {model!r}: {e}"
                 continue
             loaded[model] = (info, modules, pipe)
         info, modules, pipe = loaded[model]
         reason = unsupported(pipe, cfg)
-        if reason is None and cfg.cache_interval and args.backend != "torch":
-            reason = f"DeepCache runs on the torch backend only, not {args.backend}"
+        reason = reason or cache_refusal(args, cfg)
         if reason:
             skipped[cfg.name] = reason
             continue
@@ -525,6 +549,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     configs = [BY_NAME[n] for n in args.configs] if args.configs else CONFIGS
+    branches = {c.cache_branch for c in configs if c.cache_interval}
+    if len(branches) > 1:
+        raise SystemExit(f"--configs: DeepCache rows of one run share a branch (one export), not {sorted(branches)}")
+    args.cache_branch = branches.pop() if branches else None  # exported engines carry DeepCache's graphs
     if args.quick:
         args.seeds, args.rounds, args.size = args.seeds[:1], 1, 64
         args.speed, args.speed_lcm = "tiny-random", "tiny-random-lcm"
