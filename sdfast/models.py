@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).parent / "data"
 TOKENIZER_DIR = DATA_DIR / "tokenizer"
-#: The trained toy model shipped in the package (issue 5); "tiny" falls back to the random one.
+#: The trained toy model shipped in the package; "tiny" falls back to the random one.
 PACKAGED_TINY = DATA_DIR / "models" / "tiny"
 #: the toy model distilled into a latent consistency model (scripts/distill_lcm.py)
 PACKAGED_TINY_LCM = DATA_DIR / "models" / "tiny-lcm"
@@ -297,7 +297,7 @@ def _tiny_random_folder(lcm: bool = False) -> Path:
     return dest
 
 
-#: Real SD architectures with random weights, for benchmarking without a download (issue 6).
+#: Real SD architectures with random weights, for benchmarking without a download.
 RANDOM_ARCHITECTURES = {
     "random-sd15": "SD 1.5 architecture, random weights, real CLIP tokenizer (benchmarks only)",
     "random-sd21": "SD 2.1 (768 px, v-prediction) architecture, random weights, real CLIP tokenizer (benchmarks only)",
