@@ -7,10 +7,10 @@ Sections in order, with their estimate in seconds on an H100/H200 (``ESTIMATES``
 
 1. ``environment`` (5): ``import diffusers`` (or why not), versions, the GPU.
 2. ``model`` (5): resolve ``--model`` (random-sd15: SD 1.5 architecture, random weights, no
-   download), FLOPs per stage (``sdfast.flops``), the GPU's peak.
+   download), FLOPs per stage (``sdfast.measure.flops``), the GPU's peak.
 3. ``reference_fp32`` (20): ``sdfast.load(dtype="fp32")``, the one tier-3 reference image.
 4. ``sdfast_eager_graphs`` (20): ``sdfast.load(dtype="fp16")`` with CUDA graphs: tier-3 parity
-   (``sdfast.parity``'s PSNR and bound), then the benchmark; fails if the graphs fell back.
+   (``sdfast.measure.parity``'s PSNR and bound), then the benchmark; fails if the graphs fell back.
 5. ``diffusers_eager`` (15): diffusers' own StableDiffusionPipeline in fp16, same settings.
 6. ``sdfast_eager`` (12): sdfast fp16 without CUDA graphs (what the graphs buy).
 7. ``gpu_tests`` (45): ``pytest -m "gpu and not slow" tests/test_gpu*.py``, streamed to
@@ -139,8 +139,8 @@ def images_u8(out) -> np.ndarray:
 
 
 def parity_figures(ref: np.ndarray | None, img: np.ndarray, finite: bool) -> dict[str, Any]:
-    """Tier 3 with sdfast.parity's own PSNR and bound: PSNR >= 35 dB and finite."""
-    from sdfast.parity import FP16_MIN_PSNR, image_metrics
+    """Tier 3 with sdfast.measure.parity's own PSNR and bound: PSNR >= 35 dB and finite."""
+    from sdfast.measure.parity import FP16_MIN_PSNR, image_metrics
 
     if ref is None:
         return {"parity": None, "parity_note": "no fp32 reference (reference_fp32 did not finish ok)"}
@@ -153,7 +153,7 @@ def bench_row(run: Callable[[], dict[str, float]], plain: Callable[[], Any], cfg
               device: torch.device, flops, peak: float | None) -> dict[str, Any]:
     """``sdfast bench``'s own measurement (warm-up, then ``repeat`` runs timed stage by stage,
     synchronized around each stage) plus the best of ``repeat`` plain, unsynchronized calls."""
-    from sdfast.bench import BenchConfig, add_throughput, measure
+    from sdfast.measure.bench import BenchConfig, add_throughput, measure
 
     free_memory(device)
     row = measure(run, BenchConfig(steps=cfg["steps"], repeat=cfg["repeat"], warmup=1), device)
@@ -167,7 +167,7 @@ def bench_row(run: Callable[[], dict[str, float]], plain: Callable[[], Any], cfg
 def sdfast_figures(pipe, cfg: dict[str, Any], device: torch.device, reference: np.ndarray | None,
                    flops=None, peak: float | None = None) -> dict[str, Any]:
     """Tier-3 parity at ``parity_steps``, then the benchmark at ``steps``, of one sdfast pipeline."""
-    from sdfast.bench import BenchConfig, sdfast_runner
+    from sdfast.measure.bench import BenchConfig, sdfast_runner
 
     kw = dict(height=cfg["height"], width=cfg["width"], guidance_scale=cfg["guidance"], scheduler=cfg["scheduler"])
     out = pipe.generate(PROMPT, steps=cfg["parity_steps"], **kw)
@@ -275,14 +275,14 @@ class DeviceCheck:
             props = torch.cuda.get_device_properties(self.device)
             fig.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
                        gpu_memory_gb=props.total_memory / 2**30)
-        from sdfast.bench import machine_info
+        from sdfast.measure.bench import machine_info
 
         self.report["machine"] = machine_info(self.device)
         return f"diffusers {fig['diffusers']}, torch {torch.__version__}, {fig.get('gpu', 'cpu')}"
 
     def model(self, fig: dict[str, Any]) -> str:
-        from sdfast.flops import count_stage_flops, device_peak
-        from sdfast.models import resolve_model
+        from sdfast.measure.flops import count_stage_flops, device_peak
+        from sdfast.model.info import resolve_model
 
         info = resolve_model(self.cfg["model"])
         self.state["info"] = info
@@ -329,15 +329,15 @@ class DeviceCheck:
         """The fp16 torch modules the three fp16 rows share, as in ``sdfast bench`` (one random
         init of SD 1.5 costs seconds); loaded by the first row that runs, inside its section."""
         if "modules" not in self.state:
-            from sdfast.components import Precision
-            from sdfast.models import load_torch_modules
+            from sdfast.model.components import Precision
+            from sdfast.model.info import load_torch_modules
 
             self.state["modules"] = load_torch_modules(self.state["info"], device=self.device,
                                                        dtype=Precision(self.cfg["dtype"]).torch_dtype)
         return self.state["modules"]
 
     def diffusers_eager(self, fig: dict[str, Any]) -> str:
-        from sdfast.bench import BenchConfig, diffusers_pipeline, diffusers_runner
+        from sdfast.measure.bench import BenchConfig, diffusers_pipeline, diffusers_runner
 
         c, dev = self.cfg, self.device
         pipe = diffusers_pipeline(self.state["info"], self.modules(), c["scheduler"])

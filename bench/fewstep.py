@@ -46,8 +46,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import sdfast  # noqa: E402
-from sdfast import bench, fewstep_bench  # noqa: E402
-from sdfast.bench_report import write_json, write_pareto_plot  # noqa: E402
+from sdfast.measure import bench  # noqa: E402
+from sdfast.measure import fewstep as fewstep_bench  # noqa: E402
+from sdfast.measure.report import write_json, write_pareto_plot  # noqa: E402
 from sdfast.errors import InvalidArgument  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -191,7 +192,7 @@ def engines_folder(args, model: str, size: int, given: str | None, batch: int = 
     once (static ``batch`` images per call, ``size``^2, ``args.dtype``; with DeepCache's two graphs
     when ``cache_branch`` is not None) into sdfast's cache and reused."""
     from sdfast import backends
-    from sdfast.model_folder import cache_dir
+    from sdfast.model.folder import cache_dir
 
     if given is not None:
         return Path(given)
@@ -225,7 +226,7 @@ def load_pipe(args, model: str, size: int, given: str | None = None, modules=Non
 def cache_refusal(args, cfg: Config) -> str | None:
     """Why ``cfg``'s DeepCache cannot run on ``args.backend``, or None."""
     from sdfast import backends
-    from sdfast.components import CACHE_FORMATS
+    from sdfast.model.components import CACHE_FORMATS
 
     if not cfg.cache_interval or args.backend == "torch" or backends.get(args.backend).format in CACHE_FORMATS:
         return None
@@ -297,7 +298,7 @@ def diffusers_runner(cfg: Config, info, modules, size: int, steps: int):
         kwargs["eta"] = read_gamma(sched_cfg)
     elif cfg.lcm:
         pipe = diffusers.LatentConsistencyModelPipeline(
-            vae=modules["vae"], text_encoder=modules["text_encoder"], tokenizer=sdfast.models.load_tokenizer(info),
+            vae=modules["vae"], text_encoder=modules["text_encoder"], tokenizer=sdfast.model.info.load_tokenizer(info),
             unet=modules["unet"], scheduler=diffusers.LCMScheduler.from_config(sched_cfg), safety_checker=None,
             feature_extractor=None, requires_safety_checker=False)
     else:
@@ -339,8 +340,8 @@ def diffusers_runner(cfg: Config, info, modules, size: int, steps: int):
 
 
 def run_speed(args, configs: list[Config]) -> dict[str, Any]:
-    from sdfast.components import Precision
-    from sdfast.models import load_torch_modules, resolve_model
+    from sdfast.model.components import Precision
+    from sdfast.model.info import load_torch_modules, resolve_model
 
     precision = Precision.parse(args.dtype)
     loaded: dict[str, Any] = {}

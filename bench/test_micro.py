@@ -15,8 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdfast.components import Precision
-from sdfast.models import SD15_SCHEDULER_CONFIG, resolve_model
+from sdfast.model.components import Precision
+from sdfast.model.info import SD15_SCHEDULER_CONFIG, resolve_model
 from sdfast.schedulers import SCHEDULERS, make_scheduler
 
 LATENT_SHAPE = (1, 4, 64, 64)  # (B, C, h, w): one 512x512 image
@@ -90,7 +90,7 @@ def _unet_inputs(info, height: int, width: int, batch: int = 1) -> dict[str, tor
 
 
 def _unet_engine(info, backend: str, dtype: str, height: int, width: int):
-    from sdfast import bench
+    from sdfast.measure import bench
     from sdfast.engines import load_engines
 
     if backend == "torch":

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from sdfast import toy  # noqa: E402
 from sdfast.fsio import staging_dir  # noqa: E402
 from sdfast.loop import guidance_embedding  # noqa: E402
-from sdfast.model_folder import LCM_SCHEDULER_CONFIG  # noqa: E402
+from sdfast.model.folder import LCM_SCHEDULER_CONFIG  # noqa: E402
 
 TEACHER = ROOT / "sdfast" / "data" / "models" / "tiny"
 SIGMA_DATA = 0.5

@@ -17,7 +17,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from sdfast.bpe import bytes_to_unicode, tokenizer_files
+from sdfast.model.bpe import bytes_to_unicode, tokenizer_files
 
 # The built-in corpus: words of the toy world's captions plus common prompt words.
 BUILTIN_CORPUS = """

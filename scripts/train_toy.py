@@ -485,7 +485,7 @@ def export(args, tok_dir: Path, vae, text, unet, scale: float) -> None:
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n",
                                                                  encoding="utf-8")
         PNDMScheduler.from_pretrained(tmp / "scheduler")  # sanity check that it loads
-        from sdfast.model_folder import MODEL_INDEX  # the SD 1.x pipeline index every built-in writes
+        from sdfast.model.folder import MODEL_INDEX  # the SD 1.x pipeline index every built-in writes
 
         index = {"_class_name": MODEL_INDEX["_class_name"], "_diffusers_version": __import__("diffusers").__version__,
                  **{k: v for k, v in MODEL_INDEX.items() if k != "_class_name"}}

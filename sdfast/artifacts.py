@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import hash_memo
-from .components import Precision, ShapeProfile
+from .model.components import Precision, ShapeProfile
 from .errors import ArtifactMismatch, InvalidArgument, MissingFile
 from .fsio import (
     atomic_path,
@@ -48,7 +48,7 @@ from .fsio import (
 )
 
 if TYPE_CHECKING:
-    from .models import ModelInfo
+    from .model.info import ModelInfo
 
 __all__ = ["atomic_path", "atomic_write", "check_names", "check_output_dir", "check_output_path", "ordinary_mode",
            "output_group", "staging_dir"]
@@ -275,7 +275,7 @@ def export_command(model: str, out: Path | str, fmt: str, precision: str, profil
 
 def rebuild_hint(m: Manifest | None, root: Path, info: ModelInfo | None = None, fmt: str = "onnx") -> str:
     """The command that rebuilds ``root`` in format ``fmt`` (the format the caller needs)."""
-    from .models import model_arg  # here, not at the top: reading a manifest needs no torch
+    from .model.info import model_arg  # here, not at the top: reading a manifest needs no torch
 
     if m is not None and m.export_command and m.format == fmt:
         parts = shlex.split(m.export_command)

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 from .errors import InvalidArgument
 
 if TYPE_CHECKING:
-    from .components import Precision, ShapeProfile
-    from .models import ModelInfo
+    from .model.components import Precision, ShapeProfile
+    from .model.info import ModelInfo
 
 
 @dataclass(frozen=True)

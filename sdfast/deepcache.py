@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .components import CACHE_DEEP, CACHE_FORMATS, CACHE_SHALLOW
+from .model.components import CACHE_DEEP, CACHE_FORMATS, CACHE_SHALLOW
 from .engines.base import engine_inputs
 from .errors import InvalidArgument
 
@@ -366,7 +366,7 @@ def for_pipeline(pipe, interval: int, branch: int = 0):
     from dataclasses import replace
 
     from . import backends
-    from .models import model_arg
+    from .model.info import model_arg
 
     unet = pipe.engines["unet"]
     if pipe.backend == "torch":

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .components import ComponentSpec
+from .model.components import ComponentSpec
 from .loop import LoopState, StepCallback, Timer, denoise, guided_step
 from .schedulers import Scheduler, make_scheduler
 

@@ -1,7 +1,7 @@
 """Remembered sha256s of export files: a second load does not read gigabytes again to hash them.
 
 Loading an export checks every file against the manifest's sha256 (artifacts.verify). That read
-is most of a warm OpenVINO start (3.0 s of CPU for the 4.2 GB SD 1.5 export, bench/cold_start.py).
+is most of a warm OpenVINO start (3.0 s of CPU for the 4.2 GB SD 1.5 export, bench/studies/cold_start.py).
 As git's index does, a file's hash is remembered under what the file system says about it:
 (real path, device, inode, size, mtime_ns, ctime_ns). Any write to the file changes its ctime,
 which no user can set back, so a changed file never matches its old entry and is hashed again;
@@ -33,7 +33,7 @@ RACY_S = 2.0
 def folder() -> Path | None:
     if os.environ.get(ENV, "").strip().lower() in ("off", "0", "no", "false"):
         return None
-    from .model_folder import cache_dir
+    from .model.folder import cache_dir
 
     return cache_dir() / "verified-hashes"
 

@@ -425,7 +425,7 @@ class FusedLoras:
 def fuse_at_load(mods: dict[str, torch.nn.Module], info) -> None:
     """Fuse ``info.loras`` into the freshly loaded ``mods`` (some or all of the model's parts: an
     export loads one at a time), each layer into its part when that part is loaded."""
-    from .wrappers import family_modules
+    from .model.wrappers import family_modules
 
     groups = [g for g in GROUPS if g in family_modules(info.family)]
     loaded = {g: mods[g] for g in groups if g in mods}

@@ -197,8 +197,8 @@ def slotted_component(mods: dict[str, torch.nn.Module], name: str, family: str, 
                       ) -> tuple[torch.nn.Module, SlotTable | None]:
     """The fixed-I/O wrapper of component ``name`` over ``mods`` (load_torch_modules' parts), with
     slots when ``rank`` and the component is a LoRA group; (wrapper, its slot table or None)."""
-    from .components import COMPONENT_MODULE, FAMILY_SPECS
-    from .wrappers import component_modules
+    from .model.components import COMPONENT_MODULE, FAMILY_SPECS
+    from .model.wrappers import component_modules
 
     group = COMPONENT_MODULE[name]
     if not rank or group not in GROUPS:

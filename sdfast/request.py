@@ -30,7 +30,7 @@ FEW_STEP_SCHEDULERS = ("lcm", "tcd")
 if TYPE_CHECKING:
     from PIL import Image
 
-    from .models import ModelInfo
+    from .model.info import ModelInfo
 
 
 #: img2img's strength when none is given (with a mask: 1)

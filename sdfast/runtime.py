@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import inpaint
-from .components import Precision
+from .model.components import Precision
 from .engines import Engine, check_request, load_engines
 from .errors import InvalidArgument
 from .graphs import GraphRunner
@@ -28,7 +28,7 @@ from .loop import LoopState, StepCallback, denoise, guidance_embedding
 from .lora import GROUPS, FusedLoras, Lora, as_loras
 from .lora_refit import RefitLoras
 from .lora_slots import SlotLoras
-from .models import COMPONENT_MODULE, ModelInfo, load_tokenizer, resolve_model
+from .model.info import COMPONENT_MODULE, ModelInfo, load_tokenizer, resolve_model
 from .output import GenerationOutput, PartialImage  # noqa: F401  (GenerationOutput: re-exported)
 from .request import DEFAULTS, Request
 from .safety import DecodeFallback, check_finite
@@ -179,7 +179,7 @@ class Pipeline:
             if self.graphs is not None and self.graphs.mode == "captured":
                 raise InvalidArgument("loras: replacing a compiled package's weights under captured CUDA graphs is "
                                       "not verified; load with cuda_graphs=False (--no-cuda-graphs) to swap LoRAs")
-            from .models import load_torch_modules
+            from .model.info import load_torch_modules
 
             base = load_torch_modules(self.info, parts=tuple(engines))  # fp32 on the CPU: the weights' base
             self._fused = FusedLoras(base, self.info.family, engines=engines)

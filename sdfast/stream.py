@@ -7,7 +7,7 @@ current estimate of the clean latents (``Scheduler.predicted_x0``, diffusers'
 ``pred_original_sample``), so it shows the picture forming, not the noisy latents. A run of N
 steps has at most N - 1 partial images: fewer steps give fewer. The estimate is computed beside
 the step and never feeds back, so the final image equals the run without partial images
-(tested bit for bit). What it costs is one VAE decode per partial image (bench/stream_cost.py:
+(tested bit for bit). What it costs is one VAE decode per partial image (bench/studies/stream_cost.py:
 7.2 s each at 256² on one CPU thread, +44 % for 3 on a 73 s run). A cheaper preview was tried
 and not kept: a per-pixel linear latent-to-colour map fitted by least squares to the first
 partial image's decode reached 20 dB on the toy model in-sample but 9-10 dB on the later steps

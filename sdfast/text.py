@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import ModelInfo
+from .model.info import ModelInfo
 from .request import Request
 
 log = logging.getLogger(__name__)

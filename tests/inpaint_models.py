@@ -35,10 +35,10 @@ def build_tiny_inpaint(tiny: Path, dest: Path, seed: int = 0) -> Path:
 
 
 def build_tiny_sdxl_pair(root: Path, seed: int = 0) -> tuple[Path, Path]:
-    """Two tiny SDXL folders under ``root``: an ordinary 4-channel one (sdfast.random_models'
+    """Two tiny SDXL folders under ``root``: an ordinary 4-channel one (sdfast.model.random_models'
     ``build_tiny_sdxl``, diffusers' own test config) and a copy with a 9-channel U-Net."""
-    from sdfast.models import TOKENIZER_DIR
-    from sdfast.random_models import build_tiny_sdxl
+    from sdfast.model.info import TOKENIZER_DIR
+    from sdfast.model.random_models import build_tiny_sdxl
 
     four = build_tiny_sdxl(root / "tiny-sdxl", TOKENIZER_DIR, seed=seed)
     nine = nine_channel_copy(four, root / "tiny-sdxl-inpaint", seed + 10, "StableDiffusionXLInpaintPipeline")

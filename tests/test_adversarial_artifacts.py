@@ -243,7 +243,7 @@ class _Runner:
 
 
 def test_an_inductor_package_of_another_component_is_refused(tiny_info, eng):
-    from sdfast.components import SPECS
+    from sdfast.model.components import SPECS
     from sdfast.engines.inductor import check_package
     from sdfast.export.inductor import package_metadata
 

@@ -16,7 +16,7 @@ import pytest
 from adversarial import refused, snapshot
 
 from sdfast.artifacts import MANIFEST
-from sdfast.components import ShapeProfile
+from sdfast.model.components import ShapeProfile
 from sdfast.errors import InvalidArgument
 from sdfast.export import onnx as onnx_export
 from sdfast.export.base import check_export_out, is_export_folder

@@ -21,7 +21,7 @@ from PIL import Image
 
 from sdfast.errors import InvalidArgument, MissingFile
 from sdfast.images import BACKGROUND, load_init_image
-from sdfast.models import load_torch_modules, resolve_model
+from sdfast.model.info import load_torch_modules, resolve_model
 from sdfast.request import Request
 
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"

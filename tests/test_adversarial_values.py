@@ -20,8 +20,8 @@ import torch
 from adversarial import refused
 
 from sdfast.errors import InvalidArgument
-from sdfast.model_folder import CONFIG_KEYS
-from sdfast.models import resolve_model
+from sdfast.model.folder import CONFIG_KEYS
+from sdfast.model.info import resolve_model
 from sdfast.request import Request
 
 # -- numbers from numpy and torch -------------------------------------------------------------

@@ -136,8 +136,8 @@ def test_sd_images_of_one_prompt_each_draw_their_own_latents(tiny_pipe):
 
 @pytest.fixture(scope="module")
 def sdxl_folder(tmp_path_factory):
-    from sdfast.models import TOKENIZER_DIR
-    from sdfast.random_models import build_tiny_sdxl
+    from sdfast.model.info import TOKENIZER_DIR
+    from sdfast.model.random_models import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl-rows") / "tiny-sdxl", TOKENIZER_DIR)
 
@@ -184,7 +184,7 @@ def test_sdxl_batch_rows_that_differ_are_each_their_lone_run(sdxl_pipe, field):
 def sdxl_ref(sdxl_folder, sdxl_pipe):
     from diffusers import StableDiffusionXLPipeline
 
-    from sdfast.bench import diffusers_scheduler
+    from sdfast.measure.bench import diffusers_scheduler
 
     ref = StableDiffusionXLPipeline.from_pretrained(sdxl_folder, torch_dtype=torch.float32)
     ref.set_progress_bar_config(disable=True)

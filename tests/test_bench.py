@@ -13,7 +13,9 @@ import time
 import pytest
 import torch
 
-from sdfast import bench, fewstep_bench
+from sdfast.measure import bench
+
+from sdfast.measure import fewstep as fewstep_bench
 from sdfast.backends import get as get_backend
 from sdfast.cli import main
 from sdfast.errors import InvalidArgument
@@ -172,8 +174,8 @@ def test_warmup_runs_a_short_generation_at_the_shape(tiny_pipe):
 def test_sd15_unet_guided_step_flops_match_independent_count():
     # 1606.5 GFLOP per guided step (batch 2) at 64×64 latents, counted independently for
     # the published SD 1.5 U-Net count (803.3 GFLOP per sample, attention matmuls included).
-    from sdfast.flops import count_stage_flops
-    from sdfast.models import resolve_model
+    from sdfast.measure.flops import count_stage_flops
+    from sdfast.model.info import resolve_model
 
     flops = count_stage_flops(resolve_model("random-sd15"), 512, 512, batch=1, guided=True)
     assert flops.unet_step / 1e9 == pytest.approx(1606.5, rel=0.01)
@@ -182,7 +184,7 @@ def test_sd15_unet_guided_step_flops_match_independent_count():
 
 
 def test_gpu_peak_table_matches_names():
-    from sdfast.flops import gpu_peak
+    from sdfast.measure.flops import gpu_peak
 
     assert gpu_peak("NVIDIA H100 80GB HBM3").tflops == 989.0
     assert gpu_peak("NVIDIA H100 PCIe").tflops == 756.0
@@ -202,7 +204,7 @@ KNOWN_CLIP_IDS = {
 
 @pytest.mark.parametrize("name, pad_id", [("random-sd15", 49407), ("random-sd21", 0)])
 def test_random_models_use_the_real_clip_tokenizer(name, pad_id):
-    from sdfast.models import load_tokenizer, resolve_model
+    from sdfast.model.info import load_tokenizer, resolve_model
 
     info = resolve_model(name)
     assert info.random_weights and info.max_tokens == 77
@@ -215,7 +217,7 @@ def test_random_models_use_the_real_clip_tokenizer(name, pad_id):
 
 
 def test_random_model_folder_is_made_once_with_the_release_configs():
-    from sdfast.random_models import random_model_folder
+    from sdfast.model.random_models import random_model_folder
 
     sd15 = random_model_folder("random-sd15")
     assert random_model_folder("random-sd15") == sd15

@@ -17,7 +17,7 @@ import torch
 
 import sdfast
 from sdfast.artifacts import MANIFEST, file_record
-from sdfast.components import CACHE_DEEP, CACHE_SHALLOW, ShapeProfile, cache_feature, deepcache_specs
+from sdfast.model.components import CACHE_DEEP, CACHE_SHALLOW, ShapeProfile, cache_feature, deepcache_specs
 from sdfast.deepcache import DeepUNet, ShallowUNet, branch_count, for_pipeline
 from sdfast.errors import ArtifactMismatch, InvalidArgument
 
@@ -209,7 +209,7 @@ def test_the_feature_spec_from_the_config_is_what_the_cut_emits(tiny_info):
     real feature, on every branch of the tiny U-Net and of an SD-shaped one (3 levels, 2 layers)."""
     from diffusers import UNet2DConditionModel
 
-    from sdfast.models import load_torch_modules
+    from sdfast.model.info import load_torch_modules
 
     sd_like = UNet2DConditionModel(
         block_out_channels=(32, 64, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,

@@ -15,9 +15,9 @@ import torch
 
 import sdfast
 from sdfast.artifacts import read_manifest
-from sdfast.components import SPECS, Precision, ShapeProfile, sample_inputs, size_multiple
+from sdfast.model.components import SPECS, Precision, ShapeProfile, sample_inputs, size_multiple
 from sdfast.errors import InvalidArgument
-from sdfast.parity import component_parity
+from sdfast.measure.parity import component_parity
 
 IMAGE_ATOL = 2  # of 255: docs/architecture.md's end-to-end bound for fp32 engines
 
@@ -145,7 +145,7 @@ def test_fp16_export_runs_on_cpu_provider(tiny_pipe, tiny_info, onnx_fp16, caplo
     ref, out = tiny_pipe.generate("a red circle", **kw), pipe.generate("a red circle", **kw)
     assert torch.isfinite(out.latents).all()
     # the one PSNR that sdfast parity and the device check use
-    from sdfast.parity import FP16_MIN_PSNR, image_metrics
+    from sdfast.measure.parity import FP16_MIN_PSNR, image_metrics
 
     m = image_metrics(np.asarray(ref.images[0])[None], np.asarray(out.images[0])[None])
     assert m["psnr_db"] >= FP16_MIN_PSNR  # DESIGN tier 3 bound

@@ -278,7 +278,7 @@ def save_shifted(state: dict[str, torch.Tensor], path: Path, shift: float, dtype
 
 def loaded_shift(info, sub: str, plain: dict[str, torch.Tensor]) -> float:
     """By how much the module sdfast loads from ``sub`` differs from the plain weights (0, 1, 2, ...)."""
-    from sdfast.models import load_torch_modules
+    from sdfast.model.info import load_torch_modules
 
     def probe(state):
         (key,) = [k for k in state if k == PROBE[sub] or k.endswith("." + PROBE[sub])]
@@ -292,7 +292,7 @@ def loaded_shift(info, sub: str, plain: dict[str, torch.Tensor]) -> float:
 
 
 def test_plain_weights_win_over_a_variant_when_none_is_asked_for(tiny_info, tmp_path):
-    from sdfast.models import resolve_model
+    from sdfast.model.info import resolve_model
 
     folder = weights_folder(tiny_info, tmp_path)
     plain = plain_state(folder, "unet")
@@ -303,7 +303,7 @@ def test_plain_weights_win_over_a_variant_when_none_is_asked_for(tiny_info, tmp_
 
 
 def test_a_variant_only_component_loads_that_variant(tiny_info, tmp_path):
-    from sdfast.models import resolve_model
+    from sdfast.model.info import resolve_model
 
     folder = weights_folder(tiny_info, tmp_path)
     plain = plain_state(folder, "unet")
@@ -316,7 +316,7 @@ def test_a_variant_only_component_loads_that_variant(tiny_info, tmp_path):
 
 @pytest.mark.parametrize("beside", ["plain", "ema"])
 def test_a_requested_variant_is_loaded_whatever_else_the_folder_holds(tiny_info, tmp_path, beside):
-    from sdfast.models import resolve_model
+    from sdfast.model.info import resolve_model
 
     folder = weights_folder(tiny_info, tmp_path)
     plain = plain_state(folder, "unet")
@@ -331,7 +331,7 @@ def test_a_requested_variant_is_loaded_whatever_else_the_folder_holds(tiny_info,
 
 @pytest.mark.parametrize("sub, stem", [("unet", UNET_WEIGHTS), ("text_encoder", "pytorch_model")])
 def test_safetensors_win_over_bin_weights_beside_them(tiny_info, tmp_path, sub, stem):
-    from sdfast.models import resolve_model
+    from sdfast.model.info import resolve_model
 
     folder = weights_folder(tiny_info, tmp_path)
     plain = plain_state(folder, sub)
@@ -346,7 +346,7 @@ def test_safetensors_win_over_bin_weights_beside_them(tiny_info, tmp_path, sub, 
 def test_a_sharded_variant_only_component_loads_that_variant(tiny_info, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from sdfast.models import resolve_model
+    from sdfast.model.info import resolve_model
 
     folder = weights_folder(tiny_info, tmp_path)
     plain = plain_state(folder, "unet")
@@ -488,7 +488,7 @@ class Poison:
 
 @pytest.fixture(scope="module")
 def fp32_engines(tiny_info):
-    from sdfast.components import Precision
+    from sdfast.model.components import Precision
     from sdfast.engines import load_engines
 
     return load_engines(tiny_info, "torch", torch.device("cpu"), Precision.FP32)
@@ -505,7 +505,7 @@ def last_timestep(tiny_info) -> float:
 @pytest.mark.parametrize("cuda_graphs", [False, True], ids=["plain", "graphed"])
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_non_finite_latents_of_each_kind_stop_the_run_naming_the_step(tiny_info, fp32_engines, kind, cuda_graphs):
-    from sdfast.components import Precision
+    from sdfast.model.components import Precision
     from sdfast.errors import NumericalError
     from sdfast.runtime import Pipeline
 
@@ -527,7 +527,7 @@ def test_non_finite_latents_of_each_kind_stop_the_run_naming_the_step(tiny_info,
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_non_finite_pixels_of_each_kind_from_an_fp32_decode_are_refused(tiny_info, fp32_engines, kind):
-    from sdfast.components import Precision
+    from sdfast.model.components import Precision
     from sdfast.errors import NumericalError
     from sdfast.runtime import Pipeline
 
@@ -622,7 +622,7 @@ def ov_bf16(tiny_info, tmp_path_factory):
     ov = pytest.importorskip("openvino")
     if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         pytest.skip("this CPU has no bf16 units: OpenVINO runs a bf16 hint in f32")
-    from sdfast.components import Precision, ShapeProfile
+    from sdfast.model.components import Precision, ShapeProfile
     from sdfast.export.openvino import OpenVinoExportOptions, export_openvino
 
     out = export_openvino(tiny_info, tmp_path_factory.mktemp("ov") / "tiny-bf16", ShapeProfile.static(1, 64, 64),
@@ -638,7 +638,7 @@ def bf16_exact(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def test_bf16_openvino_engines_compute_in_bf16_and_the_f32_hint_computes_in_f32(tiny_info, tiny_pipe, ov_bf16):
     import openvino as ov
 
-    from sdfast.components import ShapeProfile, sample_inputs
+    from sdfast.model.components import ShapeProfile, sample_inputs
     from sdfast.engines.openvino import OpenVinoEngine, compile_config
 
     for engine in ov_bf16.engines.values():
@@ -665,7 +665,7 @@ def test_bf16_openvino_engines_compute_in_bf16_and_the_f32_hint_computes_in_f32(
 
 
 def test_bf16_openvino_images_stay_within_the_reduced_precision_tier(tiny_pipe, ov_bf16):
-    from sdfast.parity import FP16_MIN_PSNR, image_metrics
+    from sdfast.measure.parity import FP16_MIN_PSNR, image_metrics
 
     kw = dict(steps=4, seed=0, scheduler="euler", height=64, width=64)
     ref, out = tiny_pipe.generate("a red circle", **kw), ov_bf16.generate("a red circle", **kw)

@@ -19,11 +19,11 @@ from PIL import Image
 
 import sdfast
 from sdfast.artifacts import MANIFEST, Manifest, load_manifest, model_record, tensor_records
-from sdfast.components import FAMILY_SPECS, Precision, ShapeProfile, sample_inputs
+from sdfast.model.components import FAMILY_SPECS, Precision, ShapeProfile, sample_inputs
 from sdfast.engines import load_engines
 from sdfast.errors import ArtifactMismatch
 from sdfast.graphs import GraphedEngine, GraphRunner
-from sdfast.models import ModelInfo, load_tokenizer
+from sdfast.model.info import ModelInfo, load_tokenizer
 from sdfast.runtime import Pipeline
 
 #: test family -> its components.FAMILY_SPECS key
@@ -51,8 +51,8 @@ def _sd2_v_folder(tiny_info, dest):
 
 @pytest.fixture(scope="module")
 def infos(tiny_info, tmp_path_factory):
-    from sdfast.models import TOKENIZER_DIR, resolve_model
-    from sdfast.random_models import build_tiny_sdxl
+    from sdfast.model.info import TOKENIZER_DIR, resolve_model
+    from sdfast.model.random_models import build_tiny_sdxl
 
     root = tmp_path_factory.mktemp("families")
     return {

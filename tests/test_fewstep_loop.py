@@ -92,7 +92,7 @@ IMAGE_ATOL, IMAGE_MEAN_ATOL = 2, 1.0
 
 @pytest.fixture(scope="module")
 def lcm_info(_private_cache):
-    from sdfast.models import resolve_model
+    from sdfast.model.info import resolve_model
 
     return resolve_model("tiny-random-lcm")
 

@@ -1,4 +1,4 @@
-"""`sdfast bench` and `sdfast.flops` on SDXL: the diffusers row is diffusers' own
+"""`sdfast bench` and `sdfast.measure.flops` on SDXL: the diffusers row is diffusers' own
 StableDiffusionXLPipeline on the same modules, with both text encoders timed as text_encoder,
 and every SDXL stage is counted (both CLIPs, the U-Net with text_embeds/time_ids)."""
 
@@ -10,16 +10,16 @@ import time
 import pytest
 import torch
 
-from sdfast import bench
+from sdfast.measure import bench
 from sdfast.cli import main
-from sdfast.flops import count_stage_flops, text_rows
-from sdfast.models import load_torch_modules, resolve_model
+from sdfast.measure.flops import count_stage_flops, text_rows
+from sdfast.model.info import load_torch_modules, resolve_model
 
 
 @pytest.fixture(scope="session")
 def sdxl_info(tmp_path_factory):
-    from sdfast.models import TOKENIZER_DIR
-    from sdfast.random_models import build_tiny_sdxl
+    from sdfast.model.info import TOKENIZER_DIR
+    from sdfast.model.random_models import build_tiny_sdxl
 
     return resolve_model(build_tiny_sdxl(tmp_path_factory.mktemp("flops-sdxl") / "x", TOKENIZER_DIR))
 
@@ -81,7 +81,7 @@ def test_sdxl_stage_flops_scale_as_their_shapes_do(sdxl_info):
 def test_sdxl_unet_count_includes_the_added_conditioning(sdxl_info):
     # The text_time embedding (a linear layer on the pooled text + 6 × Fourier size features)
     # runs only when text_embeds/time_ids reach the U-Net; without them diffusers raises.
-    from sdfast.flops import _meta_modules
+    from sdfast.measure.flops import _meta_modules
 
     unet = _meta_modules(sdxl_info)["unet"]
     counted = []
@@ -156,7 +156,7 @@ def test_random_weights_built_at_bf16_equal_fp32_built_then_cast(sdxl_info, part
     # casting, or a bf16 bench would run other weights than an fp32 export of the same model.
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from sdfast.models import _random_module
+    from sdfast.model.info import _random_module
 
     cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[part]
     cfg = getattr(sdxl_info, f"{part}_config")

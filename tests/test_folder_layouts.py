@@ -13,7 +13,7 @@ import torch
 from test_pipeline_parity import assert_parity, run_diffusers
 
 import sdfast
-from sdfast.models import resolve_model
+from sdfast.model.info import resolve_model
 
 
 def derived(tiny_info, tmp_path, name):
@@ -57,7 +57,7 @@ def test_a_variant_only_folder_is_loaded_as_that_variant(tiny_info, tmp_path, ca
             f.unlink()
         module.save_pretrained(folder / sub, variant="fp16")
         assert [f.name for f in (folder / sub).glob("*.safetensors")][0].endswith(".fp16.safetensors")
-    with caplog.at_level(logging.INFO, logger="sdfast.models"):
+    with caplog.at_level(logging.INFO, logger="sdfast.model.info"):
         info = resolve_model(folder)
     assert info.variant == "fp16" and any("fp16-variant weights only" in r.getMessage() for r in caplog.records)
     parity_on(folder, variant="fp16")
@@ -86,7 +86,7 @@ def test_release_extras_in_model_index_are_ignored_with_one_info_line(tiny_info,
     index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
                  feature_extractor=["transformers", "CLIPImageProcessor"])
     (folder / "model_index.json").write_text(json.dumps(index))
-    with caplog.at_level(logging.INFO, logger="sdfast.models"):
+    with caplog.at_level(logging.INFO, logger="sdfast.model.info"):
         resolve_model(folder)
     lines = [r.getMessage() for r in caplog.records if "does not run" in r.getMessage()]
     assert len(lines) == 1 and "safety_checker" in lines[0] and "feature_extractor" in lines[0]

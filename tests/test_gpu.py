@@ -108,8 +108,8 @@ def test_img2img_under_graphs_equals_the_plain_loop(cuda_pipes):
 def test_graphs_still_capture_after_the_diffusers_bench_row_on_the_same_modules(tiny_info):
     """The diffusers row's timing hooks synchronize CUDA; left on the shared
     modules they made the sdfast row's capture fail and fall back."""
-    from sdfast.bench import BenchConfig, diffusers_pipeline, diffusers_runner
-    from sdfast.models import load_torch_modules
+    from sdfast.measure.bench import BenchConfig, diffusers_pipeline, diffusers_runner
+    from sdfast.model.info import load_torch_modules
 
     mods = load_torch_modules(tiny_info, dtype=torch.float16, device="cuda")
     run = diffusers_runner(diffusers_pipeline(tiny_info, mods, "euler"), BenchConfig(steps=3, scheduler="euler"),
@@ -146,11 +146,11 @@ def test_fp16_vae_decode_of_large_latents_is_finite(tiny_info):
 
 @pytest.mark.slow
 def test_inductor_cuda_packages_load_and_match_eager(tiny_info, tmp_path):
-    from sdfast.components import ShapeProfile
+    from sdfast.model.components import ShapeProfile
     from sdfast.export.inductor import InductorExportOptions, export_inductor
 
     out = export_inductor(tiny_info, tmp_path / "aoti", ShapeProfile.static(1, 64, 64),
-                          InductorExportOptions(precision=sdfast.components.Precision.FP16, device="cuda",
+                          InductorExportOptions(precision=sdfast.model.components.Precision.FP16, device="cuda",
                                                 autotune="none"))
     kw = dict(steps=3, seed=0, scheduler="euler")
     ref = sdfast.load(tiny_info.path, device="cuda", dtype="fp32").generate(PROMPT, **kw)

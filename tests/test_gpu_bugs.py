@@ -16,7 +16,7 @@ import types
 import pytest
 import torch
 
-from sdfast.components import SPECS, Precision
+from sdfast.model.components import SPECS, Precision
 
 
 def _hooked(modules: dict[str, torch.nn.Module]) -> list[str]:
@@ -29,8 +29,8 @@ def _hooked(modules: dict[str, torch.nn.Module]) -> list[str]:
 
 
 def test_diffusers_row_leaves_no_timing_hooks_on_the_shared_modules(tiny_info):
-    from sdfast.bench import BenchConfig, diffusers_pipeline, diffusers_runner
-    from sdfast.models import load_torch_modules
+    from sdfast.measure.bench import BenchConfig, diffusers_pipeline, diffusers_runner
+    from sdfast.model.info import load_torch_modules
 
     mods = load_torch_modules(tiny_info)
     pipe = diffusers_pipeline(tiny_info, mods, "euler")
@@ -43,8 +43,8 @@ def test_diffusers_row_leaves_no_timing_hooks_on_the_shared_modules(tiny_info):
 
 
 def test_diffusers_row_removes_its_hooks_when_the_run_fails(tiny_info):
-    from sdfast.bench import BenchConfig, diffusers_pipeline, diffusers_runner
-    from sdfast.models import load_torch_modules
+    from sdfast.measure.bench import BenchConfig, diffusers_pipeline, diffusers_runner
+    from sdfast.model.info import load_torch_modules
 
     mods = load_torch_modules(tiny_info)
     pipe = diffusers_pipeline(tiny_info, mods, "euler")
@@ -182,7 +182,7 @@ class FakeCudaSession:
 def test_ort_cuda_call_on_the_shared_stream_adds_no_host_sync(fake_ort, tiny_info, monkeypatch):
     """The CUDA branch of OrtEngine.__call__ with CPU tensors standing in for CUDA ones: no
     synchronize_inputs/outputs, and ORT is told not to block the host at the end of the run."""
-    from sdfast.components import ShapeProfile
+    from sdfast.model.components import ShapeProfile
     from sdfast.engines import onnxruntime as ortmod
 
     session = FakeCudaSession(stream=4242)
@@ -199,7 +199,7 @@ def test_ort_cuda_call_on_the_shared_stream_adds_no_host_sync(fake_ort, tiny_inf
 
 
 def test_ort_that_does_not_report_its_stream_falls_back_to_host_syncs(fake_ort, tiny_info):
-    from sdfast.components import ShapeProfile
+    from sdfast.model.components import ShapeProfile
     from sdfast.engines import onnxruntime as ortmod
 
     class Silent(FakeCudaSession):

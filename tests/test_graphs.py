@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 
-from sdfast.components import Precision
+from sdfast.model.components import Precision
 from sdfast.engines import load_engines
 from sdfast.runtime import Pipeline
 from sdfast.schedulers import SCHEDULERS

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from sdfast.components import SPECS, Precision, ShapeProfile, sample_inputs
+from sdfast.model.components import SPECS, Precision, ShapeProfile, sample_inputs
 from sdfast.export.inductor import dynamic_shapes, inductor_configs
 
 TIER1_ATOL = {"text_encoder": 1e-3, "unet": 1e-4, "vae_decoder": 3e-4, "vae_encoder": 3e-4}
@@ -113,7 +113,7 @@ def test_inductor_inpaints_and_streams_like_eager(tiny_info, aoti_dir):
 
 @pytest.mark.slow
 def test_dynamic_profile_unet_serves_several_shapes(tiny_info, tmp_path):
-    from sdfast.components import size_multiple
+    from sdfast.model.components import size_multiple
     from sdfast.engines import load_engines
     from sdfast.engines.inductor import InductorEngine
     from sdfast.export.inductor import export_inductor

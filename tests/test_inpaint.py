@@ -41,7 +41,7 @@ def box_mask(size: int = 64, lo: int = 16, hi: int = 48, mode: str = "L") -> Ima
 
 @pytest.fixture(scope="module")
 def inpaint_info(tmp_path_factory):
-    from sdfast.models import resolve_model
+    from sdfast.model.info import resolve_model
 
     folder = build_tiny_inpaint(sdfast.load("tiny").info.path, tmp_path_factory.mktemp("inp") / "tiny-inpaint")
     return resolve_model(str(folder))
@@ -55,8 +55,8 @@ def inpaint_pipe(inpaint_info):
 def diffusers_inpaint(info):
     from diffusers import StableDiffusionInpaintPipeline
 
-    from sdfast.bench import diffusers_pipeline
-    from sdfast.models import load_torch_modules
+    from sdfast.measure.bench import diffusers_pipeline
+    from sdfast.model.info import load_torch_modules
 
     pipe = StableDiffusionInpaintPipeline(**diffusers_pipeline(info, load_torch_modules(info), "euler").components)
     pipe.set_progress_bar_config(disable=True)
@@ -194,7 +194,7 @@ def test_engines_inpaint_at_tier_1(backend, which, tiny_pipe, inpaint_pipe, tiny
                                    tmp_path):
     """Every exported backend inpaints (the 9-channel U-Net's spec exported and loaded like the
     others): its latents within tier 1 of the eager run's, one request with rows that differ."""
-    from sdfast.components import ShapeProfile
+    from sdfast.model.components import ShapeProfile
 
     info, eager = (tiny_info, tiny_pipe) if which == "blend" else (inpaint_info, inpaint_pipe)
     profile = ShapeProfile.static(2, 64, 64)

@@ -26,7 +26,7 @@ PROMPT = "a yellow circle on a blue background"
 
 @pytest.fixture(scope="module")
 def nine_info(tmp_path_factory):
-    from sdfast.models import resolve_model
+    from sdfast.model.info import resolve_model
 
     folder = build_tiny_inpaint(sdfast.load("tiny").info.path, tmp_path_factory.mktemp("inp") / "tiny-inpaint", 1)
     return resolve_model(str(folder))

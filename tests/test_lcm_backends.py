@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import sdfast
-from sdfast.components import ShapeProfile
-from sdfast.models import resolve_model
+from sdfast.model.components import ShapeProfile
+from sdfast.model.info import resolve_model
 
 LATENT_RTOL = 1e-4  # max |ours - eager| relative to max |eager|: tier 1
 IMAGE_ATOL = 2  # max, on 0..255

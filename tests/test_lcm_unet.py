@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdfast.components import ShapeProfile, sample_inputs
-from sdfast.models import TINY_LCM_COND_DIM, load_torch_modules, resolve_model
+from sdfast.model.components import ShapeProfile, sample_inputs
+from sdfast.model.info import TINY_LCM_COND_DIM, load_torch_modules, resolve_model
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def lcm_info(_private_cache):
 
 @pytest.fixture(scope="module")
 def lcm_engines(lcm_info):
-    from sdfast.components import Precision
+    from sdfast.model.components import Precision
     from sdfast.engines.torch import load
 
     return load(lcm_info, torch.device("cpu"), Precision.FP32)
@@ -74,7 +74,7 @@ def test_the_engine_refuses_a_call_without_the_guidance_embedding(lcm_info, lcm_
 
 
 def test_onnxruntime_engine_takes_timestep_cond_row_by_row(lcm_info, lcm_engines, tmp_path):
-    from sdfast.components import Precision
+    from sdfast.model.components import Precision
     from sdfast.engines import onnxruntime as ort_engines
     from sdfast.export.onnx import export_onnx
 
@@ -89,7 +89,7 @@ def test_onnxruntime_engine_takes_timestep_cond_row_by_row(lcm_info, lcm_engines
 
 def test_openvino_engine_takes_timestep_cond_row_by_row(lcm_info, lcm_engines, tmp_path):
     pytest.importorskip("openvino")
-    from sdfast.components import Precision
+    from sdfast.model.components import Precision
     from sdfast.engines import openvino as ov_engines
     from sdfast.export.openvino import export_openvino
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sdfast
-from sdfast.components import ShapeProfile
+from sdfast.model.components import ShapeProfile
 from sdfast.errors import InvalidArgument
 
 

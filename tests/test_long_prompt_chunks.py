@@ -14,9 +14,9 @@ import logging
 import pytest
 import torch
 
-from sdfast.components import Precision
+from sdfast.model.components import Precision
 from sdfast.engines import load_engines
-from sdfast.models import load_tokenizer, resolve_model
+from sdfast.model.info import load_tokenizer, resolve_model
 from sdfast.request import Request
 from sdfast.runtime import Pipeline
 from sdfast.text import SDText, SDXLText, token_chunks

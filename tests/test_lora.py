@@ -358,8 +358,8 @@ def test_cli_lora_refusals_are_one_line_and_write_nothing(tiny_info, tmp_path, c
 def sdxl_pair(tmp_path_factory):
     from diffusers import StableDiffusionXLPipeline
 
-    from sdfast.models import TOKENIZER_DIR
-    from sdfast.random_models import build_tiny_sdxl
+    from sdfast.model.info import TOKENIZER_DIR
+    from sdfast.model.random_models import build_tiny_sdxl
 
     folder = build_tiny_sdxl(tmp_path_factory.mktemp("sdxl-lora") / "tiny-sdxl", TOKENIZER_DIR)
     ref = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)
@@ -435,7 +435,7 @@ def test_engines_that_swap_get_every_changed_weight_and_the_restore(tiny_info, t
     """What a package (inductor) is sent: the fused weights of every layer the set touches, then
     on [] those layers' base weights; an engine lacking one of them refuses before any change."""
     from sdfast.lora import FusedLoras
-    from sdfast.models import load_torch_modules
+    from sdfast.model.info import load_torch_modules
 
     mods = load_torch_modules(tiny_info, parts=("unet",))
     layers = [("unet", n) for n in ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
@@ -531,7 +531,7 @@ def _unet_names(config: dict) -> list[str]:
 ])
 def test_ldm_names_follow_the_original_unet_layout(model, facts):
     from sdfast.lora_ldm import ldm_names
-    from sdfast.models import resolve_model
+    from sdfast.model.info import resolve_model
 
     names = _unet_names(resolve_model(model).unet_config)
     got = ldm_names(names)

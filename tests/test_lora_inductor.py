@@ -10,7 +10,7 @@ from lora_files import make_lora, sd_layers
 from test_pipeline_parity import LATENT_RTOL
 
 import sdfast
-from sdfast.components import ShapeProfile
+from sdfast.model.components import ShapeProfile
 
 pytestmark = pytest.mark.slow
 KW = dict(steps=3, seed=8, scheduler="euler")

@@ -58,7 +58,7 @@ def test_missing_listed_file_is_refused(tiny_info, export_copy):
 
 
 def test_export_of_another_model_is_refused(tiny_info, onnx_dynamic, tmp_path):
-    from sdfast.models import ModelInfo, build_tiny_random
+    from sdfast.model.info import ModelInfo, build_tiny_random
 
     other = ModelInfo.from_folder(build_tiny_random(tmp_path / "other-model", seed=7))
     with pytest.raises(ArtifactMismatch, match="different model .*same configs, different weights") as e:
@@ -109,7 +109,7 @@ def test_folder_without_manifest_is_refused(tiny_info, export_copy):
 
 
 def test_export_interrupted_halfway_leaves_nothing_loadable(tiny_info, tmp_path, monkeypatch):
-    from sdfast.components import ShapeProfile
+    from sdfast.model.components import ShapeProfile
 
     real = onnx_export.export_component
     done = []
@@ -136,9 +136,9 @@ def test_export_killed_halfway_leaves_previous_export_intact(tiny_info, onnx_dyn
     code = textwrap.dedent(f"""
         import os, torch
         torch.set_num_threads(1)
-        from sdfast.components import ShapeProfile
+        from sdfast.model.components import ShapeProfile
         from sdfast.export import onnx as e
-        from sdfast.models import ModelInfo
+        from sdfast.model.info import ModelInfo
         real = e.export_component
         def die_after(*a, **k):
             real(*a, **k)

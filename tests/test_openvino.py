@@ -20,9 +20,9 @@ pytest.importorskip("openvino")
 
 import sdfast  # noqa: E402
 from sdfast.artifacts import Manifest, package_version, read_manifest  # noqa: E402
-from sdfast.components import SPECS, Precision, ShapeProfile, sample_inputs  # noqa: E402
+from sdfast.model.components import SPECS, Precision, ShapeProfile, sample_inputs  # noqa: E402
 from sdfast.errors import ArtifactMismatch, InvalidArgument  # noqa: E402
-from sdfast.parity import FP32_COMPONENT_ATOL, FP32_MAX_PIXEL, component_parity  # noqa: E402
+from sdfast.measure.parity import FP32_COMPONENT_ATOL, FP32_MAX_PIXEL, component_parity  # noqa: E402
 
 PROFILE = ShapeProfile(1, 1, 2, 64, 64, 128, 64, 64, 96)
 
@@ -234,7 +234,7 @@ def test_each_shape_compiles_static_until_the_limit_then_the_interval_model_serv
 
 
 def test_sdfast_parity_passes_every_tier_on_openvino_fp32(tiny_info, ov_fp32):
-    from sdfast.parity import run_parity
+    from sdfast.measure.parity import run_parity
 
     report = run_parity(str(tiny_info.path), "openvino", engines=str(ov_fp32), steps=4)
     print(report.table())

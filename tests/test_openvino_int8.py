@@ -18,10 +18,10 @@ pytest.importorskip("nncf")
 
 import sdfast  # noqa: E402
 from sdfast.cli import main  # noqa: E402
-from sdfast.components import Precision, ShapeProfile  # noqa: E402
+from sdfast.model.components import Precision, ShapeProfile  # noqa: E402
 from sdfast.errors import InvalidArgument  # noqa: E402
 from sdfast.export import int8  # noqa: E402
-from sdfast.models import PACKAGED_TINY  # noqa: E402
+from sdfast.model.info import PACKAGED_TINY  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (PACKAGED_TINY / "model_index.json").is_file(),
                                 reason="the trained toy model is not installed")
@@ -32,7 +32,7 @@ CAL = dict(calibration_prompts=2, calibration_steps=5)
 
 @pytest.fixture(scope="module")
 def toy_info():
-    from sdfast.models import resolve_model
+    from sdfast.model.info import resolve_model
 
     return resolve_model("tiny")
 
@@ -150,7 +150,7 @@ def test_the_ir_really_holds_int8(hybrid):
 
 
 def _tier3(engines, schedulers):
-    from sdfast.parity import INT8_MIN_PSNR, run_parity
+    from sdfast.measure.parity import INT8_MIN_PSNR, run_parity
 
     report = run_parity("tiny", "openvino", engines=str(engines), steps=10, schedulers=schedulers)
     e2e = [r for r in report.rows if r.tier == "e2e"]
@@ -195,7 +195,7 @@ def test_a_slower_int8_mode_is_said_so():
 
 
 def test_parity_holds_an_int8_export_to_30_db_not_35():
-    from sdfast.parity import FP16_MIN_PSNR, INT8_MIN_PSNR
+    from sdfast.measure.parity import FP16_MIN_PSNR, INT8_MIN_PSNR
 
     assert INT8_MIN_PSNR == 30.0 < FP16_MIN_PSNR
 

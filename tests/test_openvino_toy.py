@@ -16,9 +16,9 @@ pytest.importorskip("openvino")
 from test_toy_model import PROMPTS, STEPS, accuracy  # noqa: E402
 
 import sdfast  # noqa: E402
-from sdfast.components import Precision, ShapeProfile  # noqa: E402
-from sdfast.models import PACKAGED_TINY  # noqa: E402
-from sdfast.parity import FP16_MIN_PSNR, image_metrics  # noqa: E402
+from sdfast.model.components import Precision, ShapeProfile  # noqa: E402
+from sdfast.model.info import PACKAGED_TINY  # noqa: E402
+from sdfast.measure.parity import FP16_MIN_PSNR, image_metrics  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (PACKAGED_TINY / "model_index.json").is_file(),
                                                    reason="the trained toy model is not installed")]
@@ -29,7 +29,7 @@ PROFILE = ShapeProfile(1, len(PROMPTS), len(PROMPTS), 64, 64, 64, 64, 64, 64)
 
 def _export(tmp_path_factory, precision: Precision):
     from sdfast.export.openvino import OpenVinoExportOptions, export_openvino
-    from sdfast.models import resolve_model
+    from sdfast.model.info import resolve_model
 
     out = tmp_path_factory.mktemp(f"toy-ov-{precision.value}") / "engines"
     export_openvino(resolve_model("tiny"), out, PROFILE, OpenVinoExportOptions(precision=precision), model_arg="tiny")

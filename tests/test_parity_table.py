@@ -2,7 +2,7 @@
 
 import re
 
-from sdfast.parity import ParityReport, Row
+from sdfast.measure.parity import ParityReport, Row
 
 
 def _report(passed: bool) -> ParityReport:

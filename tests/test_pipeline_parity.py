@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdfast.bench import diffusers_scheduler
+from sdfast.measure.bench import diffusers_scheduler
 from sdfast.engines.base import WrappedEngine
 from sdfast.schedulers import SCHEDULERS
 

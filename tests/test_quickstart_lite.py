@@ -1,4 +1,4 @@
-"""The quick start's lite path (sdfast/lite.py): the same bits as diffusers' and transformers'
+"""The quick start's lite path (sdfast/model/lite.py): the same bits as diffusers' and transformers'
 modules, without importing either library."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from sdfast.lite import lite_info, unsupported
-from sdfast.lite_text import LiteTokenizer
-from sdfast.models import load_tokenizer, load_torch_modules, resolve_model
+from sdfast.model.lite import lite_info, unsupported
+from sdfast.model.lite_text import LiteTokenizer
+from sdfast.model.info import load_tokenizer, load_torch_modules, resolve_model
 
 TEXTS = ["a red circle on a blue background", "A  Red <|endoftext|> circel!!", "", "Ünïcödé 東京 1234 it's",
          "red\ncircle\tblue " * 6]
@@ -63,7 +63,7 @@ def test_a_configuration_the_lite_modules_do_not_build_keeps_the_libraries(tiny_
     other = dataclasses.replace(tiny_info, unet_config={**tiny_info.unet_config, "use_linear_projection": True})
     assert unsupported(other) == "unet use_linear_projection=True"
     assert not lite_info(other).lite
-    from sdfast.models import DATA_DIR
+    from sdfast.model.info import DATA_DIR
 
     assert not lite_info(resolve_model("tiny").with_loras([DATA_DIR / "loras" / "toy-orange.safetensors"])).lite
     assert lite_info(resolve_model("random-sd15")).lite is False  # no weights in the folder
@@ -81,8 +81,8 @@ def test_quick_start_image_is_the_libraries_image(dtype):
 
 
 def test_lite_loading_imports_neither_diffusers_nor_transformers():
-    code = ("import sys, torch; from sdfast.models import resolve_model, load_torch_modules, load_tokenizer; "
-            "from sdfast.lite import lite_info; info = lite_info(resolve_model('tiny')); m = load_torch_modules(info, torch.bfloat16); "
+    code = ("import sys, torch; from sdfast.model.info import resolve_model, load_torch_modules, load_tokenizer; "
+            "from sdfast.model.lite import lite_info; info = lite_info(resolve_model('tiny')); m = load_torch_modules(info, torch.bfloat16); "
             "t = load_tokenizer(info); print(t(['a red circle']).input_ids, type(m['unet']).__name__, "
             "[k for k in ('diffusers', 'transformers', 'torch._dynamo') if k in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

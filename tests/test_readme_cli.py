@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from sdfast import cli_info
+from sdfast.cli import info as cli_info
 from sdfast.backends import BACKENDS, FORMATS
 from sdfast.cli import build_parser, main
 
@@ -58,7 +58,7 @@ def test_parity_rejects_an_unknown_backend_listing_the_choices(capsys):
 
 
 def test_parity_json_says_it_wrote_the_file(tmp_path, monkeypatch, capsys):
-    import sdfast.parity
+    import sdfast.measure.parity
 
     class Report:
         passed = True
@@ -69,7 +69,7 @@ def test_parity_json_says_it_wrote_the_file(tmp_path, monkeypatch, capsys):
         def to_json(self):
             return json.dumps({"passed": True})
 
-    monkeypatch.setattr(sdfast.parity, "run_parity", lambda *a, **k: Report())
+    monkeypatch.setattr(sdfast.measure.parity, "run_parity", lambda *a, **k: Report())
     out = tmp_path / "parity.json"
     assert main(["parity", "--json", str(out)]) == 0
     assert json.loads(out.read_text()) == {"passed": True}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import sdfast
-from sdfast.components import Precision
+from sdfast.model.components import Precision
 from sdfast.engines import load_engines
 from sdfast.errors import NumericalError
 from sdfast.runtime import Pipeline

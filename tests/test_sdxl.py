@@ -10,15 +10,15 @@ from PIL import Image
 from test_pipeline_parity import assert_parity
 
 import sdfast
-from sdfast.bench import diffusers_scheduler
+from sdfast.measure.bench import diffusers_scheduler
 from sdfast.errors import InvalidArgument
 from sdfast.schedulers import SCHEDULERS
 
 
 @pytest.fixture(scope="session")
 def sdxl_folder(tmp_path_factory):
-    from sdfast.models import TOKENIZER_DIR
-    from sdfast.random_models import build_tiny_sdxl
+    from sdfast.model.info import TOKENIZER_DIR
+    from sdfast.model.random_models import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl", TOKENIZER_DIR)
 
@@ -133,16 +133,16 @@ def test_bad_sizes_are_refused_naming_the_argument(sdxl):
 @pytest.fixture(scope="session")
 def sdxl_onnx(sdxl_folder, tmp_path_factory):
     pytest.importorskip("onnxruntime")
-    from sdfast.components import ShapeProfile
+    from sdfast.model.components import ShapeProfile
     from sdfast.export.onnx import export_onnx
-    from sdfast.models import resolve_model
+    from sdfast.model.info import resolve_model
 
     info = resolve_model(sdxl_folder)
     return export_onnx(info, tmp_path_factory.mktemp("sdxl-onnx") / "tiny-sdxl", ShapeProfile.static(1, 64, 64))
 
 
 def test_onnx_runtime_meets_tier_1_on_every_sdxl_component(sdxl_folder, sdxl_onnx):
-    from sdfast.parity import run_parity
+    from sdfast.measure.parity import run_parity
 
     report = run_parity(str(sdxl_folder), "onnxruntime", str(sdxl_onnx), schedulers=("euler",), steps=4)
     names = {r.name.split(" ")[0] for r in report.rows}
@@ -193,10 +193,10 @@ def test_cli_takes_the_sdxl_flags_and_records_them(sdxl_folder, tmp_path):
 @pytest.mark.slow  # OpenVINO converts five components (~20 s idle)
 def test_openvino_meets_tier_1_on_every_sdxl_component(sdxl_folder, tmp_path):
     pytest.importorskip("openvino")
-    from sdfast.components import Precision, ShapeProfile
+    from sdfast.model.components import Precision, ShapeProfile
     from sdfast.export.openvino import OpenVinoExportOptions, export_openvino
-    from sdfast.models import resolve_model
-    from sdfast.parity import run_parity
+    from sdfast.model.info import resolve_model
+    from sdfast.measure.parity import run_parity
 
     out = export_openvino(resolve_model(sdxl_folder), tmp_path / "ov", ShapeProfile.static(1, 64, 64),
                           OpenVinoExportOptions(precision=Precision.FP32))

@@ -23,7 +23,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from sdfast.artifacts import MANIFEST, Manifest, inside, read_manifest  # noqa: E402
-from sdfast.components import ShapeProfile  # noqa: E402
+from sdfast.model.components import ShapeProfile  # noqa: E402
 from sdfast.errors import ArtifactMismatch, InvalidArgument  # noqa: E402
 from sdfast.export.base import check_export_out  # noqa: E402
 from sdfast.serve import ServeConfig, create_app  # noqa: E402

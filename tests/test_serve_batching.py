@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from sdfast.models import resolve_model
+from sdfast.model.info import resolve_model
 from sdfast.request import Request
 from sdfast.serve.batching import Batcher, Closed, Expired, QueueFull
 

@@ -19,7 +19,7 @@ from sdfast.cli import main
 from sdfast.engines.tensorrt import open_plans
 from sdfast.errors import InvalidArgument
 from sdfast.lora_refit import RefitLoras
-from sdfast.models import load_torch_modules
+from sdfast.model.info import load_torch_modules
 from sdfast.runtime import Pipeline
 
 

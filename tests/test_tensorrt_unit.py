@@ -15,7 +15,7 @@ import torch
 
 from sdfast import artifacts as mf
 from sdfast.artifacts import Manifest, model_record, tensor_records
-from sdfast.components import SPECS, Precision, ShapeProfile
+from sdfast.model.components import SPECS, Precision, ShapeProfile
 from sdfast.engines.tensorrt import allocate_buffers, buffer_shapes
 from sdfast.errors import ArtifactMismatch, InvalidArgument
 from sdfast.export.tensorrt import onnx_covers, profile_triples
@@ -113,7 +113,7 @@ def test_tensorrt_backend_refuses_cpu_device(tiny_info, tmp_path):
 def test_tensorrt_fp16_engines_match_eager(tiny_info, tiny_pipe, tmp_path):
     import sdfast
     from sdfast.export.tensorrt import TensorRTBuildOptions, export_tensorrt
-    from sdfast.parity import end_to_end_parity
+    from sdfast.measure.parity import end_to_end_parity
 
     out = export_tensorrt(tiny_info, tmp_path / "trt", PROFILE, TensorRTBuildOptions(precision=Precision.FP16))
     pipe = sdfast.load(tiny_info.path, backend="tensorrt", device="cuda", dtype="fp16", engines=out)

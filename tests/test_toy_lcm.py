@@ -12,7 +12,7 @@ import pytest
 
 import sdfast
 from sdfast import toy
-from sdfast.models import PACKAGED_TINY_LCM
+from sdfast.model.info import PACKAGED_TINY_LCM
 
 pytestmark = pytest.mark.skipif(not (PACKAGED_TINY_LCM / "model_index.json").is_file(),
                                 reason="the distilled toy model is not installed")

@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 import sdfast
 from sdfast import toy
-from sdfast.models import PACKAGED_TINY
+from sdfast.model.info import PACKAGED_TINY
 
 LORA = Path(sdfast.__file__).parent / "data" / "loras" / "toy-orange.safetensors"
 

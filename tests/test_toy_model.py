@@ -16,7 +16,7 @@ import torch
 
 import sdfast
 from sdfast import toy
-from sdfast.models import PACKAGED_TINY
+from sdfast.model.info import PACKAGED_TINY
 from sdfast.schedulers import SCHEDULERS
 
 pytestmark = pytest.mark.skipif(not (PACKAGED_TINY / "model_index.json").is_file(),
@@ -139,7 +139,7 @@ def test_toy_model_is_a_standard_diffusers_folder(toy_pipe):
 
     ref = StableDiffusionPipeline.from_pretrained(PACKAGED_TINY, torch_dtype=torch.float32)
     ref.set_progress_bar_config(disable=True)
-    from sdfast.bench import diffusers_scheduler
+    from sdfast.measure.bench import diffusers_scheduler
 
     ref.scheduler = diffusers_scheduler("ddim", toy_pipe.info.scheduler_config)
     lat = ref(PROMPTS[0], num_inference_steps=8, generator=torch.Generator("cpu").manual_seed(2),
@@ -156,9 +156,9 @@ def test_toy_model_folder_fits_the_size_budget():
 @pytest.fixture(scope="module")
 def toy_onnx(tmp_path_factory):
     pytest.importorskip("onnxruntime")
-    from sdfast.components import ShapeProfile
+    from sdfast.model.components import ShapeProfile
     from sdfast.export.onnx import export_onnx
-    from sdfast.models import resolve_model
+    from sdfast.model.info import resolve_model
 
     info = resolve_model("tiny")
     out = tmp_path_factory.mktemp("toy-onnx") / "engines"
@@ -180,7 +180,7 @@ def test_bf16_matches_fp32_end_to_end_tier_3(toy_pipe):
     out = fast.generate(PROMPTS[:4], steps=STEPS, seed=0, scheduler="euler")
     assert torch.isfinite(out.latents).all()
     # the one PSNR that sdfast parity and the device check use
-    from sdfast.parity import FP16_MIN_PSNR, image_metrics
+    from sdfast.measure.parity import FP16_MIN_PSNR, image_metrics
 
     psnr = image_metrics(np.stack([np.asarray(im) for im in ref.images]),
                          np.stack([np.asarray(im) for im in out.images]))["psnr_db"]

@@ -10,7 +10,7 @@ import pytest
 
 import sdfast
 from sdfast.errors import InvalidArgument, MissingFile
-from sdfast.models import resolve_model
+from sdfast.model.info import resolve_model
 
 BAD_REQUESTS = [
     (dict(height=65), "height", "multiple of 8"),
@@ -135,7 +135,7 @@ def test_auto_precision_is_detected_not_assumed(monkeypatch, has_bf16, expected)
     import torch
 
     from sdfast import hardware
-    from sdfast.components import Precision
+    from sdfast.model.components import Precision
 
     monkeypatch.setattr(hardware, "cpu_bf16_supported", lambda: has_bf16)
     assert Precision.resolve("auto", torch.device("cpu")).value == expected

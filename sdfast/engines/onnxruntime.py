@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from ..artifacts import FLOAT_TYPES, check_precision
-from ..components import ComponentSpec, Precision, ShapeProfile, output_shapes, size_multiple
+from ..model.components import ComponentSpec, Precision, ShapeProfile, output_shapes, size_multiple
 from ..errors import InvalidArgument
-from ..models import ModelInfo
+from ..model.info import ModelInfo
 from .base import ExportedEngine, check_engine_io, engine_inputs, open_export, read_artifact
 
 log = logging.getLogger(__name__)

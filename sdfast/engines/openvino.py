@@ -7,14 +7,14 @@ Loading verifies the manifest (model fingerprint, file hashes), then each IR's r
 (names, element types, static dims and intervals) against the spec and profile, before any
 model is compiled. Importing this module never imports diffusers.
 
-CPU settings (``compile_config``), chosen by measurement (bench/openvino_unet.py, numbers in
+CPU settings (``compile_config``), chosen by measurement (bench/studies/openvino_unet.py, numbers in
 bench/README.md): the LATENCY hint with one stream (the loop makes one call at a time, so a
 second stream only splits the cores), ``INFERENCE_NUM_THREADS`` = torch's thread count (the
 two never run at once and share one budget), and the inference precision from the manifest
 (never the plugin's default, which is bf16 on AMX CPUs even for an fp32 export). CPU pinning
 follows ``SDFAST_OV_PINNING`` (default off: see ``PINNING_DEFAULT``).
 
-Cold start (bench/cold_start.py, numbers in bench/README.md): load compiles the tuned shape of
+Cold start (bench/studies/cold_start.py, numbers in bench/README.md): load compiles the tuned shape of
 the components every text-to-image request runs; a component whose rows are init images (the
 VAE encoder: img2img and inpainting only) is read and checked on load but compiled on its first
 call. Each compiled model is kept in a cache (``CompileCache``: ``$SDFAST_OV_CACHE``, default
@@ -43,9 +43,9 @@ from typing import Any
 import torch
 
 from ..artifacts import Manifest, atomic_path, check_precision, rebuild_hint
-from ..components import ComponentSpec, Precision, ShapeProfile, output_shapes, size_multiple
+from ..model.components import ComponentSpec, Precision, ShapeProfile, output_shapes, size_multiple
 from ..errors import ArtifactMismatch, InvalidArgument
-from ..models import ModelInfo
+from ..model.info import ModelInfo
 from .base import ExportedEngine, check_engine_io, engine_inputs, open_export, read_artifact
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ..components import ComponentSpec, Precision
+from ..model.components import ComponentSpec, Precision
 from ..errors import InvalidArgument
-from ..models import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
+from ..model.info import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
 from .base import engine_inputs
 
 
@@ -57,7 +57,7 @@ def set_attention(mods: dict[str, torch.nn.Module], attention: str) -> None:
         raise InvalidArgument(f"attention: {attention!r} is not an attention implementation; "
                               f"use one of {', '.join(ATTENTION)}")
     if attention == "sdpa" and all(getattr(mods.get(n), "lite", False) for n in ("unet", "vae") if n in mods):
-        return  # sdfast's own modules (sdfast/lite.py) run SDPA already; importing diffusers costs seconds
+        return  # sdfast's own modules (sdfast/model/lite.py) run SDPA already; importing diffusers costs seconds
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     for name in ("unet", "vae"):

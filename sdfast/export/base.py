@@ -25,9 +25,9 @@ from ..artifacts import (
     staging_dir,
     tensor_records,
 )
-from ..components import CACHE_FORMATS, Precision, ShapeProfile
+from ..model.components import CACHE_FORMATS, Precision, ShapeProfile
 from ..errors import InvalidArgument
-from ..models import ModelInfo
+from ..model.info import ModelInfo
 
 log = logging.getLogger(__name__)
 

@@ -39,10 +39,10 @@ import torch._inductor
 from ..artifacts import (
     gpu_record,
 )
-from ..components import VAE_COMPONENTS, ComponentSpec, Precision, ShapeProfile, sample_inputs, size_multiple
+from ..model.components import VAE_COMPONENTS, ComponentSpec, Precision, ShapeProfile, sample_inputs, size_multiple
 from ..errors import InvalidArgument
 from ..hardware import resolve_device
-from ..models import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
+from ..model.info import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
 from .base import export_components
 
 if TYPE_CHECKING:

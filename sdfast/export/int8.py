@@ -44,12 +44,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..components import Precision
+from ..model.components import Precision
 from ..errors import InvalidArgument
 
 if TYPE_CHECKING:
-    from ..components import ShapeProfile
-    from ..models import ModelInfo
+    from ..model.components import ShapeProfile
+    from ..model.info import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def require_nncf():
 
 def is_toy(info: ModelInfo) -> bool:
     """The shipped trained toy models (their captions are the toy world's)."""
-    from ..models import PACKAGED_TINY, PACKAGED_TINY_LCM
+    from ..model.info import PACKAGED_TINY, PACKAGED_TINY_LCM
 
     return any(Path(info.path).resolve() == p.resolve() for p in (PACKAGED_TINY, PACKAGED_TINY_LCM) if p.exists())
 

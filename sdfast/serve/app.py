@@ -278,7 +278,7 @@ def run_server(app: FastAPI, host: str, port: int) -> int:
 
 
 class BackgroundServer:
-    """uvicorn on a thread, on loopback and a free port: for tests and bench/serve_load.py.
+    """uvicorn on a thread, on loopback and a free port: for tests and bench/studies/serve_load.py.
 
         with BackgroundServer(create_app(service)) as url: ...   # url = "http://127.0.0.1:PORT"
     """

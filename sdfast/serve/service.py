@@ -73,7 +73,7 @@ class ServeConfig:
 
 
 def load_pipeline(config: ServeConfig) -> Pipeline:
-    from ..models import resolve_model
+    from ..model.info import resolve_model
     from ..runtime import load
 
     check_config(config)
