@@ -26,8 +26,8 @@ def main(spec_path: str) -> int:
     inductor pipeline built by ``sdfast.load``. Progress is written to ``spec["result"]`` after
     every stage, so the parent keeps what finished when it kills this process."""
     import sdfast
-    from sdfast.model.components import SPECS, Precision, ShapeProfile
     from sdfast.export.inductor import InductorExportOptions, export_inductor
+    from sdfast.model.components import SPECS, Precision, ShapeProfile
     from sdfast.model.info import resolve_model
 
     spec = json.loads(Path(spec_path).read_text())
@@ -69,8 +69,8 @@ def main(spec_path: str) -> int:
 
 def compare_component(name: str, comp: dict[str, Any], work: Path, eager, info, profile, device) -> dict[str, Any]:
     """A compiled component against the eager one on the same sample inputs: ms per call, difference."""
-    from sdfast.model.components import SPECS, Precision, sample_inputs
     from sdfast.engines.base import engine_inputs
+    from sdfast.model.components import SPECS, Precision, sample_inputs
 
     cspec = getattr(info, "specs", SPECS)[name]  # the model family's spec where sdfast has families
     runner = torch._inductor.aoti_load_package(str(work / comp["file"]), run_single_threaded=device.type == "cuda")

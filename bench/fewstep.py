@@ -46,10 +46,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import sdfast  # noqa: E402
+from sdfast.errors import InvalidArgument  # noqa: E402
 from sdfast.measure import bench  # noqa: E402
 from sdfast.measure import fewstep as fewstep_bench  # noqa: E402
 from sdfast.measure.report import write_json, write_pareto_plot  # noqa: E402
-from sdfast.errors import InvalidArgument  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 PROMPT = "a photograph of an astronaut riding a horse"

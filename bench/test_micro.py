@@ -90,8 +90,8 @@ def _unet_inputs(info, height: int, width: int, batch: int = 1) -> dict[str, tor
 
 
 def _unet_engine(info, backend: str, dtype: str, height: int, width: int):
-    from sdfast.measure import bench
     from sdfast.engines import load_engines
+    from sdfast.measure import bench
 
     if backend == "torch":
         return load_engines(info, "torch", torch.device("cpu"), Precision.parse(dtype))["unet"]

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import hash_memo
-from .model.components import Precision, ShapeProfile
 from .errors import ArtifactMismatch, InvalidArgument, MissingFile
 from .fsio import (
     atomic_path,
@@ -46,6 +45,7 @@ from .fsio import (
     output_group,
     staging_dir,
 )
+from .model.components import Precision, ShapeProfile
 
 if TYPE_CHECKING:
     from .model.info import ModelInfo

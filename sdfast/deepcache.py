@@ -51,9 +51,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .model.components import CACHE_DEEP, CACHE_FORMATS, CACHE_SHALLOW
 from .engines.base import engine_inputs
 from .errors import InvalidArgument
+from .model.components import CACHE_DEEP, CACHE_FORMATS, CACHE_SHALLOW
 
 #: block classes whose structure the cut knows (diffusers' SD 1.x/2.x, SDXL and LCM U-Nets).
 _DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")

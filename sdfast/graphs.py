@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .model.components import ComponentSpec
 from .loop import LoopState, StepCallback, Timer, denoise, guided_step
+from .model.components import ComponentSpec
 from .schedulers import Scheduler, make_scheduler
 
 if TYPE_CHECKING:

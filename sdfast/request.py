@@ -199,7 +199,7 @@ class Request:
                     negative_original_size=negative_original_size,
                     negative_crops_coords_top_left=negative_crops_coords_top_left,
                     negative_target_size=negative_target_size)
-        if info.family != "sdxl":
+        if not info.family_record.size_conditioning:
             # an argument at its default asks for nothing SDXL-only, as a tuple or the list JSON gives
             given = [k for k, v in sdxl.items() if (tuple(v) if isinstance(v, list) else v) != _SDXL_DEFAULTS.get(k)]
             if given:

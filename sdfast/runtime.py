@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from . import inpaint
-from .model.components import Precision
 from .engines import Engine, check_request, load_engines
 from .errors import InvalidArgument
 from .graphs import GraphRunner
@@ -28,6 +27,7 @@ from .loop import LoopState, StepCallback, denoise, guidance_embedding
 from .lora import GROUPS, FusedLoras, Lora, as_loras
 from .lora_refit import RefitLoras
 from .lora_slots import SlotLoras
+from .model.components import Precision
 from .model.info import COMPONENT_MODULE, ModelInfo, load_tokenizer, resolve_model
 from .output import GenerationOutput, PartialImage  # noqa: F401  (GenerationOutput: re-exported)
 from .request import DEFAULTS, Request

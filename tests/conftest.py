@@ -131,8 +131,8 @@ def diffusers_pipe(tiny_info):
 @pytest.fixture(scope="session")
 def onnx_dynamic(tiny_info, tmp_path_factory):
     """fp32 ONNX export of the tiny model serving batch 1..2, height 64..128, width 64..96."""
-    from sdfast.model.components import ShapeProfile
     from sdfast.export.onnx import export_onnx
+    from sdfast.model.components import ShapeProfile
 
     profile = ShapeProfile(1, 1, 2, 64, 64, 128, 64, 64, 96)
     return export_onnx(tiny_info, tmp_path_factory.mktemp("onnx") / "tiny-fp32-dynamic", profile)
@@ -141,8 +141,8 @@ def onnx_dynamic(tiny_info, tmp_path_factory):
 @pytest.fixture(scope="session")
 def onnx_fp16(tiny_info, tmp_path_factory):
     """fp16 ONNX export (VAE kept fp32 by default), static 64x64, batch 1."""
-    from sdfast.model.components import Precision, ShapeProfile
     from sdfast.export.onnx import OnnxExportOptions, export_onnx
+    from sdfast.model.components import Precision, ShapeProfile
 
     return export_onnx(tiny_info, tmp_path_factory.mktemp("onnx") / "tiny-fp16", ShapeProfile.static(1, 64, 64),
                        OnnxExportOptions(precision=Precision.FP16))

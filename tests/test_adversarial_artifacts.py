@@ -243,9 +243,9 @@ class _Runner:
 
 
 def test_an_inductor_package_of_another_component_is_refused(tiny_info, eng):
-    from sdfast.model.components import SPECS
     from sdfast.engines.inductor import check_package
     from sdfast.export.inductor import package_metadata
+    from sdfast.model.components import SPECS
 
     m = read_manifest(eng)
     m.format = "inductor"

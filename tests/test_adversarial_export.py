@@ -16,10 +16,10 @@ import pytest
 from adversarial import refused, snapshot
 
 from sdfast.artifacts import MANIFEST
-from sdfast.model.components import ShapeProfile
 from sdfast.errors import InvalidArgument
 from sdfast.export import onnx as onnx_export
 from sdfast.export.base import check_export_out, is_export_folder
+from sdfast.model.components import ShapeProfile
 
 STATIC = ShapeProfile.static(1, 64, 64)
 

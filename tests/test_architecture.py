@@ -148,3 +148,28 @@ def test_the_name_branch_rule_sees_the_forms_it_forbids():
         assert NAME_BRANCH.search(line), line
     for line in ('engines["unet"](**inputs)', 'if spec.is_vae:', 'for name in self.engines:'):
         assert not NAME_BRANCH.search(line), line
+
+
+#: a test of a model family's *name* standing in for a fact about it (its text encoders, its size
+#: conditioning, diffusers' pipeline for it): those facts are ``components.Family`` fields. Only
+#: the family records (model/components.py) and the text classes (text.py) are keyed by family.
+FAMILY_BRANCH = re.compile(r"""\bfamily\s*(==|!=)|(==|!=)\s*\w*\.?family\b|\bfamily\s+(not\s+)?in\s*[(\[{]"""
+                           r"""|(==|!=)\s*["'](sd|sdxl)["']""")
+FAMILY_FILES = {"components.py", "text.py"}
+
+
+def test_family_facts_are_read_from_the_family_record_not_from_its_name():
+    hits = [f"{p.relative_to(PACKAGE)}:{i}: {line.strip()}" for p in PACKAGE.rglob("*.py")
+            if p.name not in FAMILY_FILES
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+            if FAMILY_BRANCH.search(line.split("#")[0])]
+    assert not hits, hits
+
+
+def test_the_family_branch_rule_sees_the_forms_it_forbids():
+    for line in ('if info.family == "sdxl":', "if self.family != 'sd':", 'x = a if family == "sdxl" else b',
+                 'if info.family in ("sd", "sdxl"):', 'if kind == "sdxl":'):
+        assert FAMILY_BRANCH.search(line), line
+    for line in ('specs = FAMILIES[info.family].specs', 'cls = TEXT[info.family]', 'if fam.size_conditioning:',
+                 'family = model_family(model_index)'):
+        assert not FAMILY_BRANCH.search(line), line

@@ -13,12 +13,11 @@ import time
 import pytest
 import torch
 
-from sdfast.measure import bench
-
-from sdfast.measure import fewstep as fewstep_bench
 from sdfast.backends import get as get_backend
 from sdfast.cli import main
 from sdfast.errors import InvalidArgument
+from sdfast.measure import bench
+from sdfast.measure import fewstep as fewstep_bench
 
 STAGES = {"text_encoder", "unet_step", "scheduler_step", "vae_decode", "total"}
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdfast.model.components import SDXL_UNET, UNET, Precision
 from sdfast.deepcache import DeepCacheUNet, branch_count, wrap_unet
 from sdfast.engines.torch import TorchEngine
 from sdfast.errors import InvalidArgument
+from sdfast.model.components import SDXL_UNET, UNET, Precision
 from sdfast.model.wrappers import SDXLUNetWrapper, UNetWrapper
 
 CPU = torch.device("cpu")

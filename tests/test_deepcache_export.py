@@ -17,9 +17,9 @@ import torch
 
 import sdfast
 from sdfast.artifacts import MANIFEST, file_record
-from sdfast.model.components import CACHE_DEEP, CACHE_SHALLOW, ShapeProfile, cache_feature, deepcache_specs
 from sdfast.deepcache import DeepUNet, ShallowUNet, branch_count, for_pipeline
 from sdfast.errors import ArtifactMismatch, InvalidArgument
+from sdfast.model.components import CACHE_DEEP, CACHE_SHALLOW, ShapeProfile, cache_feature, deepcache_specs
 
 LATENT_RTOL = 1e-4  # max |ours - torch| relative to max |torch|: tier 1
 IMAGE_ATOL = 2  # max, on 0..255

@@ -15,9 +15,9 @@ import torch
 
 import sdfast
 from sdfast.artifacts import read_manifest
-from sdfast.model.components import SPECS, Precision, ShapeProfile, sample_inputs, size_multiple
 from sdfast.errors import InvalidArgument
 from sdfast.measure.parity import component_parity
+from sdfast.model.components import SPECS, Precision, ShapeProfile, sample_inputs, size_multiple
 
 IMAGE_ATOL = 2  # of 255: docs/architecture.md's end-to-end bound for fp32 engines
 

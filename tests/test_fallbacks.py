@@ -488,8 +488,8 @@ class Poison:
 
 @pytest.fixture(scope="module")
 def fp32_engines(tiny_info):
-    from sdfast.model.components import Precision
     from sdfast.engines import load_engines
+    from sdfast.model.components import Precision
 
     return load_engines(tiny_info, "torch", torch.device("cpu"), Precision.FP32)
 
@@ -505,8 +505,8 @@ def last_timestep(tiny_info) -> float:
 @pytest.mark.parametrize("cuda_graphs", [False, True], ids=["plain", "graphed"])
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_non_finite_latents_of_each_kind_stop_the_run_naming_the_step(tiny_info, fp32_engines, kind, cuda_graphs):
-    from sdfast.model.components import Precision
     from sdfast.errors import NumericalError
+    from sdfast.model.components import Precision
     from sdfast.runtime import Pipeline
 
     # An Euler step turns a noise prediction of +inf into latents of -inf (x0 = x - sigma·eps):
@@ -527,8 +527,8 @@ def test_non_finite_latents_of_each_kind_stop_the_run_naming_the_step(tiny_info,
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_non_finite_pixels_of_each_kind_from_an_fp32_decode_are_refused(tiny_info, fp32_engines, kind):
-    from sdfast.model.components import Precision
     from sdfast.errors import NumericalError
+    from sdfast.model.components import Precision
     from sdfast.runtime import Pipeline
 
     spy = Poison(fp32_engines["vae_decoder"], "image", KINDS[kind])
@@ -622,8 +622,8 @@ def ov_bf16(tiny_info, tmp_path_factory):
     ov = pytest.importorskip("openvino")
     if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         pytest.skip("this CPU has no bf16 units: OpenVINO runs a bf16 hint in f32")
-    from sdfast.model.components import Precision, ShapeProfile
     from sdfast.export.openvino import OpenVinoExportOptions, export_openvino
+    from sdfast.model.components import Precision, ShapeProfile
 
     out = export_openvino(tiny_info, tmp_path_factory.mktemp("ov") / "tiny-bf16", ShapeProfile.static(1, 64, 64),
                           OpenVinoExportOptions(precision=Precision.BF16))
@@ -638,8 +638,8 @@ def bf16_exact(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def test_bf16_openvino_engines_compute_in_bf16_and_the_f32_hint_computes_in_f32(tiny_info, tiny_pipe, ov_bf16):
     import openvino as ov
 
-    from sdfast.model.components import ShapeProfile, sample_inputs
     from sdfast.engines.openvino import OpenVinoEngine, compile_config
+    from sdfast.model.components import ShapeProfile, sample_inputs
 
     for engine in ov_bf16.engines.values():
         assert engine.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16

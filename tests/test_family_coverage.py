@@ -19,10 +19,10 @@ from PIL import Image
 
 import sdfast
 from sdfast.artifacts import MANIFEST, Manifest, load_manifest, model_record, tensor_records
-from sdfast.model.components import FAMILY_SPECS, Precision, ShapeProfile, sample_inputs
 from sdfast.engines import load_engines
 from sdfast.errors import ArtifactMismatch
 from sdfast.graphs import GraphedEngine, GraphRunner
+from sdfast.model.components import FAMILY_SPECS, Precision, ShapeProfile, sample_inputs
 from sdfast.model.info import ModelInfo, load_tokenizer
 from sdfast.runtime import Pipeline
 

@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from sdfast.measure import bench
 from sdfast.cli import main
+from sdfast.measure import bench
 from sdfast.measure.flops import count_stage_flops, text_rows
 from sdfast.model.info import load_torch_modules, resolve_model
 

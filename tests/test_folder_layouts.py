@@ -99,3 +99,43 @@ def test_a_tokenizer_folder_missing_its_files_names_them(tiny_info, tmp_path, re
         (folder / "tokenizer" / name).unlink(missing_ok=True)
     with pytest.raises(FileNotFoundError, match="lacks tokenizer/"):
         resolve_model(folder)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_a_hub_download_fetches_every_file_the_family_loads(family, monkeypatch, tmp_path):
+    """A hub id is fetched with allow patterns; each family's configs, tokenizers and plain weights
+    must match them (SDXL's text_encoder_2 once did not: the pattern was ``text_encoder/``)."""
+    import fnmatch
+
+    import huggingface_hub
+
+    from sdfast.model import folder
+    from sdfast.model.components import FAMILIES
+
+    asked = {}
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, allow_patterns: asked.setdefault("patterns", allow_patterns) and str(tmp_path))
+    assert folder.download("org/model") == tmp_path
+    encoders = FAMILIES[family].text_encoders
+    needed = ["model_index.json", "unet/config.json", "vae/config.json", "scheduler/scheduler_config.json",
+              "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+              *(f"{e}/config.json" for e in encoders), *(f"{e}/model.safetensors" for e in encoders),
+              *(f"{e.replace('text_encoder', 'tokenizer')}/{n}" for e in encoders
+                for n in ("vocab.json", "merges.txt", "tokenizer_config.json"))]
+    missed = [p for p in needed if not any(fnmatch.fnmatch(p, pat) for pat in asked["patterns"])]
+    assert not missed
+    assert not fnmatch.fnmatch("text_encoder_2/model.safetensors", "text_encoder/*.safetensors")  # the old miss
+
+
+def test_a_failed_hub_download_is_one_missing_file_naming_the_id(monkeypatch):
+    import huggingface_hub
+
+    from sdfast.errors import MissingFile
+    from sdfast.model import folder
+
+    def fail(repo_id, allow_patterns):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    with pytest.raises(MissingFile, match=r"^model: could not download 'org/model' from the hub \(OSError: no network\)"):
+        folder.download("org/model")

@@ -146,8 +146,8 @@ def test_fp16_vae_decode_of_large_latents_is_finite(tiny_info):
 
 @pytest.mark.slow
 def test_inductor_cuda_packages_load_and_match_eager(tiny_info, tmp_path):
-    from sdfast.model.components import ShapeProfile
     from sdfast.export.inductor import InductorExportOptions, export_inductor
+    from sdfast.model.components import ShapeProfile
 
     out = export_inductor(tiny_info, tmp_path / "aoti", ShapeProfile.static(1, 64, 64),
                           InductorExportOptions(precision=sdfast.model.components.Precision.FP16, device="cuda",

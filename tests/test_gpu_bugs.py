@@ -182,8 +182,8 @@ class FakeCudaSession:
 def test_ort_cuda_call_on_the_shared_stream_adds_no_host_sync(fake_ort, tiny_info, monkeypatch):
     """The CUDA branch of OrtEngine.__call__ with CPU tensors standing in for CUDA ones: no
     synchronize_inputs/outputs, and ORT is told not to block the host at the end of the run."""
-    from sdfast.model.components import ShapeProfile
     from sdfast.engines import onnxruntime as ortmod
+    from sdfast.model.components import ShapeProfile
 
     session = FakeCudaSession(stream=4242)
     engine = ortmod.OrtEngine(SPECS["vae_decoder"], session, tiny_info, torch.device("cpu"), Precision.FP32,
@@ -199,8 +199,8 @@ def test_ort_cuda_call_on_the_shared_stream_adds_no_host_sync(fake_ort, tiny_inf
 
 
 def test_ort_that_does_not_report_its_stream_falls_back_to_host_syncs(fake_ort, tiny_info):
-    from sdfast.model.components import ShapeProfile
     from sdfast.engines import onnxruntime as ortmod
+    from sdfast.model.components import ShapeProfile
 
     class Silent(FakeCudaSession):
         def get_provider_options(self):

@@ -12,8 +12,8 @@ import logging
 import pytest
 import torch
 
-from sdfast.model.components import Precision
 from sdfast.engines import load_engines
+from sdfast.model.components import Precision
 from sdfast.runtime import Pipeline
 from sdfast.schedulers import SCHEDULERS
 

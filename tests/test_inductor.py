@@ -14,8 +14,8 @@ import time
 import pytest
 import torch
 
-from sdfast.model.components import SPECS, Precision, ShapeProfile, sample_inputs
 from sdfast.export.inductor import dynamic_shapes, inductor_configs
+from sdfast.model.components import SPECS, Precision, ShapeProfile, sample_inputs
 
 TIER1_ATOL = {"text_encoder": 1e-3, "unet": 1e-4, "vae_decoder": 3e-4, "vae_encoder": 3e-4}
 
@@ -113,10 +113,10 @@ def test_inductor_inpaints_and_streams_like_eager(tiny_info, aoti_dir):
 
 @pytest.mark.slow
 def test_dynamic_profile_unet_serves_several_shapes(tiny_info, tmp_path):
-    from sdfast.model.components import size_multiple
     from sdfast.engines import load_engines
     from sdfast.engines.inductor import InductorEngine
     from sdfast.export.inductor import export_inductor
+    from sdfast.model.components import size_multiple
 
     profile = ShapeProfile(1, 1, 2, 64, 64, 128, 64, 64, 128)  # batch 1..2 images, sides 64..128
     export_inductor(tiny_info, tmp_path / "dyn", profile, components=("unet",))

@@ -17,8 +17,8 @@ def lcm_info(_private_cache):
 
 @pytest.fixture(scope="module")
 def lcm_engines(lcm_info):
-    from sdfast.model.components import Precision
     from sdfast.engines.torch import load
+    from sdfast.model.components import Precision
 
     return load(lcm_info, torch.device("cpu"), Precision.FP32)
 
@@ -74,9 +74,9 @@ def test_the_engine_refuses_a_call_without_the_guidance_embedding(lcm_info, lcm_
 
 
 def test_onnxruntime_engine_takes_timestep_cond_row_by_row(lcm_info, lcm_engines, tmp_path):
-    from sdfast.model.components import Precision
     from sdfast.engines import onnxruntime as ort_engines
     from sdfast.export.onnx import export_onnx
+    from sdfast.model.components import Precision
 
     out = export_onnx(lcm_info, tmp_path / "lcm", ShapeProfile(1, 1, 2, 64, 64, 64, 64, 64, 64))
     engines = ort_engines.load(lcm_info, torch.device("cpu"), Precision.FP32, str(out))
@@ -89,9 +89,9 @@ def test_onnxruntime_engine_takes_timestep_cond_row_by_row(lcm_info, lcm_engines
 
 def test_openvino_engine_takes_timestep_cond_row_by_row(lcm_info, lcm_engines, tmp_path):
     pytest.importorskip("openvino")
-    from sdfast.model.components import Precision
     from sdfast.engines import openvino as ov_engines
     from sdfast.export.openvino import export_openvino
+    from sdfast.model.components import Precision
 
     out = export_openvino(lcm_info, tmp_path / "lcm-ov", ShapeProfile(1, 1, 2, 64, 64, 64, 64, 64, 64))
     engines = ov_engines.load(lcm_info, torch.device("cpu"), Precision.FP32, str(out))

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import sdfast
-from sdfast.model.components import ShapeProfile
 from sdfast.errors import InvalidArgument
+from sdfast.model.components import ShapeProfile
 
 
 def long_prompt(pipe, extra: str) -> str:

@@ -14,8 +14,8 @@ import logging
 import pytest
 import torch
 
-from sdfast.model.components import Precision
 from sdfast.engines import load_engines
+from sdfast.model.components import Precision
 from sdfast.model.info import load_tokenizer, resolve_model
 from sdfast.request import Request
 from sdfast.runtime import Pipeline

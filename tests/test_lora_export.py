@@ -15,8 +15,8 @@ from test_pipeline_parity import LATENT_RTOL
 
 import sdfast
 from sdfast.cli import main
-from sdfast.model.components import ShapeProfile
 from sdfast.errors import ArtifactMismatch
+from sdfast.model.components import ShapeProfile
 
 pytest.importorskip("onnxruntime")
 

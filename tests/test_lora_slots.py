@@ -17,9 +17,9 @@ from test_pipeline_parity import LATENT_RTOL
 
 import sdfast
 from sdfast.cli import main
-from sdfast.model.components import ShapeProfile
 from sdfast.errors import ArtifactMismatch, InvalidArgument
 from sdfast.lora_slots import MAX_RANK, check_rank, is_slot
+from sdfast.model.components import ShapeProfile
 
 pytest.importorskip("onnxruntime")
 

@@ -20,9 +20,9 @@ pytest.importorskip("openvino")
 
 import sdfast  # noqa: E402
 from sdfast.artifacts import Manifest, package_version, read_manifest  # noqa: E402
-from sdfast.model.components import SPECS, Precision, ShapeProfile, sample_inputs  # noqa: E402
 from sdfast.errors import ArtifactMismatch, InvalidArgument  # noqa: E402
 from sdfast.measure.parity import FP32_COMPONENT_ATOL, FP32_MAX_PIXEL, component_parity  # noqa: E402
+from sdfast.model.components import SPECS, Precision, ShapeProfile, sample_inputs  # noqa: E402
 
 PROFILE = ShapeProfile(1, 1, 2, 64, 64, 128, 64, 64, 96)
 

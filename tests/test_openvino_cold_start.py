@@ -22,9 +22,9 @@ pytest.importorskip("openvino")
 
 import sdfast  # noqa: E402
 from sdfast.artifacts import Manifest, read_manifest  # noqa: E402
-from sdfast.model.components import Precision, ShapeProfile  # noqa: E402
 from sdfast.engines import openvino as ove  # noqa: E402
 from sdfast.measure.parity import FP32_MAX_PIXEL  # noqa: E402
+from sdfast.model.components import Precision, ShapeProfile  # noqa: E402
 
 PROFILE = ShapeProfile.static(1, 64, 64)
 KW = dict(steps=2, seed=5, height=64, width=64)

@@ -18,9 +18,9 @@ pytest.importorskip("nncf")
 
 import sdfast  # noqa: E402
 from sdfast.cli import main  # noqa: E402
-from sdfast.model.components import Precision, ShapeProfile  # noqa: E402
 from sdfast.errors import InvalidArgument  # noqa: E402
 from sdfast.export import int8  # noqa: E402
+from sdfast.model.components import Precision, ShapeProfile  # noqa: E402
 from sdfast.model.info import PACKAGED_TINY  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (PACKAGED_TINY / "model_index.json").is_file(),

@@ -16,9 +16,9 @@ pytest.importorskip("openvino")
 from test_toy_model import PROMPTS, STEPS, accuracy  # noqa: E402
 
 import sdfast  # noqa: E402
+from sdfast.measure.parity import FP16_MIN_PSNR, image_metrics  # noqa: E402
 from sdfast.model.components import Precision, ShapeProfile  # noqa: E402
 from sdfast.model.info import PACKAGED_TINY  # noqa: E402
-from sdfast.measure.parity import FP16_MIN_PSNR, image_metrics  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (PACKAGED_TINY / "model_index.json").is_file(),
                                                    reason="the trained toy model is not installed")]

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sdfast.measure.bench import diffusers_scheduler
 from sdfast.engines.base import WrappedEngine
+from sdfast.measure.bench import diffusers_scheduler
 from sdfast.schedulers import SCHEDULERS
 
 # docs/architecture.md: latents <= 1e-4 relative where the computation is the same (3e-4 is allowed where only

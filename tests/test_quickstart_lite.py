@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from sdfast.model.info import load_tokenizer, load_torch_modules, resolve_model
 from sdfast.model.lite import lite_info, unsupported
 from sdfast.model.lite_text import LiteTokenizer
-from sdfast.model.info import load_tokenizer, load_torch_modules, resolve_model
 
 TEXTS = ["a red circle on a blue background", "A  Red <|endoftext|> circel!!", "", "Ünïcödé 東京 1234 it's",
          "red\ncircle\tblue " * 6]

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from sdfast.cli import info as cli_info
 from sdfast.backends import BACKENDS, FORMATS
 from sdfast.cli import build_parser, main
+from sdfast.cli import info as cli_info
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import sdfast
-from sdfast.model.components import Precision
 from sdfast.engines import load_engines
 from sdfast.errors import NumericalError
+from sdfast.model.components import Precision
 from sdfast.runtime import Pipeline
 
 PROMPT = "a yellow square"

@@ -10,8 +10,8 @@ from PIL import Image
 from test_pipeline_parity import assert_parity
 
 import sdfast
-from sdfast.measure.bench import diffusers_scheduler
 from sdfast.errors import InvalidArgument
+from sdfast.measure.bench import diffusers_scheduler
 from sdfast.schedulers import SCHEDULERS
 
 
@@ -133,8 +133,8 @@ def test_bad_sizes_are_refused_naming_the_argument(sdxl):
 @pytest.fixture(scope="session")
 def sdxl_onnx(sdxl_folder, tmp_path_factory):
     pytest.importorskip("onnxruntime")
-    from sdfast.model.components import ShapeProfile
     from sdfast.export.onnx import export_onnx
+    from sdfast.model.components import ShapeProfile
     from sdfast.model.info import resolve_model
 
     info = resolve_model(sdxl_folder)
@@ -193,10 +193,10 @@ def test_cli_takes_the_sdxl_flags_and_records_them(sdxl_folder, tmp_path):
 @pytest.mark.slow  # OpenVINO converts five components (~20 s idle)
 def test_openvino_meets_tier_1_on_every_sdxl_component(sdxl_folder, tmp_path):
     pytest.importorskip("openvino")
-    from sdfast.model.components import Precision, ShapeProfile
     from sdfast.export.openvino import OpenVinoExportOptions, export_openvino
-    from sdfast.model.info import resolve_model
     from sdfast.measure.parity import run_parity
+    from sdfast.model.components import Precision, ShapeProfile
+    from sdfast.model.info import resolve_model
 
     out = export_openvino(resolve_model(sdxl_folder), tmp_path / "ov", ShapeProfile.static(1, 64, 64),
                           OpenVinoExportOptions(precision=Precision.FP32))

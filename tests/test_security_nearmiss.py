@@ -23,9 +23,9 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from sdfast.artifacts import MANIFEST, Manifest, inside, read_manifest  # noqa: E402
-from sdfast.model.components import ShapeProfile  # noqa: E402
 from sdfast.errors import ArtifactMismatch, InvalidArgument  # noqa: E402
 from sdfast.export.base import check_export_out  # noqa: E402
+from sdfast.model.components import ShapeProfile  # noqa: E402
 from sdfast.serve import ServeConfig, create_app  # noqa: E402
 from sdfast.serve.app import BackgroundServer  # noqa: E402
 from sdfast.serve.metrics import ServeMetrics  # noqa: E402

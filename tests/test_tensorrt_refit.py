@@ -22,11 +22,11 @@ from lora_files import make_lora, sd_layers
 from safetensors.torch import save_file
 
 from sdfast import artifacts as mf
-from sdfast.model.components import COMPONENT_MODULE, ShapeProfile
 from sdfast.engines.tensorrt import open_plans
 from sdfast.errors import ArtifactMismatch, InvalidArgument
 from sdfast.lora import GROUPS, FusedLoras, as_loras
 from sdfast.lora_refit import RefitLoras, RefitTable
+from sdfast.model.components import COMPONENT_MODULE, ShapeProfile
 from sdfast.model.info import load_torch_modules
 
 PROFILE = ShapeProfile(1, 1, 2, 64, 64, 128, 64, 64, 96)  # conftest's onnx_dynamic serves it

@@ -15,10 +15,10 @@ import torch
 
 from sdfast import artifacts as mf
 from sdfast.artifacts import Manifest, model_record, tensor_records
-from sdfast.model.components import SPECS, Precision, ShapeProfile
 from sdfast.engines.tensorrt import allocate_buffers, buffer_shapes
 from sdfast.errors import ArtifactMismatch, InvalidArgument
 from sdfast.export.tensorrt import onnx_covers, profile_triples
+from sdfast.model.components import SPECS, Precision, ShapeProfile
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 PROFILE = ShapeProfile(1, 1, 2, 64, 64, 128, 64, 64, 96)

@@ -156,8 +156,8 @@ def test_toy_model_folder_fits_the_size_budget():
 @pytest.fixture(scope="module")
 def toy_onnx(tmp_path_factory):
     pytest.importorskip("onnxruntime")
-    from sdfast.model.components import ShapeProfile
     from sdfast.export.onnx import export_onnx
+    from sdfast.model.components import ShapeProfile
     from sdfast.model.info import resolve_model
 
     info = resolve_model("tiny")

@@ -34,8 +34,8 @@ def child_export(precision: str, out: Path, threads: int) -> dict:
     """The real export path (`sdfast export ... --precision P`) on the U-Net of random-sd15."""
     import torch
 
-    from sdfast.model.components import Precision, ShapeProfile
     from sdfast.export.onnx import OnnxExportOptions, export_onnx
+    from sdfast.model.components import Precision, ShapeProfile
     from sdfast.model.info import resolve_model
 
     torch.set_num_threads(threads)

@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import sdfast  # noqa: E402
 from sdfast import toy  # noqa: E402
-from sdfast.model.components import Precision, ShapeProfile  # noqa: E402
 from sdfast.export import int8  # noqa: E402
 from sdfast.measure.parity import image_metrics, tensor_metrics  # noqa: E402
+from sdfast.model.components import Precision, ShapeProfile  # noqa: E402
 
 TOY_STEPS, TOY_SEEDS, TOY_SCHEDULER = 20, (0, 1), "euler"
 

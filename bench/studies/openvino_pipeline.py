@@ -48,8 +48,8 @@ from sdfast.measure.bench import (  # noqa: E402
     percentile,
     sdfast_runner,
 )
-from sdfast.model.components import SPECS, ShapeProfile, sample_inputs  # noqa: E402
 from sdfast.measure.flops import count_stage_flops  # noqa: E402
+from sdfast.model.components import SPECS, ShapeProfile, sample_inputs  # noqa: E402
 from sdfast.model.info import load_torch_modules, resolve_model  # noqa: E402
 
 CPU = torch.device("cpu")

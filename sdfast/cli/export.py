@@ -15,7 +15,6 @@ import dataclasses
 import logging
 
 from ..backends import BACKENDS, FORMATS, LORA_SLOT_FORMATS, ExportJob, for_format
-from ..model.components import CACHE_FORMATS, Precision, ShapeProfile, size_multiple
 from ..errors import InvalidArgument
 from ..export.int8 import (
     DEFAULT_CALIBRATION_PROMPTS,
@@ -26,6 +25,7 @@ from ..export.int8 import (
     QUANTIZABLE,
     Int8Options,
 )
+from ..model.components import CACHE_FORMATS, Precision, ShapeProfile, size_multiple
 from ..rules import MAX_SIDE, MIN_SIDE  # the side limits of every request bound every profile too
 
 log = logging.getLogger(__name__)

@@ -36,8 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..media import atomic_path
     from ..measure.parity import run_parity
+    from ..media import atomic_path
     from ..rules import check_choice, check_steps
     from ..schedulers import SCHEDULERS
 

@@ -9,9 +9,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ..artifacts import Manifest, check_io, load_manifest, rebuild_hint
-from ..model.components import COMPONENT_MODULE, ComponentSpec, Precision, ShapeProfile
 from ..errors import ArtifactMismatch, InvalidArgument
 from ..lora_slots import SlotTable
+from ..model.components import COMPONENT_MODULE, ComponentSpec, Precision, ShapeProfile
 from ..model.info import ModelInfo, model_arg
 from ..rules import check_side
 

@@ -17,8 +17,8 @@ import torch
 import torch._inductor
 
 from ..artifacts import Manifest, check_precision, rebuild_hint
-from ..model.components import ComponentSpec, Precision, ShapeProfile, size_multiple
 from ..errors import ArtifactMismatch
+from ..model.components import ComponentSpec, Precision, ShapeProfile, size_multiple
 from ..model.info import ModelInfo
 from .base import ExportedEngine, engine_inputs, open_export, read_artifact
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from ..artifacts import FLOAT_TYPES, check_precision
-from ..model.components import ComponentSpec, Precision, ShapeProfile, output_shapes, size_multiple
 from ..errors import InvalidArgument
+from ..model.components import ComponentSpec, Precision, ShapeProfile, output_shapes, size_multiple
 from ..model.info import ModelInfo
 from .base import ExportedEngine, check_engine_io, engine_inputs, open_export, read_artifact
 

@@ -43,8 +43,8 @@ from typing import Any
 import torch
 
 from ..artifacts import Manifest, atomic_path, check_precision, rebuild_hint
-from ..model.components import ComponentSpec, Precision, ShapeProfile, output_shapes, size_multiple
 from ..errors import ArtifactMismatch, InvalidArgument
+from ..model.components import ComponentSpec, Precision, ShapeProfile, output_shapes, size_multiple
 from ..model.info import ModelInfo
 from .base import ExportedEngine, check_engine_io, engine_inputs, open_export, read_artifact
 

@@ -34,9 +34,9 @@ from typing import Any
 import torch
 
 from ..artifacts import check_precision, gpu_record
-from ..model.components import COMPONENT_MODULE, ComponentSpec, Precision, ShapeProfile, size_multiple
 from ..errors import ArtifactMismatch, InvalidArgument
 from ..lora_refit import RefitBase, RefitRefused, RefitTable
+from ..model.components import COMPONENT_MODULE, ComponentSpec, Precision, ShapeProfile, size_multiple
 from ..model.info import ModelInfo
 from .base import ExportedEngine, open_export
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ..model.components import ComponentSpec, Precision
 from ..errors import InvalidArgument
+from ..model.components import ComponentSpec, Precision
 from ..model.info import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
 from .base import engine_inputs
 

@@ -25,8 +25,8 @@ from ..artifacts import (
     staging_dir,
     tensor_records,
 )
-from ..model.components import CACHE_FORMATS, Precision, ShapeProfile
 from ..errors import InvalidArgument
+from ..model.components import CACHE_FORMATS, Precision, ShapeProfile
 from ..model.info import ModelInfo
 
 log = logging.getLogger(__name__)

@@ -39,9 +39,16 @@ import torch._inductor
 from ..artifacts import (
     gpu_record,
 )
-from ..model.components import VAE_COMPONENTS, ComponentSpec, Precision, ShapeProfile, sample_inputs, size_multiple
 from ..errors import InvalidArgument
 from ..hardware import resolve_device
+from ..model.components import (
+    VAE_COMPONENTS,
+    ComponentSpec,
+    Precision,
+    ShapeProfile,
+    sample_inputs,
+    size_multiple,
+)
 from ..model.info import COMPONENT_MODULE, ModelInfo, component_modules, load_torch_modules
 from .base import export_components
 

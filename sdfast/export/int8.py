@@ -44,8 +44,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..model.components import Precision
 from ..errors import InvalidArgument
+from ..model.components import Precision
 
 if TYPE_CHECKING:
     from ..model.components import ShapeProfile

@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..model.components import VAE_COMPONENTS, Precision, ShapeProfile, sample_inputs
 from ..errors import InvalidArgument
 from ..lora_slots import SlotTable, check_rank
+from ..model.components import VAE_COMPONENTS, Precision, ShapeProfile, sample_inputs
 from ..model.info import ModelInfo, load_torch_modules
 from .base import export_components
 

@@ -46,9 +46,9 @@ from ..artifacts import (
     package_version,
     versions,
 )
-from ..model.components import VAE_COMPONENTS, Precision, ShapeProfile, sample_inputs
 from ..errors import InvalidArgument
 from ..lora_slots import SlotTable, check_rank
+from ..model.components import VAE_COMPONENTS, Precision, ShapeProfile, sample_inputs
 from ..model.info import ModelInfo, load_torch_modules
 from .base import export_components
 from .int8 import Int8Options

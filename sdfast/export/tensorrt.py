@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..artifacts import Manifest, atomic_write, gpu_record, load_manifest
-from ..model.components import COMPONENT_MODULE, Precision, ShapeProfile
 from ..errors import ArtifactMismatch, InvalidArgument
 from ..lora import GROUPS
 from ..lora_refit import RefitLayer, RefitTable, refit_file
+from ..model.components import COMPONENT_MODULE, Precision, ShapeProfile
 from ..model.info import ModelInfo, cache_dir, load_torch_modules
 from .base import check_export_out, export_components
 

@@ -41,10 +41,17 @@ from typing import Any
 
 import torch
 
-from ..model.components import Precision
 from ..errors import InvalidArgument
+from ..model.components import Precision
+from ..model.info import (
+    ModelInfo,
+    builtin_models,
+    cache_dir,
+    load_tokenizer,
+    load_torch_modules,
+    resolve_model,
+)
 from .flops import StageFlops, count_stage_flops, device_peak
-from ..model.info import ModelInfo, builtin_models, cache_dir, load_tokenizer, load_torch_modules, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +188,6 @@ def diffusers_scheduler(name: str, config: dict[str, Any]):
 
 
 #: the diffusers pipeline class each model family is timed against (its parity reference).
-DIFFUSERS_PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 
 
 def diffusers_pipeline(info: ModelInfo, modules: dict[str, torch.nn.Module], scheduler: str):
@@ -189,10 +195,10 @@ def diffusers_pipeline(info: ModelInfo, modules: dict[str, torch.nn.Module], sch
     sdfast torch row runs) and diffusers' scheduler for ``scheduler``."""
     import diffusers
 
-    cls = getattr(diffusers, DIFFUSERS_PIPELINES[info.family])
+    cls = getattr(diffusers, info.family_record.diffusers_pipeline)
     common = dict(vae=modules["vae"], text_encoder=modules["text_encoder"], tokenizer=load_tokenizer(info),
                   unet=modules["unet"], scheduler=diffusers_scheduler(scheduler, info.scheduler_config))
-    if info.family == "sdxl":
+    if info.family_record.size_conditioning:  # SDXL's pipeline: two encoders, no safety checker
         pipe = cls(**common, text_encoder_2=modules["text_encoder_2"],
                    tokenizer_2=load_tokenizer(info, "tokenizer_2"),
                    force_zeros_for_empty_prompt=info.force_zeros_for_empty_prompt, add_watermarker=False)
@@ -428,7 +434,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
             for backend in kinds:
                 extra: dict[str, Any] = {"timing": "sdfast Pipeline profile=True"}
                 if backend == "diffusers":
-                    extra["timing"] = f"diffusers {DIFFUSERS_PIPELINES[info.family]}, forward hooks"
+                    extra["timing"] = f"diffusers {info.family_record.diffusers_pipeline}, forward hooks"
                 elif backend != "torch":
                     engines_dir, export_s, reason = ensure_engines(cfg, info, backend, dtype, batch, height, width)
                     if reason:

@@ -131,8 +131,8 @@ def write_pareto_plot(points: list[dict[str, Any]], path: str | Path, title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .fewstep import pareto_front
     from ..media import atomic_path
+    from .fewstep import pareto_front
 
     fig, ax = plt.subplots(figsize=(8, 5))
     ours = [p for p in points if p["kind"] == "sdfast" and p["accuracy"] is not None]

@@ -241,11 +241,33 @@ def _dim(d: str, known: dict[str, int]) -> int | None:
     return int(d)
 
 
-#: the components of each model family, in load and export order.
-FAMILY_SPECS: dict[str, dict[str, ComponentSpec]] = {
-    "sd": SPECS,
-    "sdxl": {s.name: s for s in (SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, SDXL_UNET, VAE_DECODER, VAE_ENCODER)},
+@dataclass(frozen=True)
+class Family:
+    """Everything that differs between model families, so no module outside the specs and
+    ``text.py`` branches on a family's name: add a family by adding a record (and its text class)."""
+
+    name: str
+    #: its components, in load and export order
+    specs: dict[str, ComponentSpec]
+    #: the model folder's text encoder folders (each with its tokenizer folder of the same suffix)
+    text_encoders: tuple[str, ...] = ("text_encoder",)
+    #: takes SDXL's size conditioning and second prompts; reads model_index.json's
+    #: force_zeros_for_empty_prompt and honours the VAE config's force_upcast, as diffusers' SDXL
+    #: pipelines do (SD 1.x/2.x pipelines ignore both keys)
+    size_conditioning: bool = False
+    #: diffusers' text-to-image pipeline class of the family (the bench's and the tests' reference)
+    diffusers_pipeline: str = "StableDiffusionPipeline"
+
+
+FAMILIES: dict[str, Family] = {
+    "sd": Family("sd", SPECS),
+    "sdxl": Family("sdxl", {s.name: s for s in (SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, SDXL_UNET, VAE_DECODER,
+                                                VAE_ENCODER)},
+                   text_encoders=("text_encoder", "text_encoder_2"), size_conditioning=True,
+                   diffusers_pipeline="StableDiffusionXLPipeline"),
 }
+#: the components of each model family, in load and export order.
+FAMILY_SPECS: dict[str, dict[str, ComponentSpec]] = {k: f.specs for k, f in FAMILIES.items()}
 #: component name -> the torch module (model folder) it runs, from the specs.
 COMPONENT_MODULE: dict[str, str] = {n: s.module for specs in FAMILY_SPECS.values() for n, s in specs.items()}
 #: the VAE's components (exporters keep them in fp32 unless told otherwise), from the specs.

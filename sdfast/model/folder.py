@@ -35,7 +35,6 @@ FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionImg2ImgPipeline": "
 #: model_index.json entries SD releases carry that sdfast does not run (said once, at info level).
 IGNORED_PARTS = ("safety_checker", "feature_extractor", "image_encoder")
 #: the extra folders an SDXL folder has.
-SDXL_PARTS = (("text_encoder_2", "config.json"),)
 #: config keys sdfast reads (ModelInfo, components) or whose bad value would only fail deep inside
 #: a library (a ZeroDivisionError, a module with no layers, an absurd allocation), with their JSON
 #: types and whether a config must have them. Every int must be positive; a list (or an int-or-list)
@@ -219,9 +218,10 @@ def weight_variant(folder: Path) -> str | None:
     return None if plain or not variants else sorted(variants)[0]
 
 
-def check_model_folder(path: Path, weights: bool = True, family: str = "sd") -> None:
-    """Raise MissingFile / InvalidArgument naming the first missing or broken file of an SD folder."""
-    extra = SDXL_PARTS if family == "sdxl" else ()
+def check_model_folder(path: Path, weights: bool = True, text_encoders: tuple[str, ...] = ("text_encoder",)) -> None:
+    """Raise MissingFile / InvalidArgument naming the first missing or broken file of an SD folder
+    (``text_encoders``: the family's, ``components.Family.text_encoders``)."""
+    extra = tuple((sub, "config.json") for sub in text_encoders[1:])
     for sub, cfg in (*REQUIRED_CONFIGS, *extra):
         if not (path / sub / cfg).is_file():
             raise MissingFile(
@@ -250,3 +250,22 @@ def check_model_folder(path: Path, weights: bool = True, family: str = "sd") -> 
             raise MissingFile(f"model: {path} lacks {' and '.join(f'{tok}/{f}' for f in absent)} (a CLIP tokenizer "
                               "is tokenizer.json, or vocab.json and merges.txt); copy the tokenizer folder of the "
                               "model release")
+
+
+#: what a hub download fetches: configs, tokenizers, and the plain weights of every component the
+#: families load (``text_encoder*``: SDXL's second encoder too)
+HUB_PATTERNS = ("model_index.json", "*.json", "*.txt", "text_encoder*/*.safetensors",
+                "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors")
+
+
+def download(repo_id: str) -> Path:
+    """A hub model id → the local snapshot's folder (MissingFile naming the id if it cannot be had)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=list(HUB_PATTERNS)))
+    except Exception as e:  # the hub client raises many types: all mean "could not get it"
+        raise MissingFile(
+            f"model: could not download {repo_id!r} from the hub ({type(e).__name__}: {e}); "
+            "check the id and the network, or pass a local model folder"
+        ) from e

@@ -30,6 +30,7 @@ from .folder import (
     cache_dir,
     check_config,
     check_model_folder,
+    download,
     model_family,
     weight_variant,
     weight_variants,
@@ -94,7 +95,10 @@ class ModelInfo:
         index_path = path / "model_index.json"
         model_index = _read_json(index_path) if index_path.is_file() else {}
         family = model_family(model_index)
-        check_model_folder(path, weights=not random_weights, family=family)
+        from .components import FAMILIES
+
+        text_encoders = FAMILIES[family].text_encoders
+        check_model_folder(path, weights=not random_weights, text_encoders=text_encoders)
         ignored = [p for p in IGNORED_PARTS if (model_index.get(p) or [None])[0] is not None]
         if ignored:
             log.info("model: %s has %s, which sdfast does not run; ignored", path, ", ".join(ignored))
@@ -115,7 +119,7 @@ class ModelInfo:
             tokenizer_config=_config(tok_cfg_path, "tokenizer") if tok_cfg_path.is_file() else {},
             random_weights=random_weights,
             model_index=model_index,
-            text_encoder_2_config=_config(te2, "text_encoder_2") if family == "sdxl" else {},
+            text_encoder_2_config=_config(te2, "text_encoder_2") if "text_encoder_2" in text_encoders else {},
             variant=variant,
         )
 
@@ -125,12 +129,19 @@ class ModelInfo:
         return model_family(self.model_index)
 
     @property
+    def family_record(self):
+        """What the family is (``components.Family``): its specs, text encoders, conditioning."""
+        from .components import FAMILIES
+
+        return FAMILIES[self.family]
+
+    @property
     def specs(self):
         """The family's component specs (``components.FAMILY_SPECS``), by component name; a U-Net
         distilled with guidance as an input (LCM) takes ``timestep_cond`` too."""
-        from .components import FAMILY_SPECS, deepcache_specs, with_timestep_cond
+        from .components import deepcache_specs, with_timestep_cond
 
-        specs = FAMILY_SPECS[self.family]
+        specs = self.family_record.specs
         if self.timestep_cond_dim:
             specs = {**specs, "unet": with_timestep_cond(specs["unet"])}
         if self.cache_branch is not None:
@@ -147,7 +158,7 @@ class ModelInfo:
     @property
     def text_dims(self) -> dict[str, int]:
         """SDXL's text widths: D1, D2 (hidden sizes of the two encoders) and P (pooled projection)."""
-        if self.family != "sdxl":
+        if not self.text_encoder_2_config:
             return {}
         te2 = self.text_encoder_2_config
         return {"D1": int(self.text_encoder_config["hidden_size"]), "D2": int(te2["hidden_size"]),
@@ -156,14 +167,14 @@ class ModelInfo:
     @property
     def force_zeros_for_empty_prompt(self) -> bool:
         """SDXL: no negative prompt means zero embeddings, not the embedding of "" (model_index.json)."""
-        return self.family == "sdxl" and bool(self.model_index.get("force_zeros_for_empty_prompt", True))
+        return self.family_record.size_conditioning and bool(self.model_index.get("force_zeros_for_empty_prompt", True))
 
     @property
     def vae_force_upcast(self) -> bool:
         """SDXL's VAE overflows fp16 (its config says force_upcast): run it in fp32, as diffusers'
         SDXL pipeline does. SD 1.x/2.x pipelines ignore the key (AutoencoderKL defaults it to
         true), so do we: their fp16 VAE keeps the NaN fallback instead."""
-        return self.family == "sdxl" and bool(self.vae_config.get("force_upcast", True))
+        return self.family_record.size_conditioning and bool(self.vae_config.get("force_upcast", True))
 
     @property
     def vae_scale_factor(self) -> int:
@@ -364,27 +375,11 @@ def resolve_model(model: str | os.PathLike, variant: str | None = None) -> Model
             raise MissingFile(f"model: {path} is a file; pass the model *folder* (the one holding model_index.json)")
         return ModelInfo.from_folder(path, variant=variant)
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        return ModelInfo.from_folder(_download(text), name=text, variant=variant)
+        return ModelInfo.from_folder(download(text), name=text, variant=variant)
     raise MissingFile(
         f"model: no folder at {text!r}; pass a diffusers model folder, a hub id such as "
         f"'org/name', or a built-in name ({', '.join(builtin_models())})"
     )
-
-
-def _download(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(
-            repo_id,
-            allow_patterns=["model_index.json", "*.json", "*.txt", "text_encoder/*.safetensors",
-                            "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"],
-        ))
-    except Exception as e:  # the hub client raises many types: all mean "could not get it"
-        raise MissingFile(
-            f"model: could not download {repo_id!r} from the hub ({type(e).__name__}: {e}); "
-            "check the id and the network, or pass a local model folder"
-        ) from e
 
 
 # -- torch modules ---------------------------------------------------------------------------

@@ -45,7 +45,8 @@ CLIP_FIXED = {"hidden_act": "quick_gelu", "attention_dropout": 0.0}
 
 def unsupported(info) -> str | None:
     """Why the lite modules cannot stand in for ``info``'s (None: they can)."""
-    if info.family != "sd" or info.random_weights:
+    fam = info.family_record  # one CLIP, no size conditioning: what the lite modules reproduce
+    if len(fam.text_encoders) != 1 or fam.size_conditioning or info.random_weights:
         return "not an SD 1.x/2.x folder with weights"
     u, v, t = info.unet_config, info.vae_config, info.text_encoder_config
     for name, cfg, fixed in (("unet", u, UNET_FIXED), ("vae", v, VAE_FIXED), ("text_encoder", t, CLIP_FIXED)):

@@ -20,9 +20,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .bpe import CLIP_BPE_FILE, CLIP_VOCAB_SIZE, EOS, write_clip_tokenizer
 from ..errors import InvalidArgument
 from ..fsio import staging_dir
+from .bpe import CLIP_BPE_FILE, CLIP_VOCAB_SIZE, EOS, write_clip_tokenizer
 from .folder import LCM_SCHEDULER_CONFIG, MODEL_INDEX, SD15_SCHEDULER_CONFIG, cache_dir
 
 log = logging.getLogger(__name__)
