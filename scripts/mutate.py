@@ -466,6 +466,19 @@ MUTATIONS: tuple[Mutation, ...] = (
              "        full = True\n",
              ("tests/test_deepcache_export.py", "-k", "onnxruntime_deepcache"),
              "--cache-interval on an export silently runs every step full (no approximation, no speed-up)"),
+    Mutation("serve-batch-key-retokenizes", "sdfast/serve/service.py",
+             "        chunks = self._chunks.get(id(req))\n", "        chunks = None\n",
+             ("tests/test_serve.py", "-k", "tokenized"),
+             "the served batch key tokenizes each request again instead of reusing parse's chunk count"),
+    Mutation("hub-download-misses-second-encoder", "sdfast/model/folder.py",
+             '"text_encoder*/*.safetensors",', '"text_encoder/*.safetensors",',
+             ("tests/test_folder_layouts.py", "-k", "hub"),
+             "an SDXL hub id downloads without text_encoder_2's weights"),
+    Mutation("sdxl-family-without-size-conditioning", "sdfast/model/components.py",
+             "text_encoders=(\"text_encoder\", \"text_encoder_2\"), size_conditioning=True,",
+             "text_encoders=(\"text_encoder\", \"text_encoder_2\"), size_conditioning=False,",
+             ("tests/test_sdxl.py", "-k", "empty_negative or variants_match"),
+             "SDXL's record loses its size conditioning: force_zeros_for_empty_prompt is never read"),
 )
 
 
