@@ -129,6 +129,26 @@ def diffusers_pipe(tiny_info):
 # -- exported artifacts: each exported once per session ---------------------------
 
 @pytest.fixture(scope="session")
+def sdxl_folder(tmp_path_factory):
+    """The tiny random SDXL folder (two text encoders, size conditioning), built once per session;
+    tests only read it (copy it before changing anything)."""
+    from sdfast.model.info import TOKENIZER_DIR
+    from sdfast.model.random_models import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl", TOKENIZER_DIR)
+
+
+@pytest.fixture
+def onnx_copy(onnx_dynamic, tmp_path):
+    """A private copy of the shared ONNX export, for tests that damage an export."""
+    import shutil
+
+    dest = tmp_path / "onnx-copy"
+    shutil.copytree(onnx_dynamic, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
 def onnx_dynamic(tiny_info, tmp_path_factory):
     """fp32 ONNX export of the tiny model serving batch 1..2, height 64..128, width 64..96."""
     from sdfast.export.onnx import export_onnx

@@ -135,14 +135,6 @@ def test_sd_images_of_one_prompt_each_draw_their_own_latents(tiny_pipe):
 # -- SDXL: second prompts, negative prompts, size conditioning ----------------------------------
 
 @pytest.fixture(scope="module")
-def sdxl_folder(tmp_path_factory):
-    from sdfast.model.info import TOKENIZER_DIR
-    from sdfast.model.random_models import build_tiny_sdxl
-
-    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl-rows") / "tiny-sdxl", TOKENIZER_DIR)
-
-
-@pytest.fixture(scope="module")
 def sdxl_pipe(sdxl_folder):
     import sdfast
 

@@ -16,14 +16,6 @@ from sdfast.schedulers import SCHEDULERS
 
 
 @pytest.fixture(scope="session")
-def sdxl_folder(tmp_path_factory):
-    from sdfast.model.info import TOKENIZER_DIR
-    from sdfast.model.random_models import build_tiny_sdxl
-
-    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl", TOKENIZER_DIR)
-
-
-@pytest.fixture(scope="session")
 def sdxl(sdxl_folder):
     from diffusers import StableDiffusionXLPipeline
 

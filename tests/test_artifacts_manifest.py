@@ -18,10 +18,8 @@ from sdfast.export import onnx as onnx_export
 
 
 @pytest.fixture
-def export_copy(onnx_dynamic, tmp_path):
-    dest = tmp_path / "copy"
-    shutil.copytree(onnx_dynamic, dest)
-    return dest
+def export_copy(onnx_copy):
+    return onnx_copy
 
 
 def load(info, path):

@@ -21,10 +21,8 @@ pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture
-def eng(onnx_dynamic, tmp_path):
-    dest = tmp_path / "eng"
-    shutil.copytree(onnx_dynamic, dest)
-    return dest
+def eng(onnx_copy):
+    return onnx_copy
 
 
 def edit(root, fn) -> None:
