@@ -18,6 +18,7 @@ import io
 import json
 import os
 import platform
+import secrets
 import shutil
 import signal
 import socket
@@ -115,7 +116,11 @@ def pixels(png: bytes) -> np.ndarray:
 
 @pytest.mark.slow  # two Ray nodes, two replicas, a replacement: ~2 min here
 def test_a_replica_killed_mid_burst_costs_only_its_requests_which_get_a_retryable_error():
-    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+    # The cluster's own token: Ray >= 2.5x turns token auth on whenever ~/.ray/auth_token exists, and
+    # any other Ray on the machine (ray.init() writes that file) can replace it between our head's
+    # start and the worker's join, which then fails with InvalidAuthToken.
+    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN=secrets.token_hex(32))
     head_port, port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     nodes = Path(tempfile.mkdtemp(prefix="sdray-", dir="/tmp"))  # Ray's socket paths must fit in 107 bytes
