@@ -101,9 +101,19 @@ def test_info_says_none_without_cuda_devices():
 
 
 def test_cpu_model_name_reads_proc_cpuinfo(tmp_path, monkeypatch):
+    import platform
+
+    from sdfast import hardware
+
     fake = tmp_path / "cpuinfo"
     fake.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t: avx\n")
-    monkeypatch.setattr(cli_info, "CPUINFO", fake)
-    assert cli_info.cpu_model_name() == "Test CPU 9000"
-    monkeypatch.setattr(cli_info, "CPUINFO", tmp_path / "absent")
-    assert cli_info.cpu_model_name()  # falls back to platform.processor() or "unknown", never blank
+    monkeypatch.setattr(hardware, "CPUINFO", fake)
+    hardware.cpu_name.cache_clear()
+    try:
+        assert cli_info.collect()["cpu"]["model"] == "Test CPU 9000"
+        monkeypatch.setattr(hardware, "CPUINFO", tmp_path / "absent")
+        monkeypatch.setattr(platform, "processor", lambda: "")
+        hardware.cpu_name.cache_clear()
+        assert cli_info.collect()["cpu"]["model"] == "unknown"  # never blank
+    finally:
+        hardware.cpu_name.cache_clear()

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-
-CPUINFO = Path("/proc/cpuinfo")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,19 +15,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def cpu_model_name() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (platform.processor() is blank on most Linux)."""
-    import platform
-
-    try:
-        for line in CPUINFO.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def collect() -> dict:
     import platform
 
@@ -38,7 +22,7 @@ def collect() -> dict:
 
     from ..artifacts import versions as artifact_versions
     from ..backends import BACKENDS
-    from ..hardware import cpu_bf16_supported, default_threads
+    from ..hardware import cpu_bf16_supported, cpu_name, default_threads
     from ..model.info import builtin_models
 
     versions: dict[str, str | None] = {"python": platform.python_version(), **artifact_versions()}
@@ -50,7 +34,7 @@ def collect() -> dict:
         backends[b.name] = {"available": reason is None, "format": b.format, "reason": reason}
     return {
         "versions": versions,
-        "cpu": {"model": cpu_model_name(), "machine": platform.machine(),
+        "cpu": {"model": cpu_name() or "unknown", "machine": platform.machine(),
                 "threads": torch.get_num_threads(), "default_threads": "{} ({})".format(*default_threads()),
                 "capability": torch.backends.cpu.get_cpu_capability(),
                 "bf16": cpu_bf16_supported()},
