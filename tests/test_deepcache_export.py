@@ -11,9 +11,9 @@ import dataclasses
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
+from tiers import LATENT_RTOL, assert_tier1
 
 import sdfast
 from sdfast.artifacts import MANIFEST, file_record
@@ -21,8 +21,6 @@ from sdfast.deepcache import DeepUNet, ShallowUNet, branch_count, for_pipeline
 from sdfast.errors import ArtifactMismatch, InvalidArgument
 from sdfast.model.components import CACHE_DEEP, CACHE_SHALLOW, ShapeProfile, cache_feature, deepcache_specs
 
-LATENT_RTOL = 1e-4  # max |ours - torch| relative to max |torch|: tier 1
-IMAGE_ATOL = 2  # max, on 0..255
 PROMPTS = ["a red circle on a blue background", "a yellow square on a white background"]
 PROFILE = ShapeProfile(1, 1, 2, 64, 64, 64, 64, 64, 64)
 BRANCH = 0
@@ -52,16 +50,6 @@ def torch_runs(tiny_pipe):
     return {n: tiny_pipe.generate(**KW, cache_interval=n) for n in (1, 2, 3)}
 
 
-def _assert_tier1(out, ref):
-    err = (out.latents - ref.latents).abs().max().item()
-    scale = ref.latents.abs().max().item()
-    print(f"latents max abs diff {err:.3g} (relative {err / scale:.2g})")
-    assert err <= LATENT_RTOL * scale
-    a = np.stack([np.asarray(i) for i in out.images]).astype(int)
-    b = np.stack([np.asarray(i) for i in ref.images]).astype(int)
-    assert np.abs(a - b).max() <= IMAGE_ATOL
-
-
 def _count_calls(pipe, branch=BRANCH) -> dict[str, int]:
     """Spy on the export's two DeepCache engines (loaded on the first DeepCache run)."""
     from sdfast.engines.base import WrappedEngine
@@ -79,7 +67,7 @@ def _count_calls(pipe, branch=BRANCH) -> dict[str, int]:
 def _check_runs(pipe, torch_runs):
     for n in (2, 3):
         out = pipe.generate(**KW, cache_interval=n)
-        _assert_tier1(out, torch_runs[n])
+        assert_tier1(out, torch_runs[n])
         assert out.approximations == torch_runs[n].approximations
     counts = _count_calls(pipe)
     pipe.generate(**KW, cache_interval=3)  # 6 steps: full on 0 and 3, shallow on the other four
@@ -88,7 +76,7 @@ def _check_runs(pipe, torch_runs):
     exact = torch_runs[1].latents
     assert (torch_runs[2].latents - exact).abs().max() > 100 * LATENT_RTOL * exact.abs().max()
     assert not torch.allclose(torch_runs[2].latents[0], torch_runs[2].latents[1])
-    _assert_tier1(pipe.generate(**KW), torch_runs[1])  # without --cache-interval: the plain U-Net
+    assert_tier1(pipe.generate(**KW), torch_runs[1])  # without --cache-interval: the plain U-Net
 
 
 def test_onnxruntime_deepcache_within_tier1_of_torch_deepcache(tiny_info, onnx_dir, torch_runs):

@@ -4,16 +4,14 @@ within tier 1 of the eager pipeline: latents and pixels, rows of a batch that di
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from tiers import LATENT_RTOL, assert_tier1
 
 import sdfast
 from sdfast.model.components import ShapeProfile
 from sdfast.model.info import resolve_model
 
-LATENT_RTOL = 1e-4  # max |ours - eager| relative to max |eager|: tier 1
-IMAGE_ATOL = 2  # max, on 0..255
 PROMPTS = ["a red circle on a blue background", "a yellow square on a white background"]
 #: one or two images per call, 64x64 (the tiny model's native side)
 PROFILE = ShapeProfile(1, 1, 2, 64, 64, 64, 64, 64, 64)
@@ -53,22 +51,11 @@ def exported(request, lcm_info, tmp_path_factory):
     return sdfast.load(lcm_info, backend=request.param, engines_dir=out)
 
 
-def _assert_tier1(out, ref):
-    assert out.latents.shape == ref.latents.shape
-    err = (out.latents - ref.latents).abs().max().item()
-    scale = ref.latents.abs().max().item()
-    print(f"latents max abs diff {err:.3g} (relative {err / scale:.2g})")
-    assert err <= LATENT_RTOL * scale
-    a = np.stack([np.asarray(i) for i in out.images]).astype(int)
-    b = np.stack([np.asarray(i) for i in ref.images]).astype(int)
-    assert np.abs(a - b).max() <= IMAGE_ATOL
-
-
 @pytest.mark.parametrize(("scheduler", "steps"), [("lcm", 1), ("lcm", 4), ("tcd", 2)])
 def test_an_exported_lcm_unet_samples_within_tier1_of_eager(exported, eager, scheduler, steps):
     kw = dict(prompt=PROMPTS, steps=steps, guidance_scale=8.0, seed=7, scheduler=scheduler)
     ref, out = eager.generate(**kw), exported.generate(**kw)
-    _assert_tier1(out, ref)
+    assert_tier1(out, ref)
     # the two rows are different images, each its own prompt's
     assert not torch.allclose(ref.latents[0], ref.latents[1])
 
@@ -79,4 +66,4 @@ def test_the_guidance_scale_reaches_the_exported_unet(exported, eager):
     kw = dict(prompt=PROMPTS[:1], steps=2, seed=3, scheduler="lcm")
     low, high = exported.generate(guidance_scale=2.0, **kw), exported.generate(guidance_scale=9.0, **kw)
     assert (low.latents - high.latents).abs().max().item() > 100 * LATENT_RTOL * high.latents.abs().max().item()
-    _assert_tier1(low, eager.generate(guidance_scale=2.0, **kw))
+    assert_tier1(low, eager.generate(guidance_scale=2.0, **kw))
