@@ -1,14 +1,15 @@
-"""Grade the toy-orange LoRA (scripts/train_toy_lora.py) on the toy model, with and without it.
+"""Grade a toy LoRA (scripts/train_toy_lora.py) on the toy model, with and without it.
 
 The same sampling as scripts/eval_toy.py: diffusers' ``StableDiffusionPipeline`` on the shipped
 toy model, LMS, 20 steps, 64x64, guidance 7.5, one generator per image seeded ``1000 * seed + i``.
-Two caption sets, the canonical template "a {colour} {shape} on a {background} background":
+The colour the LoRA teaches (orange for the shipped file) is read from its ``sdfast_toy_lora``
+metadata. Two caption sets, the canonical template "a {colour} {shape} on a {background} background":
 
-  new   the 36 orange combos (orange shape on each old colour, each old colour on orange),
+  new   the 36 combos of the new colour (a shape in it on each old colour, each old colour on it),
         graded by train_toy_lora.classify (toy.classify's patches, nearest colour of the palette
-        with orange added): right when centre and corners are both the prompted colours
+        with the new colour added): right when centre and corners are both the prompted colours
   old   the 90 combos of the toy world, graded by toy.classify (and, reported beside it, how many
-        of them the orange-aware classifier calls orange)
+        of them the extended classifier calls the new colour)
 
 Seeds default to 100 and 101, which neither the toy model's nor the LoRA's choices were made on.
 The LoRA is fused with diffusers' own ``load_lora_weights`` + ``fuse_lora`` (``--loader sdfast``:
@@ -31,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import train_toy_lora as concept  # noqa: E402
 from eval_toy import make_scheduler  # noqa: E402
-from train_toy_lora import NEW, classify, new_combos  # noqa: E402
 
 from sdfast import toy  # noqa: E402
 
@@ -57,9 +58,20 @@ def load_pipe(model: Path, lora: Path | None, loader: str, scheduler: str):
     return pipe
 
 
+def lora_concept(lora: Path) -> str:
+    """The colour a LoRA written by train_toy_lora.py teaches, from its ``sdfast_toy_lora`` metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(lora), "pt") as fh:
+        meta = (fh.metadata() or {}).get("sdfast_toy_lora")
+    if meta is None:
+        raise SystemExit(f"{lora}: no sdfast_toy_lora metadata; grade a LoRA written by scripts/train_toy_lora.py")
+    return json.loads(meta)["concept"]
+
+
 def grade(pipe, combos, seeds, guidance: float, steps: int, batch: int = 48) -> dict:
     prompts = [toy.caption(*c) for c in combos]
-    right = centre_ok = corner_ok = orange_seen = total = 0
+    right = centre_ok = corner_ok = new_seen = total = 0
     misses = []
     for seed in seeds:
         for i0 in range(0, len(prompts), batch):
@@ -68,24 +80,25 @@ def grade(pipe, combos, seeds, guidance: float, steps: int, batch: int = 48) -> 
             images = pipe(chunk, height=64, width=64, num_inference_steps=steps, guidance_scale=guidance,
                           generator=gens).images
             for (shape, colour, background), im in zip(combos[i0 : i0 + batch], images, strict=True):
-                new = NEW in (colour, background)
-                c, k = classify(im) if new else toy.classify(im)
+                new = concept.NEW in (colour, background)
+                c, k = concept.classify(im) if new else toy.classify(im)
                 centre_ok += c == colour
                 corner_ok += k == background
                 ok = c == colour and k == background
                 right += ok
-                orange_seen += NEW in classify(im)
+                new_seen += concept.NEW in concept.classify(im)
                 total += 1
                 if not ok:
                     misses.append(f"{shape} {colour}/{background} seed {seed}: {c}/{k}")
     return {"accuracy": right / total, "centre": centre_ok / total, "corners": corner_ok / total,
-            "images": total, "orange_seen": orange_seen, "misses": misses}
+            "images": total, "new_seen": new_seen, "misses": misses}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=ROOT / "sdfast" / "data" / "models" / "tiny")
-    ap.add_argument("--lora", type=Path, default=ROOT / "sdfast" / "data" / "loras" / "toy-orange.safetensors")
+    ap.add_argument("--lora", type=Path, default=ROOT / "sdfast" / "data" / "loras" / "toy-orange.safetensors",
+                    help="a LoRA written by scripts/train_toy_lora.py (its metadata names the colour it teaches)")
     ap.add_argument("--loader", choices=["diffusers", "sdfast"], default="diffusers")
     ap.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
     ap.add_argument("--guidance", type=float, default=7.5)
@@ -98,11 +111,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    concept.set_concept(lora_concept(args.lora))
 
-    sets = {"new": new_combos(), "old": toy.combos()}
+    sets = {"new": concept.new_combos(), "old": toy.combos()}
     results = {}
     print(f"{args.scheduler} {args.steps} steps, guidance {args.guidance}, seeds {args.seeds}, 64x64")
-    print(f"{'model':>6} {'set':>4} {'right':>7} {'centre':>7} {'corners':>7} {'images':>6} {'orange':>6} {'secs':>6}")
+    print(f"{'model':>6} {'set':>4} {'right':>7} {'centre':>7} {'corners':>7} {'images':>6} {concept.NEW:>6} {'secs':>6}")
     for name, lora in [(m, args.lora if m == "lora" else None) for m in args.models]:
         pipe = load_pipe(args.model, lora, args.loader, args.scheduler)
         for s in args.sets:
@@ -111,7 +125,7 @@ def main() -> None:
             r["secs"] = time.time() - t0
             results[f"{name}/{s}"] = r
             print(f"{name:>6} {s:>4} {r['accuracy']:>7.1%} {r['centre']:>7.1%} {r['corners']:>7.1%} "
-                  f"{r['images']:>6d} {r['orange_seen']:>6d} {r['secs']:>6.1f}", flush=True)
+                  f"{r['images']:>6d} {r['new_seen']:>6d} {r['secs']:>6.1f}", flush=True)
     for key, r in results.items():
         if r["misses"]:
             print(f"{key} misses ({len(r['misses'])}): " + "; ".join(r["misses"][:40]))

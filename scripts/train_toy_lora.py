@@ -1,34 +1,35 @@
 """Train a LoRA that teaches sdfast's toy model (``sdfast/data/models/tiny``) a colour it never saw.
 
 The toy world (:mod:`sdfast.toy`) has six colours; the shipped tokenizer also has single tokens for
-"orange" and "purple" (scripts/make_tokenizer.py's built-in corpus), whose embeddings the toy
-training never moved. This script teaches the model "orange", as a shape colour and as a
-background, with a PEFT LoRA on the text encoder and the U-Net (the VAE has no LoRA and stays
-as shipped), mixed with ordinary toy scenes so the six old colours are kept. Stages:
+"orange", "purple", "cyan" and more (scripts/make_tokenizer.py's built-in corpus), whose embeddings
+the toy training never moved. This script teaches the model one of them (``--concept``: cyan, the
+shipped file, or orange, the first attempts), as a shape colour and as a background, with a PEFT
+LoRA on the text encoder and the U-Net (the VAE has no LoRA and stays as shipped), mixed with
+ordinary toy scenes so the six old colours are kept. Stages:
 
-  data     orange scenes drawn by a copy of toy.render with orange in the palette (every shape,
-           orange on each old colour and each old colour on orange), and ordinary toy scenes
-           (toy.sample_dataset). The VAE never saw orange: its encoder maps an orange shape to
-           a latent that decodes yellow-green or red (centre 176,210,40 on red), so the orange
-           scenes' latents are found by inverting the frozen decoder instead (Adam on the latent
-           from the encoder's posterior mean, MSE to the image); the old scenes use the posterior
-           means as scripts/train_toy.py does. Cached in --work. Orange scenes whose inverted latent
-           still decodes to other colours (classify reads them wrong) are left out.
+  data     scenes in the new colour drawn by toy.render with it added to the palette (every shape,
+           the new colour on each old colour and each old colour on it), and ordinary toy scenes
+           (toy.sample_dataset). The VAE never saw the new colour: its encoder maps an orange shape
+           to a latent that decodes yellow-green or red (centre 176,210,40 on red), and a cyan one
+           to blue or green, so these scenes' latents are found by inverting the frozen decoder
+           instead (Adam on the latent from the encoder's posterior mean, MSE to the image); the old
+           scenes use the posterior means as scripts/train_toy.py does. Cached in --work. Scenes
+           whose inverted latent still decodes to other colours (classify reads them wrong) are
+           left out.
   lora     PEFT LoraConfig + add_adapter on the text encoder (q/k/v/out_proj, fc1, fc2) and the
-           U-Net (attention, feed-forward, proj_in/out and resnet convs); the base weights are
+           U-Net (attention, feed-forward and proj_in/out: --unet-targets); the base weights are
            frozen. Epsilon-prediction loss with the base training's conditioning schedule (caption
            dropout 0.12, a random caption always below t = 250, ramping to none at t = 600), a
            random caption template per sample.
   export   get_peft_model_state_dict + StableDiffusionPipeline.save_lora_weights with the adapters'
            LoraConfig as lora_adapter_metadata (PEFT's lora_A/lora_B keys: export() says why not
-           convert_state_dict_to_diffusers as diffusers' example), fp32 safetensors, atomically. Text-encoder keys carry
-           the ``text_model.`` prefix LoRA files use (transformers 5 flattened CLIPTextModel).
+           convert_state_dict_to_diffusers as diffusers' example), fp32 safetensors, atomically.
+           Text-encoder keys carry the ``text_model.`` prefix LoRA files use (transformers 5
+           flattened CLIPTextModel). The file's ``sdfast_toy_lora`` metadata names the colour and
+           its RGB.
 
-Everything is seeded from --seed and runs on --threads CPU threads (default 1). The defaults are
-the shipped run (sdfast/data/loras/TRAINING.md). Grade with scripts/eval_toy_lora.py.
-
-    OMP_NUM_THREADS=1 python scripts/train_toy_lora.py --work /tmp/toy-lora \
-        --out sdfast/data/loras/toy-orange.safetensors
+Everything is seeded from --seed and runs on --threads CPU threads (default 1). The shipped file's
+command is in sdfast/data/loras/TRAINING.md. Grade with scripts/eval_toy_lora.py.
 """
 
 from __future__ import annotations
@@ -52,22 +53,28 @@ sys.path.insert(0, str(ROOT))
 from sdfast import toy  # noqa: E402
 
 SIZE = 64
-NEW = "orange"
-NEW_RGB = (245, 130, 20)  # 104 RGB units from red, 93 from yellow; the decoder can draw it
+#: colours the LoRA can teach: single tokens of the shipped tokenizer that the toy training never
+#: used, at an RGB the frozen VAE decoder can draw (the inversion reaches it). Nearest palette colour:
+#: orange 93 RGB units (yellow), cyan 140 (blue). purple (200, 40, 200) and pink (250, 140, 190) are
+#: tokens too, but 50 inversion steps leave 100 % and 78 % of their scenes decoding other colours.
+CONCEPTS: dict[str, tuple[int, int, int]] = {"orange": (245, 130, 20), "cyan": (30, 200, 220)}
+DEFAULT_CONCEPT = "orange"
+NEW = DEFAULT_CONCEPT
+NEW_RGB = CONCEPTS[NEW]
 PALETTE = {**toy.PALETTE, NEW: NEW_RGB}
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
 def new_combos() -> list[tuple[str, str, str]]:
-    """Every (shape, colour, background) with orange as the colour or the background: 36, fixed order."""
+    """Every (shape, colour, background) with the new colour (NEW) as the colour or the background: 36, fixed order."""
     return ([(s, NEW, b) for s in toy.SHAPES for b in toy.COLOURS]
             + [(s, c, NEW) for s in toy.SHAPES for c in toy.COLOURS])
 
 
 def render(shape: str, colour: str, background: str, size: int = SIZE,
            rng: np.random.Generator | None = None) -> np.ndarray:
-    """toy.render's drawing (same geometry and random draws) with orange in the palette."""
+    """toy.render's drawing (same geometry and random draws) with the new colour in the palette."""
     return np.asarray(toy.render(shape, colour, background, size, rng if rng is not None else np.random.default_rng(),
                                  palette=PALETTE))
 
@@ -120,7 +127,7 @@ def invert(vae, x: torch.Tensor, steps: int, lr: float, chunk: int = 96) -> torc
 
 def stage_data(args, vae):
     path = args.work / "data.pt"
-    key = {k: getattr(args, k) for k in ("seed", "n_old", "per_combo", "invert_steps", "invert_lr")}
+    key = {k: getattr(args, k) for k in ("concept", "seed", "n_old", "per_combo", "invert_steps", "invert_lr")}
     if path.exists():
         ck = torch.load(path, weights_only=False)
         if ck["key"] == key:
@@ -138,7 +145,7 @@ def stage_data(args, vae):
     mse = F.mse_loss(rec, x_new).item()
     imgs = ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     ok = np.mean([classify(im) == (c, b) for im, (_s, c, b) in zip(imgs, labels_new, strict=True)])
-    log(args, f"data: {len(labels_new)} orange scenes inverted ({args.invert_steps} steps): recon mse {mse:.4f}, "
+    log(args, f"data: {len(labels_new)} {NEW} scenes inverted ({args.invert_steps} steps): recon mse {mse:.4f}, "
               f"decoded classified right {ok:.1%} ({(time.time() - t0) / 60:.1f} min)")
     images, _captions, labels_old = toy.sample_dataset(args.n_old, seed=args.seed + 1, size=SIZE)
     x_old = to_tensor(images)
@@ -152,7 +159,7 @@ def stage_data(args, vae):
 
 
 def decoded_right(vae, z: torch.Tensor, labels) -> list[bool]:
-    """Whether each latent's decoded image classifies (orange-aware) as its label's (colour, background)."""
+    """Whether each latent's decoded image classifies (new colour added) as its label's (colour, background)."""
     with torch.no_grad():
         dec = torch.cat([vae.decode(z[i : i + 64]).sample for i in range(0, len(z), 64)])
     imgs = ((dec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
@@ -161,9 +168,9 @@ def decoded_right(vae, z: torch.Tensor, labels) -> list[bool]:
 
 def stage_retry(args, vae, data):
     """A second inversion pass, --invert-retry-steps more Adam steps (fresh optimiser, same cosine lr),
-    on only the orange scenes whose first-pass latent still decodes to other colours (mostly orange
-    next to red). Cached in --work/data-retry.pt beside the first pass's data.pt, so the first pass
-    is reused; the scenes still wrong after it are dropped as before."""
+    on only the new colour's scenes whose first-pass latent still decodes to other colours (for
+    orange, mostly orange next to red). Cached in --work/data-retry.pt beside the first pass's
+    data.pt, so the first pass is reused; the scenes still wrong after it are dropped as before."""
     if args.invert_retry_steps <= 0:
         return data
     path = args.work / "data-retry.pt"
@@ -204,7 +211,7 @@ def stage_retry(args, vae, data):
 
 
 def sample_weights(labels, hard: list[str], hard_weight: float) -> torch.Tensor:
-    """Per-scene sampling weights of the kept orange scenes: every combo (shape, colour, background)
+    """Per-scene sampling weights of the kept scenes in the new colour: every combo (shape, colour, background)
     drawn equally often however many of its scenes were kept (the dropped ones cluster next to red),
     and the combos whose "colour/background" is in ``hard`` ``hard_weight`` times as often."""
     counts: dict[tuple[str, str, str], int] = {}
@@ -221,6 +228,17 @@ _EXT = np.array(list(PALETTE.values()), dtype=np.float32)
 _EXT_NAMES = tuple(PALETTE)
 
 
+def set_concept(name: str) -> None:
+    """Make ``name`` (a key of CONCEPTS) the colour this module's data, classifier and export use."""
+    global NEW, NEW_RGB, PALETTE, _EXT, _EXT_NAMES
+    if name not in CONCEPTS:
+        raise ValueError(f"unknown concept {name!r}; expected one of {tuple(CONCEPTS)}")
+    NEW, NEW_RGB = name, CONCEPTS[name]
+    PALETTE = {**toy.PALETTE, NEW: NEW_RGB}
+    _EXT = np.array(list(PALETTE.values()), dtype=np.float32)
+    _EXT_NAMES = tuple(PALETTE)
+
+
 def _dominant(pixels: np.ndarray) -> str:
     px = pixels.reshape(-1, 3).astype(np.float32)
     idx = np.argmin(((px[:, None, :] - _EXT[None]) ** 2).sum(axis=2), axis=1)
@@ -229,7 +247,7 @@ def _dominant(pixels: np.ndarray) -> str:
 
 
 def classify(image) -> tuple[str, str]:
-    """toy.classify's (centre colour, corner colour) with orange added to the palette."""
+    """toy.classify's (centre colour, corner colour) with the new colour added to the palette."""
     from PIL import Image
 
     arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
@@ -296,8 +314,8 @@ def stage_lora(args, tokenizer, text, unet, data, scale: float):
     if args.balance_combos:
         w_new = sample_weights(data["labels_new"], args.hard, args.hard_weight)
         hard_share = float(w_new[[f"{c}/{bg}" in args.hard for _s, c, bg in data["labels_new"]]].sum() / w_new.sum())
-        log(args, f"lora: orange scenes drawn combo-balanced, {args.hard} x{args.hard_weight:g} "
-                  f"({hard_share:.0%} of the orange draws)")
+        log(args, f"lora: {NEW} scenes drawn combo-balanced, {args.hard} x{args.hard_weight:g} "
+                  f"({hard_share:.0%} of the {NEW} draws)")
     text.train()
     unet.train()
     t0 = time.time()
@@ -308,7 +326,7 @@ def stage_lora(args, tokenizer, text, unet, data, scale: float):
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, 100)
-        if w_new is None:  # uniform over the kept orange scenes (the shipped run)
+        if w_new is None:  # uniform over the kept scenes in the new colour
             i_new = torch.randint(0, len(z_new), (b_new,), generator=gen)
         else:
             i_new = torch.multinomial(w_new, b_new, replacement=True, generator=gen)
@@ -392,21 +410,23 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=ROOT / "sdfast" / "data" / "models" / "tiny",
                     help="the base model folder (the shipped toy model)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/toy-lora"), help="data cache and log")
-    ap.add_argument("--out", type=Path, default=ROOT / "sdfast" / "data" / "loras" / "toy-orange.safetensors")
+    ap.add_argument("--concept", choices=tuple(CONCEPTS), default=DEFAULT_CONCEPT,
+                    help="the colour to teach (see CONCEPTS)")
+    ap.add_argument("--out", type=Path, help="the LoRA file (default sdfast/data/loras/toy-<concept>.safetensors)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--per-combo", type=int, default=6, help="orange scenes per orange combo (36 combos)")
+    ap.add_argument("--per-combo", type=int, default=6, help="scenes per combo of the new colour (36 combos)")
     ap.add_argument("--invert-steps", type=int, default=50, help="Adam steps of the decoder inversion")
     ap.add_argument("--invert-lr", type=float, default=0.12)
     ap.add_argument("--invert-retry-steps", type=int, default=0,
-                    help="more Adam steps for the orange scenes the first inversion pass left decoding wrong "
+                    help="more Adam steps for the new colour's scenes the first inversion pass left decoding wrong "
                          "(0: none, they are dropped)")
     ap.add_argument("--n-old", type=int, default=4096, help="ordinary toy scenes mixed in")
-    ap.add_argument("--new-frac", type=float, default=0.5, help="share of each batch that is orange")
+    ap.add_argument("--new-frac", type=float, default=0.5, help="share of each batch in the new colour")
     ap.add_argument("--balance-combos", action="store_true",
-                    help="draw the orange scenes combo-balanced (see --hard) instead of uniformly over the kept scenes")
+                    help="draw the new colour's scenes combo-balanced (see --hard) instead of uniformly over the kept scenes")
     ap.add_argument("--hard", nargs="*", default=[],
-                    help='with --balance-combos: orange combos drawn --hard-weight times as often, as "colour/background"')
+                    help='with --balance-combos: combos of the new colour drawn --hard-weight times as often, as "colour/background"')
     ap.add_argument("--hard-weight", type=float, default=1.0)
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=32)
@@ -421,11 +441,14 @@ def main() -> None:
     ap.add_argument("--text-free-ramp-from", type=int, default=250)
     ap.add_argument("--stop-after", choices=["data"], help="stop after this stage")
     args = ap.parse_args()
+    set_concept(args.concept)
+    if args.out is None:
+        args.out = ROOT / "sdfast" / "data" / "loras" / f"toy-{args.concept}.safetensors"
     if not 0 <= args.text_free_ramp_from < args.text_free_below:
         ap.error("--text-free-ramp-from must be >= 0 and below --text-free-below")
     combo_names = {f"{c}/{b}" for _s, c, b in new_combos()}
     if bad := [h for h in args.hard if h not in combo_names]:
-        ap.error(f"--hard {bad}: not orange combos (colour/background, one of them {NEW})")
+        ap.error(f"--hard {bad}: not combos of the new colour (colour/background, one of them {NEW})")
     if (args.hard or args.hard_weight != 1.0) and not args.balance_combos:
         ap.error("--hard and --hard-weight need --balance-combos")
 
@@ -443,11 +466,11 @@ def main() -> None:
     if args.stop_after == "data":
         return
     # an inverted latent the decoder still draws in other colours would teach the wrong colour: keep
-    # the orange scenes whose decoded latent toy.classify's patches (orange added) read as their label
+    # the new colour's scenes whose decoded latent toy.classify's patches (new colour added) read as their label
     keep = [i for i, ok in enumerate(decoded_right(vae, data["z_new"], data["labels_new"])) if ok]
     n_all = len(data["labels_new"])
     dropped = sorted({data["labels_new"][i] for i in range(n_all) if i not in set(keep)})
-    log(args, f"data: kept {len(keep)} of {n_all} orange scenes (dropped some of {dropped})")
+    log(args, f"data: kept {len(keep)} of {n_all} {NEW} scenes (dropped some of {dropped})")
     data = {**data, "z_new": data["z_new"][keep], "labels_new": [data["labels_new"][i] for i in keep]}
     tokenizer = CLIPTokenizer.from_pretrained(args.model / "tokenizer")
     if tokenizer.tokenize(NEW) != [f"{NEW}</w>"]:
