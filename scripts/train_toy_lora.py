@@ -2,8 +2,8 @@
 
 The toy world (:mod:`sdfast.toy`) has six colours; the shipped tokenizer also has single tokens for
 "orange", "purple", "cyan" and more (scripts/make_tokenizer.py's built-in corpus), whose embeddings
-the toy training never moved. This script teaches the model one of them (``--concept``: cyan, the
-shipped file, or orange, the first attempts), as a shape colour and as a background, with a PEFT
+the toy training never moved. This script teaches the model one of them (``--concept``: orange, the
+shipped file, or cyan, probed and graded lower), as a shape colour and as a background, with a PEFT
 LoRA on the text encoder and the U-Net (the VAE has no LoRA and stays as shipped), mixed with
 ordinary toy scenes so the six old colours are kept. Stages:
 
@@ -59,9 +59,6 @@ SIZE = 64
 #: tokens too, but 50 inversion steps leave 100 % and 78 % of their scenes decoding other colours.
 CONCEPTS: dict[str, tuple[int, int, int]] = {"orange": (245, 130, 20), "cyan": (30, 200, 220)}
 DEFAULT_CONCEPT = "orange"
-NEW = DEFAULT_CONCEPT
-NEW_RGB = CONCEPTS[NEW]
-PALETTE = {**toy.PALETTE, NEW: NEW_RGB}
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
@@ -224,9 +221,6 @@ def sample_weights(labels, hard: list[str], hard_weight: float) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # grading helper (shared with scripts/eval_toy_lora.py)
 
-_EXT = np.array(list(PALETTE.values()), dtype=np.float32)
-_EXT_NAMES = tuple(PALETTE)
-
 
 def set_concept(name: str) -> None:
     """Make ``name`` (a key of CONCEPTS) the colour this module's data, classifier and export use."""
@@ -237,6 +231,9 @@ def set_concept(name: str) -> None:
     PALETTE = {**toy.PALETTE, NEW: NEW_RGB}
     _EXT = np.array(list(PALETTE.values()), dtype=np.float32)
     _EXT_NAMES = tuple(PALETTE)
+
+
+set_concept(DEFAULT_CONCEPT)  # NEW, NEW_RGB, PALETTE and the classifier's palette
 
 
 def _dominant(pixels: np.ndarray) -> str:
