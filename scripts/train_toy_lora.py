@@ -102,29 +102,43 @@ def atomic_torch_save(obj, path: Path) -> None:
 # data
 
 
-def invert(vae, x: torch.Tensor, steps: int, lr: float, chunk: int = 96) -> torch.Tensor:
-    """Latents z (unscaled) with vae.decode(z) ~ x: Adam from the posterior mean, cosine lr."""
+def refine(vae, z: torch.Tensor, x: torch.Tensor, steps: int, lr: float, noise: float = 0.0,
+           seed: int = 0) -> torch.Tensor:
+    """``steps`` Adam steps (cosine lr from ``lr`` to lr/10) on the latents ``z`` (unscaled) toward
+    vae.decode(z) ~ x. With ``noise`` > 0 the loss adds the MSE of decode(z + noise * e), e a fresh
+    Gaussian draw each step (seeded): the latent is pulled into the middle of the region that decodes
+    to x, not just to a point of it, so that the sampler's error around it still decodes right."""
+    gen = torch.Generator().manual_seed(seed)
+    z = z.clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    for k in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / steps)))
+        loss = F.mse_loss(vae.decode(z).sample, x)
+        if noise > 0:
+            loss = loss + F.mse_loss(vae.decode(z + noise * torch.randn(z.shape, generator=gen)).sample, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return z.detach()
+
+
+def invert(vae, x: torch.Tensor, steps: int, lr: float, noise: float = 0.0, chunk: int = 96) -> torch.Tensor:
+    """Latents z (unscaled) with vae.decode(z) ~ x: refine() from the encoder's posterior mean."""
     out = []
     for i in range(0, x.shape[0], chunk):
         xb = x[i : i + chunk]
         with torch.no_grad():
-            z = vae.encode(xb).latent_dist.mean.clone()
-        z.requires_grad_(True)
-        opt = torch.optim.Adam([z], lr=lr)
-        for k in range(steps):
-            for g in opt.param_groups:
-                g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / steps)))
-            loss = F.mse_loss(vae.decode(z).sample, xb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        out.append(z.detach())
+            z = vae.encode(xb).latent_dist.mean
+        out.append(refine(vae, z, xb, steps, lr, noise, seed=i))
     return torch.cat(out)
 
 
 def stage_data(args, vae):
     path = args.work / "data.pt"
     key = {k: getattr(args, k) for k in ("concept", "seed", "n_old", "per_combo", "invert_steps", "invert_lr")}
+    if args.invert_noise > 0:  # older caches (no such flag) keep their key
+        key["invert_noise"] = args.invert_noise
     if path.exists():
         ck = torch.load(path, weights_only=False)
         if ck["key"] == key:
@@ -136,7 +150,7 @@ def stage_data(args, vae):
     rng = np.random.default_rng(args.seed * 1000 + 7)
     labels_new = [c for c in new_combos() for _ in range(args.per_combo)]
     x_new = to_tensor(np.stack([render(*c, rng=rng) for c in labels_new]))
-    z_new = invert(vae, x_new, args.invert_steps, args.invert_lr)
+    z_new = invert(vae, x_new, args.invert_steps, args.invert_lr, args.invert_noise)
     with torch.no_grad():
         rec = vae.decode(z_new).sample.clamp(-1, 1)
     mse = F.mse_loss(rec, x_new).item()
@@ -163,6 +177,14 @@ def decoded_right(vae, z: torch.Tensor, labels) -> list[bool]:
     return [classify(im) == (c, b) for im, (_s, c, b) in zip(imgs, labels, strict=True)]
 
 
+def basin(vae, z: torch.Tensor, labels, sigma: float, seed: int = 0) -> float:
+    """Share of the latents ``z`` (each decoding right) whose decode still classifies right with
+    Gaussian noise of std ``sigma`` (unscaled units) added: how wide the region around them is that
+    the decoder draws in the prompted colours; the sampler lands near, not on, what it learned."""
+    gen = torch.Generator().manual_seed(seed)
+    return float(np.mean(decoded_right(vae, z + sigma * torch.randn(z.shape, generator=gen), labels)))
+
+
 def stage_retry(args, vae, data):
     """A second inversion pass, --invert-retry-steps more Adam steps (fresh optimiser, same cosine lr),
     on only the new colour's scenes whose first-pass latent still decodes to other colours (for
@@ -187,17 +209,7 @@ def stage_retry(args, vae, data):
         rng = np.random.default_rng(args.seed * 1000 + 7)  # stage_data's draws, replayed: the same images
         x_all = to_tensor(np.stack([render(*c, rng=rng) for c in data["labels_new"]]))
         x = x_all[wrong]
-        z = z_new[wrong].clone().requires_grad_(True)
-        opt = torch.optim.Adam([z], lr=args.invert_lr)
-        steps = args.invert_retry_steps
-        for k in range(steps):
-            for g in opt.param_groups:
-                g["lr"] = args.invert_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / steps)))
-            loss = F.mse_loss(vae.decode(z).sample, x)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        z = z.detach()
+        z = refine(vae, z_new[wrong], x, args.invert_retry_steps, args.invert_lr, args.invert_noise, seed=1)
         ok = decoded_right(vae, z, [data["labels_new"][i] for i in wrong])
         fixed = sum(ok)
         z_new[wrong] = z
@@ -345,6 +357,14 @@ def stage_lora(args, tokenizer, text, unet, data, scale: float):
         zt = ac.sqrt() * z0 + (1 - ac).sqrt() * noise
         pred = unet(zt, t, encoder_hidden_states=text(tok)[0]).sample
         loss = F.mse_loss(pred, noise)
+        if args.guided_loss > 0:
+            # the new colour's scenes that kept their own caption: the classifier-free-guided prediction
+            # at --guided-scale (the empty caption's beside it) asked to match the noise too
+            g_idx = torch.nonzero((torch.arange(b) < b_new) & ~drop & ~late).flatten()
+            if len(g_idx):
+                u = unet(zt[g_idx], t[g_idx], encoder_hidden_states=text(empty.expand(len(g_idx), -1))[0]).sample
+                guided = u + args.guided_scale * (pred[g_idx] - u)
+                loss = loss + args.guided_loss * F.mse_loss(guided, noise[g_idx]) / args.guided_scale ** 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -415,6 +435,10 @@ def main() -> None:
     ap.add_argument("--per-combo", type=int, default=6, help="scenes per combo of the new colour (36 combos)")
     ap.add_argument("--invert-steps", type=int, default=50, help="Adam steps of the decoder inversion")
     ap.add_argument("--invert-lr", type=float, default=0.12)
+    ap.add_argument("--invert-noise", type=float, default=0.0,
+                    help="latent noise (unscaled units; the latents' std is about 2) under which the inversion "
+                         "also asks the decoded image to match: latents deeper in the new colour's region "
+                         "(0: plain MSE)")
     ap.add_argument("--invert-retry-steps", type=int, default=0,
                     help="more Adam steps for the new colour's scenes the first inversion pass left decoding wrong "
                          "(0: none, they are dropped)")
@@ -434,6 +458,11 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=8.0)
     ap.add_argument("--unet-targets", nargs="+", default=UNET_TARGETS, help="U-Net module names given a LoRA")
     ap.add_argument("--cond-drop", type=float, default=0.12)
+    ap.add_argument("--guided-loss", type=float, default=0.0,
+                    help="weight of a second loss on the new colour's scenes: the guided prediction "
+                         "u + s (c - u) (u: the empty caption's, s: --guided-scale) against the noise, "
+                         "divided by s^2 (0: off)")
+    ap.add_argument("--guided-scale", type=float, default=7.5, help="the guidance scale of --guided-loss")
     ap.add_argument("--text-free-below", type=int, default=600)
     ap.add_argument("--text-free-ramp-from", type=int, default=250)
     ap.add_argument("--stop-after", choices=["data"], help="stop after this stage")
@@ -469,6 +498,8 @@ def main() -> None:
     dropped = sorted({data["labels_new"][i] for i in range(n_all) if i not in set(keep)})
     log(args, f"data: kept {len(keep)} of {n_all} {NEW} scenes (dropped some of {dropped})")
     data = {**data, "z_new": data["z_new"][keep], "labels_new": [data["labels_new"][i] for i in keep]}
+    log(args, "data: kept latents still decoded right under latent noise "
+              + ", ".join(f"{sg:g}: {basin(vae, data['z_new'], data['labels_new'], sg):.1%}" for sg in (1.0, 1.5)))
     tokenizer = CLIPTokenizer.from_pretrained(args.model / "tokenizer")
     if tokenizer.tokenize(NEW) != [f"{NEW}</w>"]:
         raise SystemExit(f"the tokenizer of {args.model} does not have {NEW!r} as one token")
