@@ -359,10 +359,14 @@ def stage_lora(args, tokenizer, text, unet, data, scale: float):
         loss = F.mse_loss(pred, noise)
         if args.guided_loss > 0:
             # the new colour's scenes that kept their own caption: the classifier-free-guided prediction
-            # at --guided-scale (the empty caption's beside it) asked to match the noise too
+            # at --guided-scale (the empty caption's beside it) asked to match the noise too. The empty
+            # caption's prediction is held fixed (no gradient): it is every prompt's guidance baseline,
+            # and training it here cost the old captions 6.7 points (run G in TRAINING.md, commit edcf95e)
             g_idx = torch.nonzero((torch.arange(b) < b_new) & ~drop & ~late).flatten()
             if len(g_idx):
-                u = unet(zt[g_idx], t[g_idx], encoder_hidden_states=text(empty.expand(len(g_idx), -1))[0]).sample
+                with torch.no_grad():
+                    u = unet(zt[g_idx], t[g_idx],
+                             encoder_hidden_states=text(empty.expand(len(g_idx), -1))[0]).sample
                 guided = u + args.guided_scale * (pred[g_idx] - u)
                 loss = loss + args.guided_loss * F.mse_loss(guided, noise[g_idx]) / args.guided_scale ** 2
         opt.zero_grad(set_to_none=True)
@@ -460,7 +464,7 @@ def main() -> None:
     ap.add_argument("--cond-drop", type=float, default=0.12)
     ap.add_argument("--guided-loss", type=float, default=0.0,
                     help="weight of a second loss on the new colour's scenes: the guided prediction "
-                         "u + s (c - u) (u: the empty caption's, s: --guided-scale) against the noise, "
+                         "u + s (c - u) (u: the empty caption's, held fixed; s: --guided-scale) against the noise, "
                          "divided by s^2 (0: off)")
     ap.add_argument("--guided-scale", type=float, default=7.5, help="the guidance scale of --guided-loss")
     ap.add_argument("--text-free-below", type=int, default=600)
