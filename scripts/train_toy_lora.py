@@ -358,11 +358,13 @@ def stage_lora(args, tokenizer, text, unet, data, scale: float):
         pred = unet(zt, t, encoder_hidden_states=text(tok)[0]).sample
         loss = F.mse_loss(pred, noise)
         if args.guided_loss > 0:
-            # the new colour's scenes that kept their own caption: the classifier-free-guided prediction
-            # at --guided-scale (the empty caption's beside it) asked to match the noise too. The empty
-            # caption's prediction is held fixed (no gradient): it is every prompt's guidance baseline,
-            # and training it here cost the old captions 6.7 points (run G in TRAINING.md, commit edcf95e)
-            g_idx = torch.nonzero((torch.arange(b) < b_new) & ~drop & ~late).flatten()
+            # the new colour's scenes (--guided-on all: every scene) that kept their own caption: the
+            # classifier-free-guided prediction at --guided-scale (the empty caption's beside it) asked
+            # to match the noise too. The empty caption's prediction is held fixed (no gradient): it is
+            # every prompt's guidance baseline, and training it here cost the old captions 6.7 points
+            # (run G in TRAINING.md, commit edcf95e)
+            which = (torch.arange(b) < b_new) if args.guided_on == "new" else torch.ones(b, dtype=torch.bool)
+            g_idx = torch.nonzero(which & ~drop & ~late).flatten()
             if len(g_idx):
                 with torch.no_grad():
                     u = unet(zt[g_idx], t[g_idx],
@@ -467,6 +469,8 @@ def main() -> None:
                          "u + s (c - u) (u: the empty caption's, held fixed; s: --guided-scale) against the noise, "
                          "divided by s^2 (0: off)")
     ap.add_argument("--guided-scale", type=float, default=7.5, help="the guidance scale of --guided-loss")
+    ap.add_argument("--guided-on", choices=["new", "all"], default="new",
+                    help="--guided-loss on the new colour's scenes only, or on the old ones too")
     ap.add_argument("--text-free-below", type=int, default=600)
     ap.add_argument("--text-free-ramp-from", type=int, default=250)
     ap.add_argument("--stop-after", choices=["data"], help="stop after this stage")
