@@ -369,8 +369,11 @@ def stage_lora(args, tokenizer, text, unet, data, scale: float):
                 with torch.no_grad():
                     u = unet(zt[g_idx], t[g_idx],
                              encoder_hidden_states=text(empty.expand(len(g_idx), -1))[0]).sample
-                guided = u + args.guided_scale * (pred[g_idx] - u)
-                loss = loss + args.guided_loss * F.mse_loss(guided, noise[g_idx]) / args.guided_scale ** 2
+                lo, hi = args.guided_scale[0], args.guided_scale[-1]
+                # (one scale draws nothing: the generator's stream, and so the run, stays as with a fixed scale)
+                gs = (lo + (hi - lo) * torch.rand(len(g_idx), generator=gen)).view(-1, 1, 1, 1) if hi > lo else lo
+                guided = u + gs * (pred[g_idx] - u)
+                loss = loss + args.guided_loss * (((guided - noise[g_idx]) / gs) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -468,7 +471,8 @@ def main() -> None:
                     help="weight of a second loss on the new colour's scenes: the guided prediction "
                          "u + s (c - u) (u: the empty caption's, held fixed; s: --guided-scale) against the noise, "
                          "divided by s^2 (0: off)")
-    ap.add_argument("--guided-scale", type=float, default=7.5, help="the guidance scale of --guided-loss")
+    ap.add_argument("--guided-scale", type=float, nargs="+", default=[7.5], metavar="S",
+                    help="the guidance scale of --guided-loss; two values: drawn uniformly between them per sample")
     ap.add_argument("--guided-on", choices=["new", "all"], default="new",
                     help="--guided-loss on the new colour's scenes only, or on the old ones too")
     ap.add_argument("--text-free-below", type=int, default=600)
@@ -483,6 +487,8 @@ def main() -> None:
     combo_names = {f"{c}/{b}" for _s, c, b in new_combos()}
     if bad := [h for h in args.hard if h not in combo_names]:
         ap.error(f"--hard {bad}: not combos of the new colour (colour/background, one of them {NEW})")
+    if len(args.guided_scale) > 2 or not 1 <= args.guided_scale[0] <= args.guided_scale[-1]:
+        ap.error("--guided-scale: one scale, or a range LO HI, with 1 <= LO <= HI")
     if (args.hard or args.hard_weight != 1.0) and not args.balance_combos:
         ap.error("--hard and --hard-weight need --balance-combos")
 
