@@ -11,7 +11,8 @@ metadata. Two caption sets, the canonical template "a {colour} {shape} on a {bac
   old   the 90 combos of the toy world, graded by toy.classify (and, reported beside it, how many
         of them the extended classifier calls the new colour)
 
-Seeds default to 100 and 101, which neither the toy model's nor the LoRA's choices were made on.
+Seeds default to 100 and 101, which the toy model's choices were not made on; the shipped LoRA was
+chosen among runs graded on 100-103, so 104 and 105 are its held-out seeds (sdfast/data/loras/TRAINING.md).
 The LoRA is fused with diffusers' own ``load_lora_weights`` + ``fuse_lora`` (``--loader sdfast``:
 sdfast.lora's reader and fuser instead).
 
