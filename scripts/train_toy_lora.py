@@ -19,8 +19,10 @@ ordinary toy scenes so the six old colours are kept. Stages:
   lora     PEFT LoraConfig + add_adapter on the text encoder (q/k/v/out_proj, fc1, fc2) and the
            U-Net (attention, feed-forward and proj_in/out: --unet-targets); the base weights are
            frozen. Epsilon-prediction loss with the base training's conditioning schedule (caption
-           dropout 0.12, a random caption always below t = 250, ramping to none at t = 600), a
-           random caption template per sample.
+           dropout 0.12 by default, a random caption always below t = 250, ramping to none at
+           t = 600), a random caption template per sample. --guided-loss adds the loss of the
+           classifier-free-guided prediction (the empty caption's branch held fixed), so that
+           sampling at that guidance lands on the data: the shipped file needed it (TRAINING.md).
   export   get_peft_model_state_dict + StableDiffusionPipeline.save_lora_weights with the adapters'
            LoraConfig as lora_adapter_metadata (PEFT's lora_A/lora_B keys: export() says why not
            convert_state_dict_to_diffusers as diffusers' example), fp32 safetensors, atomically.
@@ -468,7 +470,7 @@ def main() -> None:
     ap.add_argument("--unet-targets", nargs="+", default=UNET_TARGETS, help="U-Net module names given a LoRA")
     ap.add_argument("--cond-drop", type=float, default=0.12)
     ap.add_argument("--guided-loss", type=float, default=0.0,
-                    help="weight of a second loss on the new colour's scenes: the guided prediction "
+                    help="weight of a second loss on the new colour's scenes (--guided-on): the guided prediction "
                          "u + s (c - u) (u: the empty caption's, held fixed; s: --guided-scale) against the noise, "
                          "divided by s^2 (0: off)")
     ap.add_argument("--guided-scale", type=float, nargs="+", default=[7.5], metavar="S",
